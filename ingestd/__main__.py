@@ -1,0 +1,3 @@
+from ingestd.cli import app
+
+app(prog_name="ingestd")

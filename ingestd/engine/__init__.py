@@ -1,0 +1,22 @@
+"""ingestd's embedded KATO-compatible engine.
+
+The pipeline reaches it only through KATO's protocol: over HTTP
+(:func:`create_app`, served by ``ingestd kato serve``) or in-process through
+:class:`Engine`, whose coroutines are KATO's operations one for one.
+"""
+
+from ingestd.engine.engine import KATO_VERSION, Engine, KatoError, SessionNotFound
+from ingestd.engine.http import build_app, create_app
+from ingestd.engine.session import Observation
+from ingestd.engine.settings import EngineSettings
+
+__all__ = [
+    "KATO_VERSION",
+    "Engine",
+    "EngineSettings",
+    "KatoError",
+    "Observation",
+    "SessionNotFound",
+    "build_app",
+    "create_app",
+]

@@ -1,0 +1,407 @@
+"""The embedded KATO-compatible engine: KATO 3.10.1's operations, callable in-process.
+
+Every public coroutine is one KATO HTTP operation and returns the body KATO
+sends, as a dict in KATO's key order. The HTTP server (:mod:`ingestd.engine.http`)
+is a thin layer over these, so a client gets the same results in-process and
+over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+
+from ingestd.engine import config as session_config
+from ingestd.engine import rules
+from ingestd.engine.session import Learn, Observation, Session, new_session_id
+from ingestd.engine.settings import EngineSettings
+from ingestd.engine.store import KnowledgeStore
+
+
+KATO_VERSION = "3.10.1"
+
+
+class SessionNotFound(Exception):
+    """The session does not exist or has expired (KATO answers 404)."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"Session {session_id} not found or expired")
+        self.session_id = session_id
+
+
+class KatoError(Exception):
+    """An error KATO reports as ``{"detail": ...}`` with this HTTP status."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def iso_utc(epoch: float) -> str:
+    """A timestamp as pydantic writes KATO's datetimes: ISO-8601 with microseconds and ``Z``."""
+    moment = datetime.fromtimestamp(epoch, tz=timezone.utc)
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if moment.microsecond:
+        text += f".{moment.microsecond:06d}"
+    return text + "Z"
+
+
+class Engine:
+    """KATO's sessions, STM and knowledge bases over a durable SQLite store."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.store = KnowledgeStore(
+            settings.data_dir,
+            synchronous="FULL" if settings.durability == "full" else "NORMAL",
+            persistence=settings.persistence,
+        )
+        self._sessions: dict[str, Session] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._started_at = time.time()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the store and load the sessions that have not expired (they survive restarts)."""
+        self.store.open()
+        now = time.time()
+
+        def load(connection: Any) -> list[bytes]:
+            rows = connection.execute("SELECT document FROM sessions WHERE expires_at >= ?", (now,))
+            return [row[0] for row in rows]
+
+        for document in await self._run(load):
+            session = Session.from_document(orjson.loads(document))
+            self._sessions[session.session_id] = session
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="kato-session-sweeper")
+
+    async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        await asyncio.to_thread(self.store.close)
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            now = time.time()
+            for session_id in [sid for sid, s in self._sessions.items() if s.expires_at < now]:
+                self._forget(session_id)
+            await self._run(lambda connection: KnowledgeStore.delete_expired_sessions(connection, now))
+
+    async def _run(self, job: Any) -> Any:
+        return await asyncio.wrap_future(self.store.submit(job))
+
+    # -- sessions ----------------------------------------------------------------
+    def _forget(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+        self._locks.pop(session_id, None)
+
+    def live_session(self, session_id: str) -> Session:
+        """The session, or :class:`SessionNotFound` if it is unknown or expired."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(session_id)
+        if session.expires_at < time.time():
+            self._forget(session_id)
+            raise SessionNotFound(session_id)
+        return session
+
+    def session_exists(self, session_id: str) -> bool:
+        try:
+            self.live_session(session_id)
+        except SessionNotFound:
+            return False
+        return True
+
+    def _lock(self, session_id: str) -> asyncio.Lock:
+        lock = self._locks.get(session_id)
+        if lock is None:
+            lock = self._locks[session_id] = asyncio.Lock()
+        return lock
+
+    async def _write(self, draft: Session, learns: Sequence[Learn] = (), *, clear_kb: bool = False) -> None:
+        """Persist a session's new state with its learns in one transaction, then make it current."""
+        draft.expires_at = time.time() + draft.ttl_seconds
+        draft.enforce_limits()
+        document = draft.to_document()
+        store = self.store
+
+        def job(connection: Any) -> None:
+            if clear_kb:
+                store.clear_kb(connection, draft.kb_id)
+            if learns:
+                store.apply_learns(connection, learns)
+            store.save_session(connection, document)
+
+        await self._run(job)
+        if draft.session_id in self._sessions:  # not deleted while we were writing
+            self._sessions[draft.session_id] = draft
+
+    def _session_body(self, session: Session, ttl_seconds: int) -> dict[str, Any]:
+        return {
+            "session_id": session.session_id,
+            "node_id": session.node_id,
+            "created_at": iso_utc(session.created_at),
+            "expires_at": iso_utc(session.expires_at),
+            "ttl_seconds": ttl_seconds,
+            "metadata": session.metadata,
+            "session_config": session_config.effective_config(session.config),
+        }
+
+    async def create_session(
+        self,
+        node_id: str,
+        config: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        ttl_seconds: int | None = None,
+    ) -> dict[str, Any]:
+        ttl = ttl_seconds or self.settings.session_ttl
+        if ttl <= 0:
+            raise ValueError(f"invalid expire time {ttl}")  # Redis SETEX refuses it: KATO answers 500
+        overrides = (session_config.apply_config({}, config) or {}) if config else {}
+        now = time.time()
+        session = Session(
+            session_id=new_session_id(),
+            node_id=node_id,
+            kb_id=rules.kb_id(node_id, self.settings.service_name),
+            created_at=now,
+            expires_at=now + ttl,
+            ttl_seconds=ttl,
+            metadata=metadata or {},
+            config=overrides,
+        )
+        self._sessions[session.session_id] = session
+        try:
+            await self._write(session)
+        except BaseException:
+            self._forget(session.session_id)
+            raise
+        # KATO echoes the requested TTL (or 3600), not the one it applied.
+        return self._session_body(session, ttl_seconds or 3600)
+
+    async def get_session(self, session_id: str) -> dict[str, Any]:
+        session = self.live_session(session_id)
+        remaining = max(0, int(session.expires_at - time.time()))
+        return self._session_body(session, remaining)
+
+    async def delete_session(self, session_id: str) -> dict[str, Any]:
+        async with self._lock(session_id):
+            self.live_session(session_id)
+            self._forget(session_id)
+            await self._run(lambda connection: KnowledgeStore.delete_session(connection, session_id))
+        return {"status": "deleted", "session_id": session_id}
+
+    async def exists(self, session_id: str) -> dict[str, Any]:
+        return {"exists": self.session_exists(session_id), "expired": False, "session_id": session_id}
+
+    def session_count(self) -> int:
+        now = time.time()
+        return sum(1 for session in self._sessions.values() if session.expires_at >= now)
+
+    async def extend_session(self, session_id: str, ttl_seconds: int) -> dict[str, Any]:
+        async with self._lock(session_id):
+            session = self.live_session(session_id)
+            # /extend moves only the current expiry; the next write slides it back to the session's TTL.
+            draft = session.copy()
+            draft.expires_at = time.time() + ttl_seconds
+            document = draft.to_document()
+            await self._run(lambda connection: KnowledgeStore.save_session(connection, document))
+            if session_id in self._sessions:
+                self._sessions[session_id] = draft
+        return {"status": "extended", "session_id": session_id, "ttl_seconds": ttl_seconds}
+
+    async def get_config(self, session_id: str) -> dict[str, Any]:
+        session = self.live_session(session_id)
+        return {"session_id": session_id, "config": session_config.effective_config(session.config)}
+
+    async def update_config(self, session_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        updates = body["config"] if isinstance(body.get("config"), dict) else body
+        updates = dict(updates)
+        async with self._lock(session_id):
+            session = self.live_session(session_id)
+            errors = session_config.validate_update(updates)
+            if errors:
+                raise KatoError(400, {"error": "Configuration validation failed", "validation_errors": errors})
+            if "use_token_matching" in updates and "sort_symbols" not in updates:
+                updates["sort_symbols"] = updates["use_token_matching"]
+            overrides = session_config.apply_config(session.config, updates)
+            if overrides is None:
+                raise KatoError(400, "Failed to update session configuration")
+            draft = session.copy()
+            draft.config = overrides
+            await self._write(draft)
+        return {"status": "okay", "message": "Configuration updated", "session_id": session_id}
+
+    # -- observing and learning -----------------------------------------------------
+    async def observe(self, session_id: str, observation: Observation) -> dict[str, Any]:
+        async with self._lock(session_id):
+            draft = self.live_session(session_id).copy()
+            learns: list[Learn] = []
+            auto_learned = draft.observe(observation, learns)
+            stm_length = len(draft.stm)
+            await self._write(draft, learns)
+        return {
+            "status": "okay",
+            "session_id": session_id,
+            "processor_id": draft.node_id,
+            "stm_length": stm_length,
+            "time": draft.time,
+            "unique_id": f"obs-{uuid.uuid4().hex}",
+            "auto_learned_pattern": auto_learned,
+        }
+
+    async def observe_sequence(
+        self,
+        session_id: str,
+        observations: Sequence[Observation],
+        *,
+        learn_after_each: bool = False,
+        learn_at_end: bool = False,
+        clear_stm_between: bool = False,
+    ) -> dict[str, Any]:
+        """KATO's observe-sequence (§5.9), applied atomically: all of it is stored, or nothing."""
+        async with self._lock(session_id):
+            session = self.live_session(session_id)
+            initial_length = len(session.stm)
+            if not observations:
+                return {
+                    "status": "completed", "processor_id": session.node_id, "observations_processed": 0,
+                    "initial_stm_length": initial_length, "final_stm_length": initial_length, "results": [],
+                    "auto_learned_patterns": [], "final_learned_pattern": None, "isolated": clear_stm_between,
+                }  # fmt: skip
+            draft = session.copy()
+            learns: list[Learn] = []
+            auto_learned_patterns: list[str] = []
+            results: list[dict[str, Any]] = []
+            for position, observation in enumerate(observations):
+                if clear_stm_between and position > 0:
+                    draft.stm = []
+                auto_learned = draft.observe(observation, learns)
+                if learn_after_each and draft.stm:
+                    auto_learned_patterns.append(draft.learn(learns))
+                if auto_learned:
+                    auto_learned_patterns.append(auto_learned)
+                results.append(
+                    {
+                        "status": "okay",
+                        "sequence_position": position,
+                        "stm_length": len(draft.stm),
+                        "time": draft.time,
+                        "unique_id": observation.unique_id or f"seq-obs-{uuid.uuid4().hex}",
+                        "auto_learned_pattern": auto_learned,
+                    }
+                )
+            final_learned = None
+            if learn_at_end and draft.stm:
+                final_learned = draft.learn(learns)
+                auto_learned_patterns.append(final_learned)
+            final_length = len(draft.stm)  # reported before the 1000-event trim, as KATO does
+            await self._write(draft, learns)
+        return {
+            "status": "completed",
+            "processor_id": draft.node_id,
+            "observations_processed": len(observations),
+            "initial_stm_length": initial_length,
+            "final_stm_length": final_length,
+            "results": results,
+            "auto_learned_patterns": auto_learned_patterns,
+            "final_learned_pattern": final_learned,
+            "isolated": clear_stm_between,
+        }
+
+    async def learn(self, session_id: str) -> dict[str, Any]:
+        async with self._lock(session_id):
+            draft = self.live_session(session_id).copy()
+            if not draft.stm:
+                raise KatoError(400, "Cannot learn from empty STM")
+            learns: list[Learn] = []
+            name = draft.learn(learns)
+            await self._write(draft, learns)
+        return {
+            "status": "learned",
+            "pattern_name": name,
+            "session_id": session_id,
+            "processor_id": None,
+            # KATO builds the message after emptying STM, so it always says 0 events.
+            "message": f"Learned pattern {name} from 0 events",
+        }
+
+    async def get_stm(self, session_id: str) -> dict[str, Any]:
+        stm = self.live_session(session_id).stm
+        return {"stm": stm, "session_id": session_id, "length": len(stm)}
+
+    async def clear_stm(self, session_id: str) -> dict[str, Any]:
+        async with self._lock(session_id):
+            draft = self.live_session(session_id).copy()
+            draft.clear()
+            await self._write(draft)
+        return {"status": "cleared", "session_id": session_id}
+
+    async def clear_all(self, session_id: str) -> dict[str, Any]:
+        """Reset the session and delete the whole knowledge base of its node."""
+        async with self._lock(session_id):
+            draft = self.live_session(session_id).copy()
+            draft.clear()
+            await self._write(draft, clear_kb=True)
+        return {"status": "cleared", "session_id": session_id, "scope": "all"}
+
+    # -- reading the knowledge base -------------------------------------------------
+    async def get_pattern(self, pattern_id: str, node_id: str) -> dict[str, Any]:
+        kb = rules.kb_id(node_id, self.settings.service_name)
+        digest = rules.strip_prefix(pattern_id)
+        pattern = await self._run(lambda connection: KnowledgeStore.get_pattern(connection, kb, digest))
+        if pattern is None:
+            return {"pattern": {"status": "error", "message": f"Pattern {pattern_id} not found"}, "node_id": kb}
+        return {"pattern": {"status": "okay", "pattern": pattern}, "node_id": kb}
+
+    async def patterns(self, node_id: str) -> list[dict[str, Any]]:
+        """Every pattern stored for a node (not a KATO endpoint; for exports and checks)."""
+        kb = rules.kb_id(node_id, self.settings.service_name)
+        return await self._run(lambda connection: KnowledgeStore.iter_patterns(connection, kb))
+
+    # -- service ------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "status": "healthy",
+            "processor_status": "healthy",
+            "service_name": self.settings.service_name,
+            "uptime_seconds": now - self._started_at,
+            "issues": [],
+            "metrics_collected": 0,
+            "last_collection": now,
+            "active_sessions": self.session_count(),
+            "timestamp": datetime.now(timezone.utc).isoformat(),
+        }
+
+    def root(self) -> dict[str, Any]:
+        return {
+            "service": "KATO API",
+            "version": KATO_VERSION,
+            "description": "Knowledge Abstraction for Traceable Outcomes with Multi-User Support",
+            "docs": "/docs",
+            "health": "/health",
+            "status": "running",
+            "uptime_seconds": time.time() - self._started_at,
+            "architecture": "modular",
+            "session_support": True,
+        }

@@ -1,0 +1,390 @@
+"""KATO 3.10.1's HTTP API over the embedded engine (protocol §1–§3).
+
+Starlette, not FastAPI: KATO's answers (validation bodies, error shapes, key
+order) are pinned here explicitly instead of depending on whichever FastAPI
+version is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ingestd.engine.engine import Engine, KatoError, SessionNotFound
+from ingestd.engine.schemas import CreateSessionRequest, ObservationData, ObservationSequenceRequest
+from ingestd.engine.session import Observation
+from ingestd.engine.settings import EngineSettings
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+# KATO endpoints that only serve inference or monitoring. The engine answers
+# them with 501 and says so, rather than with numbers that would not be KATO's.
+NOT_IMPLEMENTED: tuple[tuple[str, str], ...] = (
+    ("GET", "/sessions/{session_id}/predictions"),
+    ("POST", "/sessions/{session_id}/finalize-training"),
+    ("GET", "/sessions/{session_id}/percept-data"),
+    ("GET", "/sessions/{session_id}/cognition-data"),
+    ("GET", "/symbols/stats"),
+    ("GET", "/symbols/affinity"),
+    ("GET", "/symbols/{symbol}/affinity"),
+    ("GET", "/status"),
+    ("GET", "/metrics"),
+    ("GET", "/stats"),
+    ("GET", "/metrics/{name}"),
+    ("GET", "/concurrency"),
+    ("GET", "/cache/stats"),
+    ("POST", "/cache/invalidate"),
+    ("GET", "/distributed-stm/stats"),
+    ("GET", "/connection-pools"),
+)
+
+
+class RequestInvalid(Exception):
+    """The request failed validation; ``errors`` is FastAPI's 422 ``detail`` list."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("request validation failed")
+        self.errors = errors
+
+
+def _located(errors: list[Any], prefix: tuple[Any, ...]) -> list[dict[str, Any]]:
+    located = []
+    for error in errors:
+        entry: dict[str, Any] = {
+            "type": error["type"],
+            "loc": [*prefix, *error["loc"]],
+            "msg": error["msg"],
+            "input": error["input"],
+        }
+        if "ctx" in error:
+            entry["ctx"] = {key: value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+                            for key, value in error["ctx"].items()}  # fmt: skip
+        located.append(entry)
+    return located
+
+
+async def _json_body(request: Request) -> Any:
+    """The body as FastAPI hands it to a body parameter: ``None`` if empty, else decoded JSON."""
+    raw = await request.body()
+    if not raw:
+        return None
+    content_type = request.headers.get("content-type")
+    if content_type:
+        main_type, _, subtype = content_type.partition(";")[0].strip().lower().partition("/")
+        if main_type != "application" or not (subtype == "json" or subtype.endswith("+json")):
+            return raw.decode("utf-8", "replace")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise RequestInvalid(
+            [{"type": "json_invalid", "loc": ["body", error.pos], "msg": "JSON decode error", "input": {},
+              "ctx": {"error": error.msg}}]
+        ) from None  # fmt: skip
+    except UnicodeDecodeError:
+        raise RequestInvalid(
+            [{"type": "json_invalid", "loc": ["body", 0], "msg": "JSON decode error", "input": {},
+              "ctx": {"error": "Invalid UTF-8"}}]
+        ) from None  # fmt: skip
+
+
+def _missing_body() -> RequestInvalid:
+    return RequestInvalid([{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}])
+
+
+async def _body_model(request: Request, model: type[BaseModel]) -> Any:
+    body = await _json_body(request)
+    if body is None:
+        raise _missing_body()
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise RequestInvalid(_located(error.errors(include_url=False), ("body",))) from None
+
+
+_DICT_BODY = TypeAdapter(dict[str, Any])
+_INT = TypeAdapter(int)
+
+
+def _query_int(request: Request, name: str, default: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        return _INT.validate_python(raw)
+    except ValidationError as error:
+        raise RequestInvalid(_located(error.errors(include_url=False), ("query", name))) from None
+
+
+def _observation(item: ObservationData) -> Observation:
+    if item.vectors:
+        raise KatoError(501, "Vector observations are not supported by the embedded ingestd engine.")
+    return Observation(item.strings, item.emotives, item.metadata, getattr(item, "unique_id", None))
+
+
+def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, manage_engine: bool = True) -> Starlette:
+    """The KATO HTTP API over ``engine``. With ``manage_engine`` the app starts and closes it."""
+
+    async def health(request: Request) -> Response:
+        return JSONResponse(engine.health())
+
+    async def root(request: Request) -> Response:
+        return JSONResponse(engine.root())
+
+    async def create_session(request: Request) -> Response:
+        body: CreateSessionRequest = await _body_model(request, CreateSessionRequest)
+        return JSONResponse(
+            await engine.create_session(body.node_id, body.config, body.metadata, body.ttl_seconds)
+        )
+
+    async def count_sessions(request: Request) -> Response:
+        return JSONResponse({"active_session_count": engine.session_count()})
+
+    async def get_session(request: Request) -> Response:
+        session_id = request.path_params["session_id"]
+        try:
+            return JSONResponse(await engine.get_session(session_id))
+        except SessionNotFound as missing:
+            raise KatoError(404, str(missing)) from None
+
+    async def delete_session(request: Request) -> Response:
+        return JSONResponse(await engine.delete_session(request.path_params["session_id"]))
+
+    async def exists(request: Request) -> Response:
+        return JSONResponse(await engine.exists(request.path_params["session_id"]))
+
+    async def extend(request: Request) -> Response:
+        ttl_seconds = _query_int(request, "ttl_seconds", 3600)
+        return JSONResponse(await engine.extend_session(request.path_params["session_id"], ttl_seconds))
+
+    async def get_config(request: Request) -> Response:
+        return JSONResponse(await engine.get_config(request.path_params["session_id"]))
+
+    async def update_config(request: Request) -> Response:
+        body = await _json_body(request)
+        if body is None:
+            raise _missing_body()
+        try:
+            updates = _DICT_BODY.validate_python(body)
+        except ValidationError as error:
+            raise RequestInvalid(_located(error.errors(include_url=False), ("body",))) from None
+        return JSONResponse(await engine.update_config(request.path_params["session_id"], updates))
+
+    async def observe(request: Request) -> Response:
+        body: ObservationData = await _body_model(request, ObservationData)
+        return JSONResponse(await engine.observe(request.path_params["session_id"], _observation(body)))
+
+    async def observe_sequence(request: Request) -> Response:
+        body: ObservationSequenceRequest = await _body_model(request, ObservationSequenceRequest)
+        observations = [_observation(item) for item in body.observations]
+        return JSONResponse(
+            await engine.observe_sequence(
+                request.path_params["session_id"],
+                observations,
+                learn_after_each=body.learn_after_each,
+                learn_at_end=body.learn_at_end,
+                clear_stm_between=body.clear_stm_between,
+            )
+        )
+
+    async def learn(request: Request) -> Response:
+        return JSONResponse(await engine.learn(request.path_params["session_id"]))
+
+    async def stm(request: Request) -> Response:
+        return JSONResponse(await engine.get_stm(request.path_params["session_id"]))
+
+    async def clear_stm(request: Request) -> Response:
+        return JSONResponse(await engine.clear_stm(request.path_params["session_id"]))
+
+    async def clear_all(request: Request) -> Response:
+        return JSONResponse(await engine.clear_all(request.path_params["session_id"]))
+
+    async def get_pattern(request: Request) -> Response:
+        node_id = request.query_params.get("node_id")
+        if node_id is None:
+            test_id = request.headers.get("x-test-id")
+            if test_id is not None:
+                node_id = test_id if test_id.startswith("test_") else f"test_{test_id}"
+            else:
+                node_id = request.headers.get("x-node-id", "default_node")
+        return JSONResponse(await engine.get_pattern(request.path_params["pattern_id"], node_id))
+
+    def not_implemented(method: str, path: str) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return JSONResponse(
+                {"detail": f"{method} {path} is not implemented by the embedded ingestd engine: it serves "
+                           "KATO's training API (sessions, observe, learn, patterns), not inference or "
+                           "KATO's monitoring. Use a real KATO server for it."},
+                status_code=501,
+            )  # fmt: skip
+
+        return endpoint
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/", root, methods=["GET"]),
+        Route("/sessions", create_session, methods=["POST"]),
+        Route("/sessions/count", count_sessions, methods=["GET"]),
+        Route("/sessions/{session_id}", get_session, methods=["GET"]),
+        Route("/sessions/{session_id}", delete_session, methods=["DELETE"]),
+        Route("/sessions/{session_id}/exists", exists, methods=["GET"]),
+        Route("/sessions/{session_id}/config", get_config, methods=["GET"]),
+        Route("/sessions/{session_id}/config", update_config, methods=["POST"]),
+        Route("/sessions/{session_id}/extend", extend, methods=["POST"]),
+        Route("/sessions/{session_id}/observe", observe, methods=["POST"]),
+        Route("/sessions/{session_id}/observe-sequence", observe_sequence, methods=["POST"]),
+        Route("/sessions/{session_id}/learn", learn, methods=["POST"]),
+        Route("/sessions/{session_id}/stm", stm, methods=["GET"]),
+        Route("/sessions/{session_id}/clear-stm", clear_stm, methods=["POST"]),
+        Route("/sessions/{session_id}/clear-all", clear_all, methods=["POST"]),
+        Route("/pattern/{pattern_id}", get_pattern, methods=["GET"]),
+        *(Route(path, not_implemented(method, path), methods=[method]) for method, path in NOT_IMPLEMENTED),
+    ]
+
+    async def on_invalid(request: Request, error: Exception) -> Response:
+        assert isinstance(error, RequestInvalid)
+        return JSONResponse({"detail": error.errors}, status_code=422)
+
+    async def on_kato_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, KatoError)
+        return JSONResponse({"detail": error.detail}, status_code=error.status)
+
+    async def on_session_not_found(request: Request, error: Exception) -> Response:
+        assert isinstance(error, SessionNotFound)
+        return session_not_found_response(error.session_id)
+
+    async def on_http_error(request: Request, error: Exception) -> Response:
+        assert isinstance(error, HTTPException)
+        return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=error.headers)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if not manage_engine:
+            yield
+            return
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.aclose()
+
+    return Starlette(
+        routes=routes,
+        middleware=[
+            Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]),
+            Middleware(KatoSessionMiddleware, engine=engine, max_body_bytes=max_body_bytes),
+        ],
+        exception_handlers={
+            RequestInvalid: on_invalid,
+            KatoError: on_kato_error,
+            SessionNotFound: on_session_not_found,
+            HTTPException: on_http_error,
+        },
+        lifespan=lifespan,
+    )
+
+
+def session_not_found_response(session_id: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": "SESSION_NOT_FOUND", "message": f"Session {session_id} not found or expired",
+                   "session_id": session_id}},
+        status_code=404,
+    )  # fmt: skip
+
+
+class KatoSessionMiddleware:
+    """KATO's request middleware, as pure ASGI.
+
+    * every response carries ``X-Trace-ID`` (echoed, or ``kato-<hex>``);
+    * a session addressed under ``/sessions/{id}/...`` (any method) or by a
+      non-GET ``/sessions/{id}`` must exist, checked before routing, else 404
+      ``SESSION_NOT_FOUND``; validated requests get ``X-Session-ID``;
+    * bodies larger than ``max_body_bytes`` get 413 instead of filling memory.
+    """
+
+    def __init__(self, app: ASGIApp, engine: Engine, max_body_bytes: int) -> None:
+        self.app = app
+        self.engine = engine
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        trace_id = headers.get(b"x-trace-id") or f"kato-{uuid.uuid4().hex}".encode()
+        extra_headers = [(b"x-trace-id", trace_id)]
+
+        path: str = scope["path"]
+        parts = path.split("/")
+        session_id = None
+        if len(parts) >= 3 and parts[1] == "sessions" and parts[2]:
+            nested = len(parts) > 3
+            method = scope["method"]
+            exempt = (parts[2] == "count" and not nested) or (nested and parts[3:] == ["exists"]) or (
+                not nested and method == "GET"
+            )
+            if not exempt:
+                if not self.engine.session_exists(parts[2]):
+                    await self._respond(session_not_found_response(parts[2]), extra_headers, scope, receive, send)
+                    return
+                session_id = parts[2]
+        else:
+            echoed = headers.get(b"x-session-id")
+            if echoed is not None:
+                extra_headers.append((b"x-session-id", echoed))
+        if session_id is not None:
+            extra_headers.append((b"x-session-id", session_id.encode()))
+
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._respond(self._too_large(), extra_headers, scope, receive, send)
+            return
+
+        received = 0
+        limit = self.max_body_bytes
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise HTTPException(413, "Request body too large")
+            return message
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *extra_headers]}
+            await send(message)
+
+        await self.app(scope, limited_receive, send_with_headers)
+
+    def _too_large(self) -> Response:
+        return JSONResponse(
+            {"detail": f"Request body too large: the limit is {self.max_body_bytes} bytes."}, status_code=413
+        )
+
+    @staticmethod
+    async def _respond(
+        response: Response, extra_headers: list[tuple[bytes, bytes]], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        response.raw_headers.extend(extra_headers)
+        await response(scope, receive, send)
+
+
+def create_app(settings: EngineSettings, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
+    """A KATO-compatible server app over a new engine on ``settings.data_dir``."""
+    return build_app(Engine(settings), max_body_bytes=max_body_bytes)

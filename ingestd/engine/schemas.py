@@ -1,0 +1,36 @@
+"""Request bodies of KATO 3.10.1's HTTP API (``kato/api/schemas``).
+
+The class names matter: pydantic puts them in some validation messages, and
+the engine must answer exactly as KATO does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ObservationData(BaseModel):
+    strings: list[str] = Field(default_factory=list)
+    vectors: list[list[float]] = Field(default_factory=list)
+    emotives: dict[str, float] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ObservationDataItem(ObservationData):
+    unique_id: str | None = None
+
+
+class ObservationSequenceRequest(BaseModel):
+    observations: list[ObservationDataItem]
+    learn_after_each: bool = False
+    learn_at_end: bool = False
+    clear_stm_between: bool = False
+
+
+class CreateSessionRequest(BaseModel):
+    node_id: str
+    config: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = Field(default_factory=dict)
+    ttl_seconds: int | None = None

@@ -1,0 +1,36 @@
+"""Settings of the embedded engine (KATO's process-wide settings, plus storage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EngineSettings(BaseModel):
+    """What KATO reads from its environment, and where and how the engine stores data."""
+
+    model_config = ConfigDict(frozen=True)
+
+    data_dir: Path = Field(default=Path("kato-data"), description="Directory of the SQLite knowledge store.")
+    durability: Literal["full", "normal"] = Field(
+        default="full",
+        description=(
+            "full: every commit is fsynced before its response (survives power loss). "
+            "normal: committed to the OS before the response (survives kill -9 and restarts, "
+            "not power loss); faster on slow disks."
+        ),
+    )
+    service_name: str = Field(default="kato", description="KATO's SERVICE_NAME, the suffix of every kb id.")
+    persistence: int = Field(default=5, ge=1, le=100, description="KATO's PERSISTENCE: emotives kept per pattern.")
+    session_ttl: int = Field(default=3600, ge=1, description="KATO's SESSION_TTL in seconds.")
+    sweep_interval: float = Field(default=60.0, gt=0, description="Seconds between purges of expired sessions.")
+
+
+class ServerSettings(EngineSettings):
+    """The engine served over KATO's HTTP API (``ingestd kato serve``)."""
+
+    host: str = Field(default="127.0.0.1", description="Address to bind; loopback unless you mean it.")
+    port: int = Field(default=8000, ge=0, le=65535)
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest request body accepted.")
