@@ -43,17 +43,17 @@ def _overrides(**values: Any) -> dict[str, Any]:
 
 @kato_app.command("serve")
 def kato_serve(
-    host: Annotated[Optional[str], typer.Option(help="Address to bind. [default: 127.0.0.1]")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port to listen on. [default: 8000]")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to listen on (default 8000).")] = None,
     data: Annotated[
-        Optional[Path], typer.Option("--data", help="Directory of the knowledge store. [default: ./kato-data]")
+        Optional[Path], typer.Option("--data", help="Directory of the knowledge store (default ./kato-data).")
     ] = None,
     durability: Annotated[
         Optional[str],
         typer.Option(help="full: fsync every commit (default). normal: survive kill -9 and restarts, not power loss."),
     ] = None,
-    persistence: Annotated[Optional[int], typer.Option(help="KATO's PERSISTENCE (emotives kept). [default: 5]")] = None,
-    session_ttl: Annotated[Optional[int], typer.Option(help="KATO's SESSION_TTL in seconds. [default: 3600]")] = None,
+    persistence: Annotated[Optional[int], typer.Option(help="KATO's PERSISTENCE, emotives kept per pattern (default 5).")] = None,
+    session_ttl: Annotated[Optional[int], typer.Option(help="KATO's SESSION_TTL in seconds (default 3600).")] = None,
 ) -> None:
     """Serve KATO 3.10.1's HTTP API from the embedded engine, storing knowledge bases in --data.
 
@@ -69,6 +69,22 @@ def kato_serve(
             session_ttl=session_ttl)}
     )  # fmt: skip
     serve(server)
+
+
+@kato_app.command("demo")
+def kato_demo(
+    corpus: Annotated[Path, typer.Argument(help="A text file; paragraphs are runs of non-blank lines.")],
+    paragraphs: Annotated[int, typer.Option(min=1, help="How many paragraphs to learn.")] = 300,
+    chunk_size: Annotated[int, typer.Option(min=2, help="Tokens per node0 pattern.")] = 8,
+) -> None:
+    """Start the embedded server, learn paragraphs of CORPUS through its HTTP API, and show what was learned."""
+    from rich.console import Console
+
+    from ingestd.demo import run_demo
+
+    if not corpus.is_file():
+        raise typer.BadParameter(f"{corpus} is not a readable file: give the path of a UTF-8 text file", param_hint="CORPUS")
+    run_demo(corpus, paragraphs, chunk_size, Console())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
+import os
+import secrets
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -265,7 +266,7 @@ class Engine:
             "processor_id": draft.node_id,
             "stm_length": stm_length,
             "time": draft.time,
-            "unique_id": f"obs-{uuid.uuid4().hex}",
+            "unique_id": f"obs-{secrets.token_hex(16)}",
             "auto_learned_pattern": auto_learned,
         }
 
@@ -292,6 +293,7 @@ class Engine:
             learns: list[Learn] = []
             auto_learned_patterns: list[str] = []
             results: list[dict[str, Any]] = []
+            random_hex = os.urandom(16 * len(observations)).hex()  # one syscall for every generated id
             for position, observation in enumerate(observations):
                 if clear_stm_between and position > 0:
                     draft.stm = []
@@ -306,7 +308,7 @@ class Engine:
                         "sequence_position": position,
                         "stm_length": len(draft.stm),
                         "time": draft.time,
-                        "unique_id": observation.unique_id or f"seq-obs-{uuid.uuid4().hex}",
+                        "unique_id": observation.unique_id or "seq-obs-" + random_hex[32 * position : 32 * position + 32],
                         "auto_learned_pattern": auto_learned,
                     }
                 )

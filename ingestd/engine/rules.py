@@ -39,7 +39,7 @@ def symbol_count(events: Sequence[Sequence[str]]) -> int:
 
 
 @functools.cache
-def _divergent_characters() -> re.Pattern[str] | None:
+def _divergent_characters() -> frozenset[str]:
     """Characters whose printability differs between this Python and Unicode 13.0.
 
     KATO's image runs CPython 3.10 (Unicode 13.0); ``repr`` escapes what
@@ -47,16 +47,13 @@ def _divergent_characters() -> re.Pattern[str] | None:
     differently under another Unicode version. Built once, on first need.
     """
     if unicodedata.unidata_version == UNICODE_VERSION:
-        return None
+        return frozenset()
     printable_then = bytearray(0x110000)
     for low, high in PRINTABLE_RANGES:
         printable_then[low : high + 1] = b"\x01" * (high - low + 1)
-    divergent = [
-        code for code in range(0x110000) if chr(code).isprintable() != bool(printable_then[code])
-    ]
-    if not divergent:
-        return None
-    return re.compile("[" + "".join(re.escape(chr(code)) for code in divergent) + "]")
+    return frozenset(
+        chr(code) for code in range(0x110000) if chr(code).isprintable() != bool(printable_then[code])
+    )
 
 
 @functools.cache
@@ -100,8 +97,7 @@ def hash_text(events: Sequence[Sequence[str]]) -> str:
     text = str(events if isinstance(events, list) else [list(event) for event in events])
     if text.isascii():
         return text
-    divergent = _divergent_characters()
-    if divergent is None or divergent.search(text) is None:
+    if _divergent_characters().isdisjoint(text):
         return text
     return "[" + ", ".join("[" + ", ".join(map(_symbol_literal, event)) + "]" for event in events) + "]"
 
