@@ -124,26 +124,18 @@ def validate_update(updates: dict[str, Any]) -> dict[str, str]:
     Also normalises an unknown ``stm_mode`` string to CLEAR in ``updates``.
     """
     errors: dict[str, str] = {}
-
-    def is_int(value: Any) -> bool:
-        return isinstance(value, int)
-
-    if "recall_threshold" in updates:
-        value = updates["recall_threshold"]
-        if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            errors["recall_threshold"] = "Must be a number between 0.0 and 1.0"
-    if "persistence" in updates:
-        value = updates["persistence"]
-        if not is_int(value) or not 1 <= value <= 100:
-            errors["persistence"] = "Must be an integer between 1 and 100"
-    if "max_pattern_length" in updates:
-        value = updates["max_pattern_length"]
-        if not is_int(value) or value < 0:
-            errors["max_pattern_length"] = "Must be a non-negative integer"
-    if "max_predictions" in updates:
-        value = updates["max_predictions"]
-        if not is_int(value) or not 1 <= value <= 10000:
-            errors["max_predictions"] = "Must be an integer between 1 and 10000"
+    # key: (accepted types, lowest, highest, message)
+    checks: dict[str, tuple[type | tuple[type, ...], float, float, str]] = {
+        "recall_threshold": ((int, float), 0.0, 1.0, "Must be a number between 0.0 and 1.0"),
+        "persistence": (int, 1, 100, "Must be an integer between 1 and 100"),
+        "max_pattern_length": (int, 0, float("inf"), "Must be a non-negative integer"),
+        "max_predictions": (int, 1, 10000, "Must be an integer between 1 and 10000"),
+    }
+    for key, (kinds, lowest, highest, message) in checks.items():
+        if key in updates:
+            value = updates[key]
+            if not isinstance(value, kinds) or not lowest <= value <= highest:
+                errors[key] = message
     if "indexer_type" in updates:
         value = updates["indexer_type"]
         if not isinstance(value, str) or value not in INDEXER_TYPES:
