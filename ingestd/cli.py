@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ingestd import __version__
+from ingestd.errors import IngestError
 from ingestd.settings import Settings
 
 app = typer.Typer(
@@ -69,6 +70,112 @@ def kato_serve(
             session_ttl=session_ttl)}
     )  # fmt: skip
     serve(server)
+
+
+def _int_list(text: str | None, what: str) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of integers, e.g. 8,8,8,8", param_hint=what) from None
+
+
+def _find_ingest_error(error: BaseException) -> IngestError | None:
+    if isinstance(error, IngestError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _find_ingest_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+@app.command("run")
+def run_command(
+    source: Annotated[str, typer.Argument(help="A dataset key (wikitext, c4, refinedweb, openwebtext, redpajama_sample, pile, dolma, bookcorpus, simple_wiki), a hub dataset name, or a local .txt/.jsonl/.parquet/.csv file.")],
+    hierarchy_file: Annotated[Optional[Path], typer.Option("--hierarchy", help="TOML or YAML file with the levels (overrides --chunk-sizes).")] = None,
+    chunk_sizes: Annotated[str, typer.Option(help="Chunk size per level, node0 first.")] = "8,8,8,8",
+    metadata_levels: Annotated[Optional[str], typer.Option(help="Levels whose patterns get the sample's metadata, e.g. 2,3.")] = None,
+    node_ids: Annotated[str, typer.Option(help="Node id template; {level} and {run_id} are filled in.")] = "node{level}",
+    run_id: Annotated[str, typer.Option(help="Run name, available to --node-ids as {run_id}.")] = "",
+    fresh: Annotated[bool, typer.Option("--fresh", help="clear-all every node's knowledge base first.")] = False,
+    text_field: Annotated[Optional[str], typer.Option(help="Field with the text (default: the dataset's, else 'text').")] = None,
+    metadata_fields: Annotated[Optional[str], typer.Option(help="Record fields added to the metadata, e.g. url,timestamp.")] = None,
+    source_label: Annotated[Optional[str], typer.Option(help="metadata 'source' (default: dataset key or file name).")] = None,
+    hub_config: Annotated[Optional[str], typer.Option(help="Hub dataset config name.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Hub dataset split (default train).")] = None,
+    txt_mode: Annotated[str, typer.Option(help="For .txt files: one sample per 'paragraph' or per 'line'.")] = "paragraph",
+    max_samples: Annotated[Optional[int], typer.Option(min=0, help="Stop after this many samples.")] = None,
+    skip: Annotated[int, typer.Option(min=0, help="Skip this many samples of the filtered stream first.")] = 0,
+    workers: Annotated[int, typer.Option(min=1, help="Concurrent workers, each with one session per node.")] = 8,
+    batch_chunks: Annotated[int, typer.Option(min=1, help="Chunks per observe-sequence on batched levels.")] = 64,
+    batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Batch levels without metadata through KATO's auto-learn.")] = True,
+    kato: Annotated[Optional[str], typer.Option(help="A KATO server, http://host:port. Default: the embedded engine in-process.")] = None,
+    data: Annotated[Path, typer.Option(help="Directory of the embedded engine's knowledge store.")] = Path("kato-data"),
+    durability: Annotated[str, typer.Option(help="Embedded engine: full (fsync) or normal.")] = "full",
+    tokenizer: Annotated[str, typer.Option(help="'gpt2' (bundled) or a tokenizer transformers can load offline.")] = "gpt2",
+    summary_json: Annotated[Optional[Path], typer.Option(help="Also write the summary here as JSON.")] = None,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Live progress bar (default: when on a terminal).")] = None,
+) -> None:
+    """Learn every sample of SOURCE into a KATO hierarchy, and print a summary."""
+    import json
+    import sys
+
+    import anyio
+    from rich.console import Console
+
+    from ingestd.hierarchy import Hierarchy
+    from ingestd.logs import configure_logging
+    from ingestd.pipeline import RunConfig, run_async
+    from ingestd.report import ProgressBar, ProgressLog, summary_table
+    from ingestd.source import SourceSpec
+
+    configure_logging()
+    console = Console()
+    if txt_mode not in ("paragraph", "line"):
+        raise typer.BadParameter(f"{txt_mode!r}: use 'paragraph' or 'line'", param_hint="--txt-mode")
+    if durability not in ("full", "normal"):
+        raise typer.BadParameter(f"{durability!r}: use 'full' or 'normal'", param_hint="--durability")
+    try:
+        if hierarchy_file is not None:
+            hierarchy = Hierarchy.from_file(hierarchy_file)
+        else:
+            hierarchy = Hierarchy.from_chunk_sizes(_int_list(chunk_sizes, "--chunk-sizes"),
+                                                   set(_int_list(metadata_levels, "--metadata-levels")), node_ids)
+        spec = SourceSpec(source=source, text_field=text_field, hub_config=hub_config, split=split,
+                          txt_mode=txt_mode,  # type: ignore[arg-type]
+                          metadata_fields=tuple(f.strip() for f in (metadata_fields or "").split(",") if f.strip()),
+                          label=source_label)
+        config = RunConfig(source=spec, hierarchy=hierarchy, tokenizer=tokenizer, workers=workers,
+                           batch_chunks=batch_chunks, batching=batching, kato_url=kato, data_dir=data,
+                           durability=durability, run_id=run_id, fresh=fresh, skip=skip,  # type: ignore[arg-type]
+                           max_samples=max_samples)
+        show_bar = sys.stdout.isatty() if progress is None else progress
+        if show_bar:
+            with ProgressBar(console, max_samples) as bar:
+                summary = anyio.run(lambda: run_async(config, on_progress=bar), **_loop_options())
+        else:
+            summary = anyio.run(lambda: run_async(config, on_progress=ProgressLog()), **_loop_options())
+    except BaseException as error:  # noqa: BLE001 - unwrap task-group errors to the user's problem
+        found = _find_ingest_error(error)
+        if found is None:
+            raise
+        typer.echo(f"ingestd: error: {found}", err=True)
+        raise typer.Exit(found.exit_code) from None
+    result = summary.as_dict()
+    console.print(summary_table(result))
+    if summary_json is not None:
+        summary_json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _loop_options() -> dict[str, Any]:
+    import importlib.util
+
+    if importlib.util.find_spec("uvloop") is not None:
+        return {"backend": "asyncio", "backend_options": {"use_uvloop": True}}
+    return {"backend": "asyncio"}
 
 
 @kato_app.command("demo")

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from ingestd.errors import IngestError
+
 GPT2 = "gpt2"
 
 
-class TokenizerNotFound(ValueError):
+class TokenizerNotFound(IngestError):
     """The tokenizer cannot be loaded offline."""
 
 

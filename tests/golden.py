@@ -129,3 +129,34 @@ def assert_kb_equal(expected: dict[str, Any], actual: dict[str, Any]) -> None:
             for key in ("frequency", "length", "pattern_data", "emotives"):
                 assert got[key] == pattern[key], f"{node} {name} {key}: expected {pattern[key]!r}, got {got[key]!r}"
             assert got["metadata"] == pattern["metadata"], f"{node} {name} metadata"
+
+
+def kb_dump(database: Path, node_ids: list[str]) -> list[dict[str, dict[str, Any]]]:
+    """Every stored pattern per level, read from the engine's SQLite file (metadata compared as a map)."""
+    levels = []
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
+        for node in node_ids:
+            rows = connection.execute(
+                "SELECT name, pattern_data, length, frequency, emotives, metadata FROM patterns WHERE kb_id = ?",
+                (kb_id(node),),
+            )
+            levels.append({
+                "PTRN|" + name: {"pattern_data": json.loads(data), "length": length, "frequency": frequency,
+                                 "emotives": json.loads(emotives), "metadata": json.loads(metadata)}
+                for name, data, length, frequency, emotives, metadata in rows
+            })  # fmt: skip
+    return levels
+
+
+def run_cli(*arguments: str, timeout: float = 300) -> dict[str, Any]:
+    """``ingestd run ...`` as a real subprocess; returns its JSON summary."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        summary_path = Path(scratch) / "summary.json"
+        result = subprocess.run([sys.executable, "-m", "ingestd", "run", *arguments, "--summary-json", str(summary_path)],
+                                capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        assert result.returncode == 0, f"ingestd run failed ({result.returncode}):\n{result.stderr[-3000:]}"
+        return json.loads(summary_path.read_text(encoding="utf-8"))

@@ -330,6 +330,30 @@ class Engine:
             "isolated": clear_stm_between,
         }
 
+    async def learn_chunks(
+        self, session_id: str, chunks: Sequence[Sequence[str]], metadata: dict[str, Any] | None = None
+    ) -> list[str]:
+        """In-process shortcut (not a KATO endpoint) with exactly the effect of, per chunk, one
+        ``observe-sequence`` of its symbols, one per event (``metadata`` on the first), with
+        ``learn_at_end``: every name learned, in order (``""`` where a learn stored nothing).
+        It skips building KATO's per-observation response, and stores everything in one transaction.
+        """
+        async with self._lock(session_id):
+            draft = self.live_session(session_id).copy()
+            learns: list[Learn] = []
+            names: list[str] = []
+            plain: dict[str, Any] = {}
+            for chunk in chunks:
+                for position, symbol in enumerate(chunk):
+                    observation = Observation([symbol], {}, metadata if position == 0 and metadata else plain)
+                    auto_learned = draft.observe(observation, learns)
+                    if auto_learned:
+                        names.append(auto_learned)
+                if draft.stm:
+                    names.append(draft.learn(learns))
+            await self._write(draft, learns)
+        return names
+
     async def learn(self, session_id: str) -> dict[str, Any]:
         async with self._lock(session_id):
             draft = self.live_session(session_id).copy()

@@ -1,0 +1,130 @@
+"""The hierarchy: levels with chunk size, node id, metadata capture and KATO session config."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ingestd.errors import IngestError
+
+
+class HierarchyError(IngestError):
+    """The hierarchy configuration is invalid; the message names the input."""
+
+
+class Level(BaseModel):
+    """One node of the hierarchy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chunk_size: int = Field(ge=2, description="Symbols per pattern; a pattern needs at least 2.")
+    node_id: str | None = Field(default=None, description="KATO node id; default from the hierarchy's template.")
+    capture_metadata: bool = Field(default=False, description="Give this level's patterns the sample's metadata.")
+    session_config: dict[str, Any] = Field(default_factory=dict, description="Extra KATO session config.")
+
+
+class Hierarchy(BaseModel):
+    """Levels from node0 up. Build it in code, from a TOML/YAML file, or from chunk sizes::
+
+        Hierarchy().add_layer(chunk_size=8).add_layer(chunk_size=8, capture_metadata=True)
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    levels: list[Level] = Field(default_factory=list)
+    node_id_template: str = Field(
+        default="node{level}", description="Node ids of levels without one; {level} and {run_id} are filled in."
+    )
+
+    @field_validator("node_id_template")
+    @classmethod
+    def _template_has_level(cls, template: str) -> str:
+        if "{level}" not in template:
+            raise ValueError("must contain {level}, or the levels would share one knowledge base")
+        return template
+
+    def add_layer(self, chunk_size: int, *, node_id: str | None = None, capture_metadata: bool = False,
+                  **session_config: Any) -> Hierarchy:  # fmt: skip
+        """Append a level on top; returns the hierarchy so calls chain."""
+        try:
+            self.levels.append(Level(chunk_size=chunk_size, node_id=node_id, capture_metadata=capture_metadata,
+                                     session_config=session_config))  # fmt: skip
+        except ValidationError as error:
+            raise HierarchyError(f"level {len(self.levels)}: {_first_error(error)}") from None
+        return self
+
+    def node_ids(self, run_id: str = "") -> list[str]:
+        return [level.node_id or self.node_id_template.format(level=index, run_id=run_id)
+                for index, level in enumerate(self.levels)]  # fmt: skip
+
+    @property
+    def chunk_sizes(self) -> list[int]:
+        return [level.chunk_size for level in self.levels]
+
+    def validate_usable(self) -> None:
+        if not self.levels:
+            raise HierarchyError("the hierarchy has no levels: give --chunk-sizes (e.g. 8,8,8,8) or a hierarchy file")
+        ids = self.node_ids()
+        if len(set(ids)) != len(ids):
+            raise HierarchyError(f"two levels share a node id ({', '.join(ids)}): give each level its own")
+
+    @classmethod
+    def from_chunk_sizes(cls, chunk_sizes: list[int], metadata_levels: set[int] = frozenset(),  # type: ignore[assignment]
+                         node_id_template: str = "node{level}") -> Hierarchy:  # fmt: skip
+        for level in metadata_levels:
+            if not 0 <= level < len(chunk_sizes):
+                raise HierarchyError(f"metadata level {level} does not exist: levels are 0..{len(chunk_sizes) - 1}")
+        for index, size in enumerate(chunk_sizes):
+            if size < 2:
+                raise HierarchyError(f"chunk size {size} of level {index} is below 2: a KATO pattern needs "
+                                     "at least 2 symbols, so give sizes of 2 or more")  # fmt: skip
+        try:
+            hierarchy = cls(node_id_template=node_id_template)
+        except ValidationError as error:
+            raise HierarchyError(f"node id template {node_id_template!r}: {_first_error(error)}") from None
+        for index, size in enumerate(chunk_sizes):
+            hierarchy.add_layer(size, capture_metadata=index in metadata_levels)
+        return hierarchy
+
+    @classmethod
+    def from_file(cls, path: Path) -> Hierarchy:
+        """A hierarchy file: TOML or YAML with ``levels = [{chunk_size = 8, ...}, ...]``."""
+        try:
+            raw = path.read_bytes()
+        except OSError as error:
+            raise HierarchyError(f"hierarchy file {path} cannot be read ({error.strerror}): check the path") from None
+        try:
+            if path.suffix.lower() in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(raw.decode("utf-8"))
+            else:
+                data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as error:
+            raise HierarchyError(f"hierarchy file {path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'TOML'}: "
+                                 f"{str(error).splitlines()[0]}") from None  # fmt: skip
+        except Exception as error:  # noqa: BLE001 - yaml.YAMLError without importing yaml up front
+            raise HierarchyError(f"hierarchy file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise HierarchyError(f"hierarchy file {path} must hold a table with a 'levels' list")
+        data = data.get("hierarchy", data)
+        try:
+            hierarchy = cls.model_validate(data)
+        except ValidationError as error:
+            raise HierarchyError(f"hierarchy file {path}: {_first_error(error)}") from None
+        hierarchy.validate_usable()
+        return hierarchy
+
+    def describe(self, run_id: str = "") -> list[dict[str, Any]]:
+        return [{"chunk_size": level.chunk_size, "node_id": node_id, "capture_metadata": level.capture_metadata,
+                 "session_config": level.session_config}
+                for level, node_id in zip(self.levels, self.node_ids(run_id), strict=True)]  # fmt: skip
+
+
+def _first_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]

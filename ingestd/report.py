@@ -1,0 +1,81 @@
+"""Showing a run: a live progress bar on a terminal, periodic log lines otherwise, and the final summary."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ingestd.pipeline import RunStats
+
+log = structlog.get_logger("ingestd.run")
+
+
+class ProgressBar:
+    """A live bar: samples, tokens, patterns per level, samples/s."""
+
+    def __init__(self, console: Console, total: int | None) -> None:
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("[bold]learning"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console, transient=False,
+        )  # fmt: skip
+        self.task = self.progress.add_task("learning", total=total, detail="")
+
+    def __enter__(self) -> ProgressBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, stats: RunStats) -> None:
+        rate = stats.samples_learned / stats.elapsed if stats.elapsed else 0.0
+        levels = "/".join(str(count) for count in stats.patterns_per_level)
+        detail = (f"samples/s {rate:,.1f} · tokens {stats.tokens:,} · patterns {levels} · "
+                  f"filtered {stats.samples_filtered:,} · failed {stats.samples_failed:,}")  # fmt: skip
+        self.progress.update(self.task, completed=stats.samples_learned, detail=detail)
+
+
+class ProgressLog:
+    """Structured progress lines every ``interval`` seconds (for logs, not terminals)."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.last = time.monotonic()
+
+    def __call__(self, stats: RunStats) -> None:
+        now = time.monotonic()
+        if now - self.last < self.interval and stats.finished is None:
+            return
+        self.last = now
+        log.info("progress", samples_read=stats.samples_read, samples_learned=stats.samples_learned,
+                 samples_filtered=stats.samples_filtered, samples_failed=stats.samples_failed, tokens=stats.tokens,
+                 patterns_per_level=stats.patterns_per_level, requests=stats.requests,
+                 samples_per_second=round(stats.samples_learned / stats.elapsed, 2) if stats.elapsed else None)  # fmt: skip
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="ingestd run", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    samples = summary["samples"]
+    rows = [
+        ("samples read", f"{samples['read']:,}"),
+        ("  learned", f"{samples['learned']:,}"),
+        ("  filtered (≤ 10 chars)", f"{samples['filtered']:,}"),
+        ("  failed", f"{samples['failed']:,}"),
+        ("tokens", f"{summary['tokens']:,}"),
+        *((f"patterns learned, level {level}", f"{count:,}") for level, count in enumerate(summary["patterns_per_level"])),
+        ("requests", f"{summary['requests']:,}"),
+        ("requests per sample", f"{summary['requests_per_sample'] or 0:.2f}"),
+        ("wall time", f"{summary['wall_seconds']:.2f} s"),
+        ("samples/s", f"{summary['samples_per_second'] or 0:,.1f}"),
+        ("tokens/s", f"{summary['tokens_per_second'] or 0:,.0f}"),
+    ]
+    for label, value in rows:
+        table.add_row(label, value)
+    return table

@@ -1,0 +1,331 @@
+"""Source: a corpus as a stream of samples (Hugging Face hub datasets, or local files).
+
+Every record read is accounted for: it becomes a :class:`Sample`, is
+:class:`Filtered` (stripped text of 10 characters or fewer, as the notebooks
+filter), or is a :class:`BadRecord` (not a string, undecodable, malformed),
+which the pipeline counts as failed and goes on. ``sample_index`` is the
+position in the filtered stream, so it is the same on every run.
+
+Local txt and jsonl files are read line by line here rather than with
+``datasets``: its readers fail a whole file on one bad line, and one bad line
+must cost one sample, not the run. Parquet, csv and hub datasets are streamed
+with ``datasets``.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from ingestd.errors import IngestError
+
+MIN_TEXT_CHARS = 10
+"""Samples whose stripped text has this many characters or fewer are filtered out."""
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    name: str
+    config: str | None = None
+    text_field: str = "text"
+    split: str = "train"
+
+
+# The notebooks' dataset keys (kato-lm's StreamingDatasetLoader), with their hub names.
+HUB_DATASETS: dict[str, HubDataset] = {
+    "wikitext": HubDataset("Salesforce/wikitext", "wikitext-103-raw-v1"),
+    "c4": HubDataset("allenai/c4", "en"),
+    "refinedweb": HubDataset("tiiuae/falcon-refinedweb", text_field="content"),
+    "openwebtext": HubDataset("Skylion007/openwebtext"),
+    "redpajama_sample": HubDataset("togethercomputer/RedPajama-Data-1T-Sample"),
+    "pile": HubDataset("monology/pile-uncopyrighted"),
+    "dolma": HubDataset("allenai/dolma"),
+    "bookcorpus": HubDataset("bookcorpusopen"),
+    "simple_wiki": HubDataset("legacy-datasets/wikipedia", "20220301.simple"),
+}
+
+LOCAL_FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+                 ".parquet": "parquet", ".csv": "csv"}  # fmt: skip
+
+
+class SourceError(IngestError):
+    """The source cannot be read; the message names it and says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    index: int
+    text: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecord:
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Filtered:
+    """A record whose text is too short to learn."""
+
+
+SourceEvent = Sample | BadRecord | Filtered
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What to read: a dataset key, a hub dataset name, or a local file."""
+
+    source: str
+    text_field: str | None = None
+    hub_config: str | None = None
+    split: str | None = None
+    txt_mode: Literal["line", "paragraph"] = "paragraph"
+    metadata_fields: tuple[str, ...] = ()
+    label: str | None = None
+
+    @property
+    def source_label(self) -> str:
+        if self.label:
+            return self.label
+        path = Path(self.source)
+        return path.stem if path.suffix.lower() in LOCAL_FORMATS else self.source
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies this source (used in the run's fingerprint and summary)."""
+        return {"source": self.source, "text_field": self.text_field, "hub_config": self.hub_config,
+                "split": self.split, "txt_mode": self.txt_mode, "metadata_fields": list(self.metadata_fields),
+                "label": self.source_label}  # fmt: skip
+
+
+# -- raw records ---------------------------------------------------------------------------
+# A reader yields, per record, either (text, fields) or a str reason why the record is bad.
+RawRecord = tuple[str, dict[str, Any]] | str
+
+
+def _check_utf8(path: Path) -> None:
+    """Refuse a file that is not UTF-8 text before anything is learned from it."""
+    with path.open("rb") as handle:
+        head = handle.read(1 << 16)
+    if b"\x00" in head:
+        raise SourceError(f"{path} looks like a binary file (it contains NUL bytes): give a UTF-8 text, jsonl, "
+                          "parquet or csv file")  # fmt: skip
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as error:
+        raise SourceError(
+            f"{path} is not UTF-8 text (invalid byte at offset {error.start}): convert it first, for example "
+            f"with `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`"
+        ) from None
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        for line in handle:
+            yield line[:-1] if line.endswith(b"\n") else line
+
+
+def _decode(line: bytes) -> str | None:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _txt_lines(path: Path) -> Iterator[RawRecord]:
+    for number, raw in enumerate(_lines(path), start=1):
+        text = _decode(raw.removesuffix(b"\r"))
+        yield (text, {}) if text is not None else f"line {number} is not valid UTF-8"
+
+
+def _txt_paragraphs(path: Path) -> Iterator[RawRecord]:
+    """Maximal runs of non-blank lines, joined with a newline (a blank line is one whose strip() is empty)."""
+    lines: list[str] = []
+    undecodable: int | None = None
+    for number, raw in enumerate(_lines(path), start=1):
+        text = _decode(raw)
+        if text is not None and not text.strip():
+            if lines or undecodable is not None:
+                yield ("\n".join(lines), {}) if undecodable is None else f"line {undecodable} is not valid UTF-8"
+            lines, undecodable = [], None
+            continue
+        if text is None:
+            undecodable = undecodable or number
+        else:
+            lines.append(text)
+    if lines or undecodable is not None:
+        yield ("\n".join(lines), {}) if undecodable is None else f"line {undecodable} is not valid UTF-8"
+
+
+def _record_fields(record: dict[str, Any], text_field: str, wanted: tuple[str, ...]) -> RawRecord:
+    if text_field not in record:
+        return f"field {text_field!r} is missing"
+    text = record[text_field]
+    if not isinstance(text, str):
+        return f"field {text_field!r} is {type(text).__name__}, not a string"
+    return text, {name: record[name] for name in wanted if name in record}
+
+
+def _jsonl(path: Path, text_field: str, wanted: tuple[str, ...]) -> Iterator[RawRecord]:
+    for number, raw in enumerate(_lines(path), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError as error:
+            yield f"line {number} is not valid JSON ({error})"
+            continue
+        if not isinstance(record, dict):
+            yield f"line {number} is a JSON {type(record).__name__}, not an object"
+            continue
+        yield _record_fields(record, text_field, wanted)
+
+
+def _first_jsonl_record(path: Path) -> dict[str, Any] | None:
+    for raw in _lines(path):
+        if raw.strip():
+            try:
+                record = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return None
+            return record if isinstance(record, dict) else None
+    return None
+
+
+def _datasets_records(dataset: Any, text_field: str, wanted: tuple[str, ...]) -> Iterator[RawRecord]:
+    for record in dataset:
+        yield _record_fields(record, text_field, wanted)
+
+
+def _require_fields(what: str, available: list[str], text_field: str, wanted: tuple[str, ...], hint: str) -> None:
+    missing = [name for name in (text_field, *wanted) if name not in available]
+    if missing:
+        raise SourceError(
+            f"{what} has no field {missing[0]!r} (its fields: {', '.join(available) or 'none'}): {hint}"
+        )
+
+
+class Source:
+    """An opened, validated source. ``events()`` streams it; nothing is held in memory."""
+
+    def __init__(self, spec: SourceSpec) -> None:
+        self.spec = spec
+        self.label = spec.source_label
+        self._records: Any = None
+        self._open()
+
+    def _open(self) -> None:
+        spec = self.spec
+        path = Path(spec.source).expanduser()
+        local_format = LOCAL_FORMATS.get(path.suffix.lower())
+        if spec.source in HUB_DATASETS and not path.exists():
+            self._open_hub()
+        elif local_format or path.exists() or spec.source.startswith((".", "/", "~")):
+            self._open_local(path, local_format)
+        elif self._looks_like_hub_name(spec.source):
+            self._open_hub()
+        else:
+            raise SourceError(
+                f"unknown dataset {spec.source!r}: give one of {', '.join(HUB_DATASETS)}, a hub dataset name such "
+                "as 'allenai/c4' (with --hub-config, --split, --text-field as needed), or the path of a local "
+                ".txt, .jsonl, .parquet or .csv file"
+            )
+
+    @staticmethod
+    def _looks_like_hub_name(name: str) -> bool:
+        parts = name.split("/")
+        return len(parts) == 2 and all(parts)
+
+    def _open_local(self, path: Path, local_format: str | None) -> None:
+        spec = self.spec
+        if not path.exists():
+            raise SourceError(f"file {path} does not exist: check the path (relative paths start at {Path.cwd()})")
+        if not path.is_file():
+            raise SourceError(f"{path} is not a file: give a .txt, .jsonl, .parquet or .csv file")
+        if local_format is None:
+            raise SourceError(f"{path} has an unknown extension: name it .txt, .jsonl, .parquet or .csv")
+        text_field = spec.text_field or "text"
+        wanted = spec.metadata_fields
+        if local_format in ("txt", "jsonl"):
+            _check_utf8(path)
+        if local_format == "txt":
+            if wanted:
+                raise SourceError(f"{path} is plain text and has no record fields: drop --metadata-fields "
+                                  f"{','.join(wanted)} or use a jsonl, parquet or csv file")  # fmt: skip
+            reader = _txt_lines if spec.txt_mode == "line" else _txt_paragraphs
+            self._records = lambda: reader(path)
+        elif local_format == "jsonl":
+            first = _first_jsonl_record(path)
+            if first is not None:
+                _require_fields(f"{path} (first record)", list(first), text_field, wanted,
+                                "name the text field with --text-field, and only existing --metadata-fields")  # fmt: skip
+            self._records = lambda: _jsonl(path, text_field, wanted)
+        else:
+            import datasets
+
+            try:
+                dataset = datasets.load_dataset(local_format, data_files=str(path), split="train", streaming=True)
+                columns = list(dataset.features or {}) or list(next(iter(dataset), {}))
+            except Exception as error:  # noqa: BLE001 - datasets/pyarrow raise many kinds
+                raise SourceError(f"{path} cannot be read as {local_format} ({type(error).__name__}: "
+                                  f"{str(error).splitlines()[0] if str(error) else ''}): check the file") from None  # fmt: skip
+            _require_fields(str(path), columns, text_field, wanted,
+                            "name the text column with --text-field, and only existing --metadata-fields")  # fmt: skip
+            self._records = lambda: _datasets_records(dataset, text_field, wanted)
+
+    def _open_hub(self) -> None:
+        spec = self.spec
+        known = HUB_DATASETS.get(spec.source)
+        name = known.name if known else spec.source
+        config = spec.hub_config if spec.hub_config is not None else (known.config if known else None)
+        split = spec.split or (known.split if known else "train")
+        text_field = spec.text_field or (known.text_field if known else "text")
+        wanted = spec.metadata_fields
+        import datasets
+
+        try:
+            dataset = datasets.load_dataset(name, config, split=split, streaming=True)
+            first = next(iter(dataset))
+        except Exception as error:  # noqa: BLE001 - network, auth, missing config: all end the same way
+            raise SourceError(
+                f"hub dataset {name!r} (config {config!r}, split {split!r}) cannot be streamed "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): check the name, "
+                "--hub-config and --split, and that this machine can reach the Hugging Face hub"
+            ) from None
+        _require_fields(f"hub dataset {name!r}", list(first), text_field, wanted,
+                        "name the text field with --text-field, and only existing --metadata-fields")  # fmt: skip
+        self._records = lambda: _datasets_records(dataset, text_field, wanted)
+
+    def events(self, *, skip: int = 0, max_samples: int | None = None) -> Iterator[SourceEvent]:
+        """Every record as an event, indices counted over the filtered stream.
+
+        ``skip`` passes over the first samples of the filtered stream (they are
+        neither learned nor reported); ``max_samples`` stops after that many
+        samples (good or bad) past the skipped ones.
+        """
+        index = 0
+        taken = 0
+        for record in self._records():
+            if max_samples is not None and taken >= max_samples:
+                return
+            if isinstance(record, str):
+                if index >= skip:
+                    yield BadRecord(index, record)
+                    taken += 1
+                index += 1
+                continue
+            text, fields = record
+            if len(text.strip()) <= MIN_TEXT_CHARS:
+                if index >= skip:
+                    yield Filtered()
+                continue
+            if index >= skip:
+                yield Sample(index, text, fields)
+                taken += 1
+            index += 1
