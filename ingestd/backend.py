@@ -51,17 +51,25 @@ def _observations(chunk: Sequence[str], metadata: dict[str, Any] | None) -> list
 class HttpKato:
     """A KATO server (real, or ``ingestd kato serve``) over HTTP.
 
-    One ``httpx.AsyncClient`` with a pool as large as the number of requests
-    in flight: uvicorn gives each connection to one of its workers, so many
-    connections spread the load over all of them.
+    Each session gets a lane: a one-connection ``httpx.AsyncClient`` of its
+    own, kept alive. A pipeline keeps one request in flight per session, so a
+    lane never waits, and since uvicorn hands each connection to one of its
+    workers, one connection per session spreads the load over all of them.
+    (One shared pool of that size costs O(connections) per request in
+    httpcore's pool bookkeeping, which made the client the bottleneck.)
     """
 
     def __init__(self, url: str, *, connections: int = 32, timeout: float = 120.0) -> None:
         self.url = url.rstrip("/")
         self.description = f"KATO at {self.url}"
         self.requests = 0
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout, limits=limits)
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        tls = httpx.create_ssl_context()  # loading CA certificates once, not once per lane
+        self._lanes = [httpx.AsyncClient(base_url=self.url, timeout=timeout, limits=limits, verify=tls)
+                       for _ in range(max(1, connections))]  # fmt: skip
+        self._client = self._lanes[0]
+        self._next_lane = 0
+        self._session_lanes: dict[str, httpx.AsyncClient] = {}
 
     async def start(self) -> None:
         try:
@@ -82,13 +90,15 @@ class HttpKato:
             )
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        for lane in self._lanes:
+            await lane.aclose()
 
-    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+    async def _call(self, method: str, path: str, body: Any = None, *, session_id: str | None = None) -> Any:
         self.requests += 1
         content = None if body is None else orjson.dumps(body)
         headers = {"content-type": "application/json"} if content is not None else None
-        answer = await self._client.request(method, path, content=content, headers=headers)
+        lane = self._session_lanes.get(session_id, self._client) if session_id else self._client
+        answer = await lane.request(method, path, content=content, headers=headers)
         if 400 <= answer.status_code < 500:
             raise KatoRejected(answer.status_code, answer.text[:500])
         answer.raise_for_status()
@@ -96,10 +106,14 @@ class HttpKato:
 
     async def create_session(self, node_id: str, config: dict[str, Any]) -> str:
         body = await self._call("POST", "/sessions", {"node_id": node_id, "config": config})
-        return body["session_id"]
+        session_id: str = body["session_id"]
+        self._session_lanes[session_id] = self._lanes[self._next_lane % len(self._lanes)]
+        self._next_lane += 1
+        return session_id
 
     async def delete_session(self, session_id: str) -> None:
-        await self._call("DELETE", f"/sessions/{session_id}")
+        await self._call("DELETE", f"/sessions/{session_id}", session_id=session_id)
+        self._session_lanes.pop(session_id, None)
 
     async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
                     auto_learn: bool) -> list[str]:  # fmt: skip
@@ -108,16 +122,18 @@ class HttpKato:
             # Whole chunks back to back: KATO learns each as STM reaches chunk_size; learn_at_end
             # takes a shorter last chunk. A 1-symbol chunk is never sent, so no name is "".
             observations = [{"strings": [symbol]} for chunk in chunks for symbol in chunk]
-            body = await self._call("POST", path, {"observations": observations, "learn_at_end": True})
+            body = await self._call("POST", path, {"observations": observations, "learn_at_end": True},
+                                    session_id=session_id)  # fmt: skip
             return [name for name in body["auto_learned_patterns"] if name]
         names = []
         for chunk in chunks:
-            body = await self._call("POST", path, {"observations": _observations(chunk, metadata), "learn_at_end": True})
+            body = await self._call("POST", path, {"observations": _observations(chunk, metadata), "learn_at_end": True},
+                                    session_id=session_id)  # fmt: skip
             names.append(body["final_learned_pattern"])
         return names
 
     async def clear_stm(self, session_id: str) -> None:
-        await self._call("POST", f"/sessions/{session_id}/clear-stm")
+        await self._call("POST", f"/sessions/{session_id}/clear-stm", session_id=session_id)
 
     async def clear_all(self, node_id: str) -> None:
         session_id = await self.create_session(node_id, {"process_predictions": False})

@@ -22,7 +22,7 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 
 def test_cli_explains_itself() -> None:
-    for command in ([], ["kato"], ["kato", "serve"], ["kato", "demo"]):
+    for command in ([], ["run"], ["kato"], ["kato", "serve"], ["kato", "demo"]):
         result = subprocess.run([sys.executable, "-m", "ingestd", *command, "--help"], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert "Usage" in result.stdout
@@ -44,3 +44,20 @@ def test_demo_refuses_a_missing_corpus() -> None:
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode != 0
     assert "/no/such/file.txt" in result.stderr
+
+
+def test_readme_first_command_runs_the_main_job(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The README's first command, minus the install, from a fresh directory."""
+    install_and_run = readme_commands()[0]
+    command = install_and_run.split("&&", 1)[1].strip().split()
+    assert command[:2] == ["ingestd", "run"]
+    corpus = str((REPO / command[2]).resolve())
+    result = subprocess.run([sys.executable, "-m", "ingestd", "run", corpus, *command[3:], "--summary-json", "s.json"],
+                            capture_output=True, text=True, timeout=240, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    import json
+
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["samples"] == {"read": 7222, "learned": 7142, "filtered": 80, "failed": 0}
+    assert (tmp_path / "kato-data" / "kato.sqlite3").exists()
+    assert "patterns learned, level 3" in result.stdout

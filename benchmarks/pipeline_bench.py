@@ -1,0 +1,161 @@
+"""ingestd vs a notebook-style client, against the same embedded KATO server over HTTP; plus ingestd in-process.
+
+    python benchmarks/pipeline_bench.py [--docs 60] [--lines 40] [--workers 8] [--json out.json]
+
+Corpus: documents of ``--lines`` consecutive lines of tinyshakespeare (about
+10 GPT-2 tokens a line, so 40 lines ~ the notebooks' 500-token samples).
+Hierarchy: chunk sizes 8,8,8,8 with metadata at levels 2 and 3 (the v2
+notebook's). The notebook-style client is the seeds' way: sequential, and per
+chunk a ``clear-stm`` then an ``observe-sequence`` with ``learn_at_end``.
+All three runs must end with the same knowledge base (checked), on separate
+node ids. Figures are ratios within this one run; the machine is noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ingestd import Hierarchy, build_config
+from ingestd.engine.rules import kb_id
+from ingestd.pipeline import run_async
+from ingestd.tokenize import load_tokenizer
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "tinyshakespeare.txt"
+CHUNKS = [8, 8, 8, 8]
+METADATA_LEVELS = {2, 3}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_corpus(path: Path, docs: int, lines: int) -> list[str]:
+    all_lines = CORPUS.read_text(encoding="utf-8").split("\n")
+    texts = ["\n".join(all_lines[start : start + lines]) for start in range(0, docs * lines, lines)]
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts), encoding="utf-8")
+    return texts
+
+
+def notebook_client(url: str, texts: list[str], prefix: str) -> dict[str, Any]:
+    """The seeds' way: one sample at a time, clear-stm + observe-sequence for every chunk."""
+    tokenizer = load_tokenizer()
+    requests = 0
+    started = time.perf_counter()
+    tokens_total = 0
+    with httpx.Client(base_url=url, timeout=60.0) as client:
+        sessions = []
+        for level in range(len(CHUNKS)):
+            body = {"node_id": f"{prefix}-node{level}", "config": {"process_predictions": False}}
+            sessions.append(client.post("/sessions", json=body).json()["session_id"])
+            requests += 1
+        for index, text in enumerate(texts):
+            symbols = tokenizer.tokenize(text)
+            tokens_total += len(symbols)
+            for level, size in enumerate(CHUNKS):
+                names = []
+                for start in range(0, len(symbols), size):
+                    chunk = symbols[start : start + size]
+                    if len(chunk) < 2:
+                        continue
+                    observations: list[dict[str, Any]] = [{"strings": [symbol]} for symbol in chunk]
+                    if level in METADATA_LEVELS:
+                        observations[0]["metadata"] = {"source": "bench", "sample_index": index}
+                    client.post(f"/sessions/{sessions[level]}/clear-stm").raise_for_status()
+                    answer = client.post(f"/sessions/{sessions[level]}/observe-sequence",
+                                         json={"observations": observations, "learn_at_end": True})  # fmt: skip
+                    requests += 2
+                    names.append(answer.json()["final_learned_pattern"])
+                symbols = names
+        for session in sessions:
+            client.delete(f"/sessions/{session}")
+            requests += 1
+    elapsed = time.perf_counter() - started
+    return {"samples": len(texts), "tokens": tokens_total, "requests": requests, "seconds": elapsed}
+
+
+def ingestd_run(corpus: Path, prefix: str, workers: int, **options: Any) -> dict[str, Any]:
+    hierarchy = Hierarchy.from_chunk_sizes(CHUNKS, METADATA_LEVELS, node_id_template=f"{prefix}-node{{level}}")
+    config = build_config(str(corpus), hierarchy, workers=workers, label="bench", **options)
+    summary = asyncio.run(run_async(config)).as_dict()
+    return {"samples": summary["samples"]["learned"], "tokens": summary["tokens"], "requests": summary["requests"],
+            "seconds": summary["wall_seconds"]}  # fmt: skip
+
+
+def kb_state(database: Path, prefix: str) -> list[dict[str, tuple[int, str]]]:
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
+        return [
+            {name: (frequency, metadata) for name, frequency, metadata in connection.execute(
+                "SELECT name, frequency, metadata FROM patterns WHERE kb_id = ?", (kb_id(f"{prefix}-node{level}"),))}
+            for level in range(len(CHUNKS))
+        ]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=60)
+    parser.add_argument("--lines", type=int, default=40)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        corpus = Path(scratch) / "docs.jsonl"
+        texts = write_corpus(corpus, args.docs, args.lines)
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "ingestd", "kato", "serve", "--port", str(port),
+                                   "--data", f"{scratch}/server"], stderr=subprocess.DEVNULL)  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(200):
+                try:
+                    httpx.get(url + "/health").raise_for_status()
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.05)
+            results = {
+                "notebook-style (HTTP)": notebook_client(url, texts, "nb"),
+                "ingestd (HTTP)": ingestd_run(corpus, "ing", args.workers, kato_url=url),
+                "ingestd (in-process)": ingestd_run(corpus, "ing", args.workers, data_dir=Path(scratch) / "inproc"),
+            }
+        finally:
+            server.terminate()
+            server.wait()
+        server_db = Path(scratch) / "server" / "kato.sqlite3"
+        same = kb_state(server_db, "nb") == kb_state(server_db, "ing") == kb_state(Path(scratch) / "inproc" / "kato.sqlite3", "ing")
+
+    base = results["notebook-style (HTTP)"]
+    print(f"{args.docs} documents of {args.lines} lines, {base['tokens']} GPT-2 tokens; chunks {CHUNKS}, metadata at "
+          f"levels {sorted(METADATA_LEVELS)}; {args.workers} ingestd workers; identical knowledge bases: {same}")  # fmt: skip
+    print(f"{'client':<24} {'samples/s':>10} {'tokens/s':>10} {'requests/sample':>16} {'speed-up':>9}")
+    rows = []
+    for name, figures in results.items():
+        samples_per_second = figures["samples"] / figures["seconds"]
+        row = {"client": name, "samples_per_second": round(samples_per_second, 2),
+               "tokens_per_second": round(figures["tokens"] / figures["seconds"], 1),
+               "requests_per_sample": round(figures["requests"] / figures["samples"], 2),
+               "speedup": round(samples_per_second / (base["samples"] / base["seconds"]), 1)}  # fmt: skip
+        rows.append(row)
+        print(f"{name:<24} {row['samples_per_second']:>10.2f} {row['tokens_per_second']:>10.0f} "
+              f"{row['requests_per_sample']:>16.2f} {row['speedup']:>8.1f}x")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"identical_knowledge_bases": same, "results": rows}, indent=2))
+    if not same:
+        raise SystemExit("the three runs did not produce the same knowledge base")
+
+
+if __name__ == "__main__":
+    main()
