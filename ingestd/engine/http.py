@@ -158,6 +158,41 @@ class FloatFreeJSONResponse(Response):
         return orjson.dumps(content)
 
 
+_FLAGS = ("learn_after_each", "learn_at_end", "clear_stm_between")
+
+
+def _quick_observation(item: Any) -> Observation | None:
+    """An observation in the shape clients send (strings, maybe metadata and unique_id), or None.
+
+    Accepts only inputs that pydantic accepts as they are (no coercion involved), so the
+    result equals the validated model's; anything else takes the full validation path.
+    """
+    if type(item) is not dict:
+        return None
+    strings = item.get("strings", [])
+    metadata = item.get("metadata", {})
+    unique_id = item.get("unique_id")
+    if (type(strings) is not list or type(metadata) is not dict or item.get("vectors") or item.get("emotives")
+            or (unique_id is not None and type(unique_id) is not str)
+            or ("vectors" in item and type(item["vectors"]) is not list)
+            or ("emotives" in item and type(item["emotives"]) is not dict)):  # fmt: skip
+        return None
+    for symbol in strings:
+        if type(symbol) is not str:
+            return None
+    return Observation(strings, {}, metadata, unique_id)
+
+
+async def _quick_body(request: Request) -> Any:
+    raw = await request.body()
+    if not raw or not _is_json(request.headers.get("content-type")):
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+
+
 def _observation(item: ObservationData) -> Observation:
     if item.vectors:
         raise KatoError(501, "Vector observations are not supported by the embedded ingestd engine.")
@@ -213,20 +248,32 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
         return JSONResponse(await engine.update_config(request.path_params["session_id"], updates))
 
     async def observe(request: Request) -> Response:
-        body: ObservationData = await _body_model(request, ObservationData)
-        return FloatFreeJSONResponse(await engine.observe(request.path_params["session_id"], _observation(body)))
+        observation = _quick_observation(await _quick_body(request))
+        if observation is None:
+            observation = _observation(await _body_model(request, ObservationData))
+        return FloatFreeJSONResponse(await engine.observe(request.path_params["session_id"], observation))
 
     async def observe_sequence(request: Request) -> Response:
-        body: ObservationSequenceRequest = await _body_model(request, ObservationSequenceRequest)
-        observations = [_observation(item) for item in body.observations]
+        quick = await _quick_body(request)
+        observations: list[Observation] | None = None
+        if type(quick) is dict and type(quick.get("observations")) is list and all(
+            type(quick.get(flag, False)) is bool for flag in _FLAGS
+        ):
+            observations = []
+            for item in quick["observations"]:
+                observation = _quick_observation(item)
+                if observation is None:
+                    observations = None
+                    break
+                observations.append(observation)
+        if observations is not None:
+            flags = {flag: quick.get(flag, False) for flag in _FLAGS}
+        else:
+            body: ObservationSequenceRequest = await _body_model(request, ObservationSequenceRequest)
+            observations = [_observation(item) for item in body.observations]
+            flags = {flag: getattr(body, flag) for flag in _FLAGS}
         return FloatFreeJSONResponse(
-            await engine.observe_sequence(
-                request.path_params["session_id"],
-                observations,
-                learn_after_each=body.learn_after_each,
-                learn_at_end=body.learn_at_end,
-                clear_stm_between=body.clear_stm_between,
-            )
+            await engine.observe_sequence(request.path_params["session_id"], observations, **flags)
         )
 
     async def learn(request: Request) -> Response:

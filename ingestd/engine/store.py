@@ -156,14 +156,18 @@ class KnowledgeStore:
     # -- jobs (run on the writer thread) ------------------------------------------
     def apply_learns(self, connection: sqlite3.Connection, learns: Sequence[Learn]) -> None:
         """Store patterns as KATO's ``learnPattern`` does (§5.5), in order."""
+        plain = [learn for learn in learns if not learn.emotives and not learn.metadata]
+        if plain:
+            # Frequency increments commute, and a pattern's data never changes after its first learn,
+            # so plain learns can go in one statement ahead of the ones that merge emotives/metadata.
+            connection.executemany(
+                "INSERT INTO patterns VALUES (?, ?, ?, ?, 1, ?, ?) "
+                "ON CONFLICT (kb_id, name) DO UPDATE SET frequency = frequency + 1",
+                [(learn.kb_id, learn.pattern_hash, orjson.dumps(learn.events), learn.length, _EMPTY_LIST, _EMPTY_MAP)
+                 for learn in plain],
+            )  # fmt: skip
         for learn in learns:
             if not learn.emotives and not learn.metadata:
-                connection.execute(
-                    "INSERT INTO patterns VALUES (?, ?, ?, ?, 1, ?, ?) "
-                    "ON CONFLICT (kb_id, name) DO UPDATE SET frequency = frequency + 1",
-                    (learn.kb_id, learn.pattern_hash, orjson.dumps(learn.events), learn.length,
-                     _EMPTY_LIST, _EMPTY_MAP),
-                )  # fmt: skip
                 continue
             row = connection.execute(
                 "SELECT emotives, metadata FROM patterns WHERE kb_id = ? AND name = ?",
