@@ -18,9 +18,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +26,7 @@ from typing import Any
 import httpx
 
 from ingestd.engine import Engine, EngineSettings, Observation
+from ingestd.engine.serve import ServerProcess
 from ingestd.tokenize import load_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "tinyshakespeare.txt"
@@ -40,12 +38,6 @@ def corpus_chunks(limit: int = 200_000) -> list[list[str]]:
     text = CORPUS.read_text(encoding="utf-8")
     tokens = [t for block in load_tokenizer().tokenize_batch(text.split("\n\n")) for t in block]
     return [tokens[i : i + CHUNK] for i in range(0, min(len(tokens), limit * CHUNK) - CHUNK + 1, CHUNK)]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def one_chunk_body(chunk: list[str]) -> dict[str, Any]:
@@ -118,28 +110,12 @@ def main() -> None:
     chunks = corpus_chunks()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as scratch:
-        port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "ingestd", "kato", "serve", "--port", str(port), "--data", f"{scratch}/http",
-             "--durability", args.durability],
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(200):
-                try:
-                    httpx.get(url + "/health").raise_for_status()
-                    break
-                except httpx.TransportError:
-                    time.sleep(0.05)
+        with ServerProcess(f"{scratch}/http", "--durability", args.durability) as server:
             for batched in (False, True):
                 for clients in (1, 8):
-                    rate = asyncio.run(http_clients(url, clients, batched, args.seconds, chunks))
+                    rate = asyncio.run(http_clients(server.url, clients, batched, args.seconds, chunks))
                     results.append({"path": "http", "shape": "batched-64" if batched else "one-chunk",
                                     "clients": clients, "learns_per_second": round(rate, 1)})  # fmt: skip
-        finally:
-            server.terminate()
-            server.wait()
         for batched in (False, True):
             for clients in (1, 8):
                 data_dir = Path(scratch) / f"inproc-{batched}-{clients}"

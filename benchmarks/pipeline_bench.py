@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,18 +26,13 @@ import httpx
 
 from ingestd import Hierarchy, build_config
 from ingestd.engine.rules import kb_id
+from ingestd.engine.serve import ServerProcess
 from ingestd.pipeline import run_async
 from ingestd.tokenize import load_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "tinyshakespeare.txt"
 CHUNKS = [8, 8, 8, 8]
 METADATA_LEVELS = {2, 3}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def write_corpus(path: Path, docs: int, lines: int) -> list[str]:
@@ -115,25 +107,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         corpus = Path(scratch) / "docs.jsonl"
         texts = write_corpus(corpus, args.docs, args.lines)
-        port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "ingestd", "kato", "serve", "--port", str(port),
-                                   "--data", f"{scratch}/server"], stderr=subprocess.DEVNULL)  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(200):
-                try:
-                    httpx.get(url + "/health").raise_for_status()
-                    break
-                except httpx.TransportError:
-                    time.sleep(0.05)
+        with ServerProcess(f"{scratch}/server") as server:
+            url = server.url
             results = {
                 "notebook-style (HTTP)": notebook_client(url, texts, "nb"),
                 "ingestd (HTTP)": ingestd_run(corpus, "ing", args.workers, kato_url=url),
                 "ingestd (in-process)": ingestd_run(corpus, "ing", args.workers, data_dir=Path(scratch) / "inproc"),
             }
-        finally:
-            server.terminate()
-            server.wait()
         server_db = Path(scratch) / "server" / "kato.sqlite3"
         same = kb_state(server_db, "nb") == kb_state(server_db, "ing") == kb_state(Path(scratch) / "inproc" / "kato.sqlite3", "ing")
 

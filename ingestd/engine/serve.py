@@ -31,3 +31,43 @@ def serve(settings: ServerSettings) -> None:
         flush=True,
     )
     server.run()
+
+
+class ServerProcess:
+    """``ingestd kato serve`` in a child process on a free loopback port (demo, benchmarks)."""
+
+    def __init__(self, data_dir: str, *extra_args: str) -> None:
+        import socket
+        import subprocess
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ingestd", "kato", "serve", "--port", str(self.port), "--data", data_dir, *extra_args],
+            stderr=subprocess.DEVNULL,
+        )
+
+    def wait_healthy(self, timeout: float = 30.0) -> ServerProcess:
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the engine server exited with code {self.process.returncode}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise TimeoutError(f"the engine server on {self.url} did not become healthy in {timeout:g} s")
+
+    def __enter__(self) -> ServerProcess:
+        return self.wait_healthy()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.process.terminate()
+        self.process.wait()
