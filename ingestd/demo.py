@@ -53,7 +53,7 @@ def run_demo(corpus: Path, paragraphs: int, chunk_size: int, console: Console) -
                     "observations": [{"strings": [token]} for token in sample], "learn_at_end": True}).json()  # fmt: skip
                 requests += 1
                 names = [name for name in answer["auto_learned_patterns"] if name]
-                for start, name in zip(range(0, len(sample), chunk_size), names):
+                for start, name in zip(range(0, len(sample), chunk_size), names, strict=False):
                     learned[name] += 1
                     first_chunk.setdefault(name, sample[start : start + chunk_size])
                 for start in range(0, len(names), chunk_size):

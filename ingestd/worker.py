@@ -74,14 +74,19 @@ class Worker:
         for chunks, planned in batches(level_plan, self.batch_chunks):
             learned = await self.backend.learn(session_id, chunks, metadata=metadata, auto_learn=level.batched)
             if learned != planned:
-                position = next((i for i, (a, b) in enumerate(zip(learned, planned)) if a != b), min(len(learned), len(planned)))
-                raise PlanMismatch(
-                    f"{self.backend.description} learned {learned[position] if position < len(learned) else 'nothing'} "
-                    f"on node {level.node_id} where KATO 3.10.1's rule gives "
-                    f"{planned[position] if position < len(planned) else 'nothing'} (sample {plan.index}, chunk "
-                    f"{chunks[position] if position < len(chunks) else '?'}): the server is not KATO-compatible, "
-                    "or uses another Unicode version for names; stopping before the knowledge base diverges further"
-                )
+                raise PlanMismatch(_mismatch(self.backend.description, level.node_id, plan.index, chunks, learned, planned))
         if metadata:
             # Learn keeps accumulated metadata; clear it so the next sample's patterns get only theirs.
             await self.backend.clear_stm(session_id)
+
+
+def _mismatch(server: str, node_id: str, sample_index: int, chunks: list[list[str]], learned: list[str],
+              planned: list[str]) -> str:  # fmt: skip
+    position = next((i for i, (got, want) in enumerate(zip(learned, planned, strict=False)) if got != want),
+                    min(len(learned), len(planned)))  # fmt: skip
+    got = learned[position] if position < len(learned) else "nothing"
+    want = planned[position] if position < len(planned) else "nothing"
+    chunk = chunks[position] if position < len(chunks) else "?"
+    return (f"{server} learned {got} on node {node_id} where KATO 3.10.1's rule gives {want} (sample {sample_index}, "
+            f"chunk {chunk}): the server is not KATO-compatible, or names patterns under another Unicode version; "
+            "stopping before the knowledge base diverges further")

@@ -179,3 +179,51 @@ def test_local_parquet_and_csv_through_datasets(tmp_path: Path) -> None:
     assert from_parquet["samples"]["learned"] + from_parquet["samples"]["filtered"] == 30
     assert from_parquet["patterns_per_level"] == from_csv["patterns_per_level"]
     assert_refused(run_ingestd(str(tmp_path / "c.parquet"), "--data", str(tmp_path / "x")), "'text'", "content")
+
+
+def test_a_server_that_names_patterns_differently_stops_the_run(jsonl: Path, tmp_path: Path) -> None:
+    """A KATO-like server whose names differ from KATO's rule: the run stops with a clear error."""
+    import threading
+
+    import orjson
+    import uvicorn
+
+    from ingestd.engine import EngineSettings, create_app
+
+    engine_app = create_app(EngineSettings(data_dir=tmp_path / "kb"))
+
+    async def renaming(scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] != "http" or not scope["path"].endswith("/observe-sequence"):
+            await engine_app(scope, receive, send)
+            return
+        start: dict = {}
+
+        async def rewrite(message):  # type: ignore[no-untyped-def]
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            body = orjson.loads(message["body"])
+            body["auto_learned_patterns"] = ["PTRN|" + "0" * 40 for _ in body["auto_learned_patterns"]]
+            body["final_learned_pattern"] = "PTRN|" + "0" * 40
+            content = orjson.dumps(body)
+            headers = [(k, v) for k, v in start["headers"] if k != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(content)).encode())]})
+            await send({"type": "http.response.body", "body": content})
+
+        await engine_app(scope, receive, rewrite)
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(renaming, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        import time
+
+        while not server.started:
+            time.sleep(0.02)
+        result = run_ingestd(str(jsonl), "--kato", f"http://127.0.0.1:{port}")
+        assert_refused(result, "PTRN|" + "0" * 40, "KATO 3.10.1's rule gives", "node0")
+        assert result.returncode == 3
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

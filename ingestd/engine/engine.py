@@ -106,7 +106,7 @@ class Engine:
             now = time.time()
             for session_id in [sid for sid, s in self._sessions.items() if s.expires_at < now]:
                 self._forget(session_id)
-            await self._run(lambda connection: KnowledgeStore.delete_expired_sessions(connection, now))
+            await self._run(lambda connection, now=now: KnowledgeStore.delete_expired_sessions(connection, now))
 
     async def _run(self, job: Any) -> Any:
         return await asyncio.wrap_future(self.store.submit(job))
