@@ -13,21 +13,14 @@ from rich.table import Table
 
 from ingestd.engine.rules import chunk_name
 from ingestd.engine.serve import ServerProcess
+from ingestd.source import Sample, Source, SourceSpec
 from ingestd.tokenize import load_tokenizer
 
 
 def _paragraphs(corpus: Path, limit: int) -> list[str]:
-    """Maximal runs of non-blank lines, longer than 10 characters once stripped."""
-    paragraphs, current = [], []
-    for line in corpus.read_text(encoding="utf-8").split("\n"):
-        if line.strip():
-            current.append(line)
-        elif current:
-            paragraphs.append("\n".join(current))
-            current = []
-    if current:
-        paragraphs.append("\n".join(current))
-    return [p for p in paragraphs if len(p.strip()) > 10][:limit]
+    """The first ``limit`` paragraphs, read as ``ingestd run`` reads a .txt file."""
+    events = Source(SourceSpec(str(corpus))).events(max_samples=limit)
+    return [event.text for event in events if isinstance(event, Sample)]
 
 
 def run_demo(corpus: Path, paragraphs: int, chunk_size: int, console: Console) -> None:
