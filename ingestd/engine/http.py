@@ -111,15 +111,7 @@ def _is_json(content_type: str | None) -> bool:
 
 
 async def _body_model(request: Request, model: type[BaseModel]) -> Any:
-    # Fast path: pydantic parses and validates the JSON bytes in one pass. Anything it refuses is
-    # decided again the way FastAPI does (json.loads, then validation), which yields KATO's exact
-    # 422 bodies; so a valid request is accepted exactly when FastAPI would accept it.
-    raw = await request.body()
-    if raw and _is_json(request.headers.get("content-type")):
-        try:
-            return model.model_validate_json(raw)
-        except ValidationError:
-            pass
+    """The body validated as FastAPI does (json.loads, then the model), with KATO's exact 422 bodies."""
     body = await _json_body(request)
     if body is None:
         raise _missing_body()
@@ -181,6 +173,22 @@ def _quick_observation(item: Any) -> Observation | None:
         if type(symbol) is not str:
             return None
     return Observation(strings, {}, metadata, unique_id)
+
+
+def _quick_sequence(body: Any) -> tuple[list[Observation], dict[str, bool]] | None:
+    """An observe-sequence body in the usual shape, without pydantic; None sends it the full way."""
+    if type(body) is not dict or type(body.get("observations")) is not list:
+        return None
+    flags = {flag: body.get(flag, False) for flag in _FLAGS}
+    if any(type(value) is not bool for value in flags.values()):
+        return None
+    observations = []
+    for item in body["observations"]:
+        observation = _quick_observation(item)
+        if observation is None:
+            return None
+        observations.append(observation)
+    return observations, flags
 
 
 async def _quick_body(request: Request) -> Any:
@@ -254,20 +262,9 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
         return FloatFreeJSONResponse(await engine.observe(request.path_params["session_id"], observation))
 
     async def observe_sequence(request: Request) -> Response:
-        quick = await _quick_body(request)
-        observations: list[Observation] | None = None
-        if type(quick) is dict and type(quick.get("observations")) is list and all(
-            type(quick.get(flag, False)) is bool for flag in _FLAGS
-        ):
-            observations = []
-            for item in quick["observations"]:
-                observation = _quick_observation(item)
-                if observation is None:
-                    observations = None
-                    break
-                observations.append(observation)
-        if observations is not None:
-            flags = {flag: quick.get(flag, False) for flag in _FLAGS}
+        quick = _quick_sequence(await _quick_body(request))
+        if quick is not None:
+            observations, flags = quick
         else:
             body: ObservationSequenceRequest = await _body_model(request, ObservationSequenceRequest)
             observations = [_observation(item) for item in body.observations]
