@@ -14,7 +14,6 @@ node ids. Figures are ratios within this one run; the machine is noisy.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sqlite3
 import tempfile
@@ -24,10 +23,9 @@ from typing import Any
 
 import httpx
 
-from ingestd import Hierarchy, build_config
+from ingestd import Hierarchy, run
 from ingestd.engine.rules import kb_id
 from ingestd.engine.serve import ServerProcess
-from ingestd.pipeline import run_async
 from ingestd.tokenize import load_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "tinyshakespeare.txt"
@@ -81,8 +79,8 @@ def notebook_client(url: str, texts: list[str], prefix: str) -> dict[str, Any]:
 
 def ingestd_run(corpus: Path, prefix: str, workers: int, **options: Any) -> dict[str, Any]:
     hierarchy = Hierarchy.from_chunk_sizes(CHUNKS, METADATA_LEVELS, node_id_template=f"{prefix}-node{{level}}")
-    config = build_config(str(corpus), hierarchy, workers=workers, label="bench", **options)
-    summary = asyncio.run(run_async(config)).as_dict()
+    # The same entry point as ``ingestd run`` (uvloop where installed).
+    summary = run(str(corpus), hierarchy, workers=workers, label="bench", **options).as_dict()
     return {"samples": summary["samples"]["learned"], "tokens": summary["tokens"], "requests": summary["requests"],
             "seconds": summary["wall_seconds"]}  # fmt: skip
 

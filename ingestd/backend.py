@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote
 
-import httpx
+import aiohttp
 import orjson
 
 from ingestd.engine import Engine, EngineSettings
@@ -48,72 +49,82 @@ def _observations(chunk: Sequence[str], metadata: dict[str, Any] | None) -> list
     return observations
 
 
+_JSON_HEADERS = {"content-type": "application/json"}
+
+
 class HttpKato:
     """A KATO server (real, or ``ingestd kato serve``) over HTTP.
 
-    Each session gets a lane: a one-connection ``httpx.AsyncClient`` of its
-    own, kept alive. A pipeline keeps one request in flight per session, so a
-    lane never waits, and since uvicorn hands each connection to one of its
-    workers, one connection per session spreads the load over all of them.
-    (One shared pool of that size costs O(connections) per request in
-    httpcore's pool bookkeeping, which made the client the bottleneck.)
+    One aiohttp connection pool sized to the pipeline's concurrency (one
+    request in flight per session): every concurrent request has a keep-alive
+    connection of its own, and since uvicorn hands each connection to one of
+    its workers, the load spreads over all of them. Idle connections are
+    dropped after 4 s, before uvicorn's 5 s keep-alive timeout closes them.
+
+    Why aiohttp and not httpx here: this is the pipeline's hot path, and on
+    these 2-core machines the client's CPU per request decides throughput.
+    Measured against the engine server (sequential observe-sequence calls):
+    httpx 0.58 ms of client CPU per request, httpcore alone 0.42, aiohttp 0.19.
     """
 
     def __init__(self, url: str, *, connections: int = 32, timeout: float = 120.0) -> None:
         self.url = url.rstrip("/")
         self.description = f"KATO at {self.url}"
         self.requests = 0
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        tls = httpx.create_ssl_context()  # loading CA certificates once, not once per lane
-        self._lanes = [httpx.AsyncClient(base_url=self.url, timeout=timeout, limits=limits, verify=tls)
-                       for _ in range(max(1, connections))]  # fmt: skip
-        self._client = self._lanes[0]
-        self._next_lane = 0
-        self._session_lanes: dict[str, httpx.AsyncClient] = {}
+        self._connections = max(1, connections)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def _client(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            connector = aiohttp.TCPConnector(limit=self._connections, keepalive_timeout=4.0)
+            self._http = aiohttp.ClientSession(self.url, connector=connector, timeout=self._timeout,
+                                               json_serialize=lambda body: orjson.dumps(body).decode())  # fmt: skip
+        return self._http
 
     async def start(self) -> None:
         try:
-            answer = await self._client.get("/health", timeout=10.0)
-        except httpx.HTTPError as error:
+            async with self._client.get("/health", timeout=aiohttp.ClientTimeout(total=10.0)) as answer:
+                status, content_type, raw = answer.status, answer.headers.get("content-type"), await answer.read()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
             raise KatoUnavailable(
                 f"cannot reach KATO at {self.url} ({type(error).__name__}: {error or 'no answer'}): start the server, "
                 "or give its address with --kato http://host:port"
             ) from None
         try:
-            body = answer.json()
-        except ValueError:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
             body = None
-        if answer.status_code != 200 or not isinstance(body, dict) or "status" not in body:
+        if status != 200 or not isinstance(body, dict) or "status" not in body:
             raise KatoUnavailable(
-                f"{self.url} is not a KATO server (GET /health answered {answer.status_code} "
-                f"{answer.headers.get('content-type', 'without a content type')}): check the --kato address"
+                f"{self.url} is not a KATO server (GET /health answered {status} "
+                f"{content_type or 'without a content type'}): check the --kato address"
             )
 
     async def aclose(self) -> None:
-        for lane in self._lanes:
-            await lane.aclose()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
-    async def _call(self, method: str, path: str, body: Any = None, *, session_id: str | None = None) -> Any:
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
         self.requests += 1
         content = None if body is None else orjson.dumps(body)
-        headers = {"content-type": "application/json"} if content is not None else None
-        lane = self._session_lanes.get(session_id, self._client) if session_id else self._client
-        answer = await lane.request(method, path, content=content, headers=headers)
-        if 400 <= answer.status_code < 500:
-            raise KatoRejected(answer.status_code, answer.text[:500])
-        answer.raise_for_status()
-        return orjson.loads(answer.content)
+        headers = _JSON_HEADERS if content is not None else None
+        async with self._client.request(method, path, data=content, headers=headers) as answer:
+            raw = await answer.read()
+            if 400 <= answer.status < 500:
+                raise KatoRejected(answer.status, raw[:500].decode("utf-8", "replace"))
+            answer.raise_for_status()
+        return orjson.loads(raw)
 
     async def create_session(self, node_id: str, config: dict[str, Any]) -> str:
         body = await self._call("POST", "/sessions", {"node_id": node_id, "config": config})
         session_id: str = body["session_id"]
-        self._session_lanes[session_id] = self._lanes[self._next_lane % len(self._lanes)]
-        self._next_lane += 1
         return session_id
 
     async def delete_session(self, session_id: str) -> None:
-        await self._call("DELETE", f"/sessions/{session_id}", session_id=session_id)
-        self._session_lanes.pop(session_id, None)
+        await self._call("DELETE", f"/sessions/{session_id}")
 
     async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
                     auto_learn: bool) -> list[str]:  # fmt: skip
@@ -122,18 +133,16 @@ class HttpKato:
             # Whole chunks back to back: KATO learns each as STM reaches chunk_size; learn_at_end
             # takes a shorter last chunk. A 1-symbol chunk is never sent, so no name is "".
             observations = [{"strings": [symbol]} for chunk in chunks for symbol in chunk]
-            body = await self._call("POST", path, {"observations": observations, "learn_at_end": True},
-                                    session_id=session_id)  # fmt: skip
+            body = await self._call("POST", path, {"observations": observations, "learn_at_end": True})
             return [name for name in body["auto_learned_patterns"] if name]
         names = []
         for chunk in chunks:
-            body = await self._call("POST", path, {"observations": _observations(chunk, metadata), "learn_at_end": True},
-                                    session_id=session_id)  # fmt: skip
+            body = await self._call("POST", path, {"observations": _observations(chunk, metadata), "learn_at_end": True})
             names.append(body["final_learned_pattern"])
         return names
 
     async def clear_stm(self, session_id: str) -> None:
-        await self._call("POST", f"/sessions/{session_id}/clear-stm", session_id=session_id)
+        await self._call("POST", f"/sessions/{session_id}/clear-stm")
 
     async def clear_all(self, node_id: str) -> None:
         session_id = await self.create_session(node_id, {"process_predictions": False})
@@ -141,10 +150,7 @@ class HttpKato:
         await self.delete_session(session_id)
 
     async def get_pattern(self, node_id: str, name: str) -> dict[str, Any] | None:
-        self.requests += 1
-        answer = await self._client.get(f"/pattern/{name.replace('|', '%7C')}", params={"node_id": node_id})
-        answer.raise_for_status()
-        body = answer.json()["pattern"]
+        body = (await self._call("GET", f"/pattern/{name.replace('|', '%7C')}?node_id={quote(node_id)}"))["pattern"]
         return body["pattern"] if body["status"] == "okay" else None
 
 
