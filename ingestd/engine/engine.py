@@ -91,7 +91,7 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
-        await asyncio.to_thread(self.store.close)
+        await self.store.aclose()
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -109,7 +109,7 @@ class Engine:
             await self._run(lambda connection, now=now: KnowledgeStore.delete_expired_sessions(connection, now))
 
     async def _run(self, job: Any) -> Any:
-        return await asyncio.wrap_future(self.store.submit(job))
+        return await self.store.run(job)
 
     # -- sessions ----------------------------------------------------------------
     def _forget(self, session_id: str) -> None:

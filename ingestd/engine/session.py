@@ -129,9 +129,11 @@ class Session:
     def observe(self, observation: Observation, learns: list[Learn]) -> str | None:
         """One observation (§5.1): append the sorted event, auto-learn, advance time, collect."""
         auto_learned = None
-        if observation.strings:
-            self.stm.append(rules.sort_event(observation.strings))
-            auto_learned = self._auto_learn(learns)
+        strings = observation.strings
+        if strings:
+            self.stm.append(rules.sort_event(strings) if len(strings) > 1 else list(strings))
+            if len(self.stm) >= (self.config.get("max_pattern_length") or 0) > 0:
+                auto_learned = self._auto_learn(learns)
         self.time += 1
         if observation.emotives:
             self.emotives_accumulator.append(observation.emotives)
