@@ -11,13 +11,13 @@ Inside a running event loop (Jupyter), use ``await run_async(...)`` instead of `
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import anyio
 
 from ingestd.hierarchy import Hierarchy
 from ingestd.pipeline import RunConfig, RunSummary, run_async
+from ingestd.runtime import loop_options, throughput_gc
 from ingestd.source import SourceSpec
 
 _SOURCE_OPTIONS = ("text_field", "hub_config", "split", "txt_mode", "metadata_fields", "label")
@@ -36,5 +36,5 @@ def build_config(source: str | SourceSpec, hierarchy: Hierarchy, **options: Any)
 def run(source: str | SourceSpec, hierarchy: Hierarchy, **options: Any) -> RunSummary:
     """Learn every sample of ``source`` into ``hierarchy``; blocks until done and returns the summary."""
     config = build_config(source, hierarchy, **options)
-    backend_options = {"use_uvloop": True} if importlib.util.find_spec("uvloop") else {}
-    return anyio.run(run_async, config, backend="asyncio", backend_options=backend_options)
+    with throughput_gc():
+        return anyio.run(run_async, config, **loop_options())

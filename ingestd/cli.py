@@ -129,6 +129,7 @@ def run_command(
     from ingestd.hierarchy import Hierarchy
     from ingestd.logs import configure_logging
     from ingestd.pipeline import RunConfig, run_async
+    from ingestd.runtime import loop_options, throughput_gc
     from ingestd.report import ProgressBar, ProgressLog, summary_table
     from ingestd.source import SourceSpec
 
@@ -153,11 +154,12 @@ def run_command(
                            durability=durability, run_id=run_id, fresh=fresh, skip=skip,  # type: ignore[arg-type]
                            max_samples=max_samples)
         show_bar = sys.stdout.isatty() if progress is None else progress
-        if show_bar:
-            with ProgressBar(console, max_samples) as bar:
-                summary = anyio.run(lambda: run_async(config, on_progress=bar), **_loop_options())
-        else:
-            summary = anyio.run(lambda: run_async(config, on_progress=ProgressLog()), **_loop_options())
+        with throughput_gc():
+            if show_bar:
+                with ProgressBar(console, max_samples) as bar:
+                    summary = anyio.run(lambda: run_async(config, on_progress=bar), **loop_options())
+            else:
+                summary = anyio.run(lambda: run_async(config, on_progress=ProgressLog()), **loop_options())
     except BaseException as error:  # noqa: BLE001 - unwrap task-group errors to the user's problem
         found = _find_ingest_error(error)
         if found is None:
@@ -168,14 +170,6 @@ def run_command(
     console.print(summary_table(result))
     if summary_json is not None:
         summary_json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _loop_options() -> dict[str, Any]:
-    import importlib.util
-
-    if importlib.util.find_spec("uvloop") is not None:
-        return {"backend": "asyncio", "backend_options": {"use_uvloop": True}}
-    return {"backend": "asyncio"}
 
 
 @kato_app.command("demo")

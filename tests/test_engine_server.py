@@ -209,6 +209,41 @@ def test_trace_and_session_headers(client: httpx.Client) -> None:
     assert "x-session-id" not in client.get(f"/sessions/{session}").headers
 
 
+@pytest.mark.parametrize("action", ["observe-sequence", "observe", "clear-stm"])
+def test_hot_calls_answer_as_the_full_app_does(client: httpx.Client, action: str) -> None:
+    """The short way in for training calls: same body and headers as through the middleware."""
+    bodies = {"observe-sequence": {"observations": [{"strings": ["a"]}, {"strings": ["b"]}], "learn_at_end": True},
+              "observe": {"strings": ["a"]}, "clear-stm": None}  # fmt: skip
+    answers = []
+    node_id = node("hot")
+    for headers in ({"X-Trace-ID": "t-1"}, {"X-Trace-ID": "t-1", "Origin": "http://example.org"}):
+        session = create(client, node_id)
+        answers.append(client.post(f"/sessions/{session}/{action}", json=bodies[action], headers=headers))
+        assert answers[-1].headers["x-session-id"] == session
+    plain, with_origin = answers  # an Origin header takes the full app (CORS), the other the short way
+    assert plain.status_code == with_origin.status_code == 200
+    assert "access-control-allow-origin" in with_origin.headers and "access-control-allow-origin" not in plain.headers
+    assert [key for key in plain.headers if key not in ("date", "content-length")] == [
+        key for key in with_origin.headers if key not in ("date", "content-length", "vary") and not key.startswith("access-")
+    ]
+    assert plain.headers["x-trace-id"] == "t-1"
+    mask = {"session_id", "unique_id", "results"}
+    assert {k: v for k, v in plain.json().items() if k not in mask} == {
+        k: v for k, v in with_origin.json().items() if k not in mask
+    }
+
+
+def test_hot_calls_with_bad_bodies_get_kato_errors(client: httpx.Client) -> None:
+    session = create(client, node("hot-errors"))
+    bad = client.post(f"/sessions/{session}/observe-sequence", json={"observations": [{"strings": [1]}]})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][:3] == ["body", "observations", 0]
+    assert client.post(f"/sessions/{session}/observe", content=b"{", headers={"content-type": "application/json"}).status_code == 422
+    missing = client.post("/sessions/session-00000000000000000000000000000000-0/observe-sequence",
+                          json={"observations": []})  # fmt: skip
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "SESSION_NOT_FOUND"
+    assert client.get(f"/sessions/{session}/stm").json()["stm"] == []
+
+
 def test_sessions_and_kb_survive_a_restart(fresh_server: EngineServer) -> None:
     with httpx.Client(base_url=fresh_server.url, timeout=30.0) as client:
         session = create(client, "restart")

@@ -9,6 +9,7 @@ import uvicorn
 
 from ingestd.engine.http import create_app
 from ingestd.engine.settings import ServerSettings
+from ingestd.runtime import throughput_gc
 
 
 def serve(settings: ServerSettings) -> None:
@@ -30,7 +31,8 @@ def serve(settings: ServerSettings) -> None:
         file=sys.stderr,
         flush=True,
     )
-    server.run()
+    with throughput_gc():
+        server.run()
 
 
 class ServerProcess:
