@@ -336,3 +336,25 @@ def test_unknown_routes_and_methods(client: httpx.Client) -> None:
     answer = client.delete("/health")
     assert answer.status_code == 405 and answer.json() == {"detail": "Method Not Allowed"}
     assert json.loads(client.get("/").content)["version"] == "3.10.1"
+
+
+def test_a_keyed_call_is_applied_once_even_across_restarts(fresh_server: EngineServer) -> None:
+    """ingestd's Idempotency-Key extension: a resent observe-sequence is answered, not re-applied."""
+    body = {"observations": [{"strings": ["k"]}, {"strings": ["v"]}], "learn_at_end": True}
+    with httpx.Client(base_url=fresh_server.url, timeout=30.0) as client:
+        session = create(client, "keyed")
+        first = client.post(f"/sessions/{session}/observe-sequence", json=body, headers={"Idempotency-Key": "run:7:0:0"})
+        again = client.post(f"/sessions/{session}/observe-sequence", json=body, headers={"Idempotency-Key": "run:7:0:0"})
+        name = first.json()["final_learned_pattern"]
+        assert "idempotent_replay" not in first.json()
+        assert again.json()["idempotent_replay"] is True and again.json()["final_learned_pattern"] == name
+        assert frequency(client, "keyed", name) == 1
+    fresh_server.stop()
+    fresh_server.start()
+    with httpx.Client(base_url=fresh_server.url, timeout=30.0) as client:
+        other = create(client, "keyed")  # a recreated session: the key still holds
+        replay = client.post(f"/sessions/{other}/observe-sequence", json=body, headers={"Idempotency-Key": "run:7:0:0"})
+        assert replay.json()["auto_learned_patterns"] == [name]
+        unkeyed = client.post(f"/sessions/{other}/observe-sequence", json=body)
+        assert unkeyed.json()["final_learned_pattern"] == name
+        assert frequency(client, "keyed", name) == 2

@@ -13,7 +13,7 @@ import contextlib
 import time
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -67,6 +67,7 @@ class Engine:
         )
         self._sessions: dict[str, Session] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._keys_running: dict[str, asyncio.Event] = {}
         self._started_at = time.time()
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -107,6 +108,8 @@ class Engine:
             for session_id in [sid for sid, s in self._sessions.items() if s.expires_at < now]:
                 self._forget(session_id)
             await self._run(lambda connection, now=now: KnowledgeStore.delete_expired_sessions(connection, now))
+            before = now - self.settings.idempotency_ttl
+            await self._run(lambda connection, before=before: KnowledgeStore.forget_applied(connection, before))
 
     async def _run(self, job: Any) -> Any:
         return await self.store.run(job)
@@ -133,14 +136,39 @@ class Engine:
             return False
         return True
 
+    @contextlib.asynccontextmanager
+    async def _once(self, key: str | None) -> AsyncIterator[Any]:
+        """Run a keyed call at most once: yields the outcome recorded for ``key`` (replay), or None.
+
+        Calls with the same key are serialised (a retry that arrives while the original is still
+        being applied waits for it), whichever session they use.
+        """
+        if key is None:
+            yield None
+            return
+        while (running := self._keys_running.get(key)) is not None:
+            await running.wait()
+        done = self._keys_running[key] = asyncio.Event()
+        try:
+            # A primary-key read of committed state: a same-key call still being applied holds the event.
+            yield self.store.read(lambda connection: KnowledgeStore.applied_outcome(connection, key))
+        finally:
+            del self._keys_running[key]
+            done.set()
+
     def _lock(self, session_id: str) -> asyncio.Lock:
         lock = self._locks.get(session_id)
         if lock is None:
             lock = self._locks[session_id] = asyncio.Lock()
         return lock
 
-    async def _write(self, draft: Session, learns: Sequence[Learn] = (), *, clear_kb: bool = False) -> None:
-        """Persist a session's new state with its learns in one transaction, then make it current."""
+    async def _write(self, draft: Session, learns: Sequence[Learn] = (), *, clear_kb: bool = False,
+                     applied: tuple[str, Any] | None = None) -> None:  # fmt: skip
+        """Persist a session's new state with its learns in one transaction, then make it current.
+
+        ``applied`` = (idempotency key, outcome) is recorded in the same transaction, so a call is
+        either applied and remembered, or neither.
+        """
         draft.expires_at = time.time() + draft.ttl_seconds
         draft.enforce_limits()
         document = draft.to_document()
@@ -152,6 +180,8 @@ class Engine:
             if learns:
                 store.apply_learns(connection, learns)
             store.save_session(connection, document)
+            if applied is not None:
+                store.record_applied(connection, applied[0], applied[1], time.time())
 
         await self._run(job)
         if draft.session_id in self._sessions:  # not deleted while we were writing
@@ -278,11 +308,27 @@ class Engine:
         learn_after_each: bool = False,
         learn_at_end: bool = False,
         clear_stm_between: bool = False,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
-        """KATO's observe-sequence (§5.9), applied atomically: all of it is stored, or nothing."""
-        async with self._lock(session_id):
+        """KATO's observe-sequence (§5.9), applied atomically: all of it is stored, or nothing.
+
+        With an ``idempotency_key`` (an ingestd extension; KATO ignores the header), a call whose
+        key was already applied is not applied again: the answer then says
+        ``"idempotent_replay": true`` and carries the names learned the first time, with no
+        per-observation results.
+        """
+        async with self._once(idempotency_key) as replay, self._lock(session_id):
             session = self.live_session(session_id)
             initial_length = len(session.stm)
+            if replay is not None:
+                return {
+                    "status": "completed", "processor_id": session.node_id,
+                    "observations_processed": len(observations), "initial_stm_length": initial_length,
+                    "final_stm_length": initial_length, "results": [],
+                    "auto_learned_patterns": replay["auto_learned_patterns"],
+                    "final_learned_pattern": replay["final_learned_pattern"], "isolated": clear_stm_between,
+                    "idempotent_replay": True,
+                }  # fmt: skip
             if not observations:
                 return {
                     "status": "completed", "processor_id": session.node_id, "observations_processed": 0,
@@ -317,7 +363,8 @@ class Engine:
                 final_learned = draft.learn(learns)
                 auto_learned_patterns.append(final_learned)
             final_length = len(draft.stm)  # reported before the 1000-event trim, as KATO does
-            await self._write(draft, learns)
+            outcome = {"auto_learned_patterns": auto_learned_patterns, "final_learned_pattern": final_learned}
+            await self._write(draft, learns, applied=None if idempotency_key is None else (idempotency_key, outcome))
         return {
             "status": "completed",
             "processor_id": draft.node_id,
@@ -331,14 +378,19 @@ class Engine:
         }
 
     async def learn_chunks(
-        self, session_id: str, chunks: Sequence[Sequence[str]], metadata: dict[str, Any] | None = None
-    ) -> list[str]:
+        self, session_id: str, chunks: Sequence[Sequence[str]], metadata: dict[str, Any] | None = None,
+        *, idempotency_key: str | None = None,
+    ) -> list[str]:  # fmt: skip
         """In-process shortcut (not a KATO endpoint) with exactly the effect of, per chunk, one
         ``observe-sequence`` of its symbols, one per event (``metadata`` on the first), with
         ``learn_at_end``: every name learned, in order (``""`` where a learn stored nothing).
         It skips building KATO's per-observation response, and stores everything in one transaction.
+        A call whose ``idempotency_key`` was already applied returns the names of that time, applying nothing.
         """
-        async with self._lock(session_id):
+        async with self._once(idempotency_key) as replay, self._lock(session_id):
+            if replay is not None:
+                self.live_session(session_id)
+                return list(replay)
             draft = self.live_session(session_id).copy()
             learns: list[Learn] = []
             names: list[str] = []
@@ -351,7 +403,7 @@ class Engine:
                         names.append(auto_learned)
                 if draft.stm:
                     names.append(draft.learn(learns))
-            await self._write(draft, learns)
+            await self._write(draft, learns, applied=None if idempotency_key is None else (idempotency_key, names))
         return names
 
     async def learn(self, session_id: str) -> dict[str, Any]:

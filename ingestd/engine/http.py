@@ -278,7 +278,8 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
             observations = [_observation(item) for item in body.observations]
             flags = {flag: getattr(body, flag) for flag in _FLAGS}
         return FloatFreeJSONResponse(
-            await engine.observe_sequence(request.path_params["session_id"], observations, **flags)
+            await engine.observe_sequence(request.path_params["session_id"], observations, **flags,
+                                          idempotency_key=request.headers.get("idempotency-key"))  # fmt: skip
         )
 
     async def learn(request: Request) -> Response:
@@ -495,7 +496,7 @@ class HotPaths:
         if len(parts) != 4 or parts[1] != "sessions" or parts[3] not in self._HOT or scope.get("root_path"):
             await self.app(scope, receive, send)
             return
-        trace_id = content_type = None
+        trace_id = content_type = idempotency_key = None
         for name, value in scope["headers"]:
             if name == b"origin" or (name == b"content-length" and (not value.isdigit() or int(value) > self.max_body_bytes)):
                 await self.app(scope, receive, send)
@@ -504,6 +505,8 @@ class HotPaths:
                 trace_id = value
             elif name == b"content-type":
                 content_type = value
+            elif name == b"idempotency-key":
+                idempotency_key = value.decode("latin-1")
         body = bytearray()
         while True:
             message = await receive()
@@ -515,7 +518,7 @@ class HotPaths:
                 return
             if not message.get("more_body", False):
                 break
-        response = await self._answer(parts[2], parts[3], bytes(body), content_type)
+        response = await self._answer(parts[2], parts[3], bytes(body), content_type, idempotency_key)
         if response is None:
             await self.app(scope, _replay(bytes(body), receive), send)
             return
@@ -523,7 +526,8 @@ class HotPaths:
                                  (b"x-session-id", parts[2].encode())]  # fmt: skip
         await response(scope, receive, send)
 
-    async def _answer(self, session_id: str, action: str, raw: bytes, content_type: bytes | None) -> Response | None:
+    async def _answer(self, session_id: str, action: str, raw: bytes, content_type: bytes | None,
+                      idempotency_key: str | None) -> Response | None:  # fmt: skip
         engine = self.engine
         if not engine.session_exists(session_id):
             return None
@@ -547,7 +551,9 @@ class HotPaths:
             quick = _quick_sequence(body)
             if quick is None:
                 return None
-            return FloatFreeJSONResponse(await engine.observe_sequence(session_id, quick[0], **quick[1]))
+            return FloatFreeJSONResponse(
+                await engine.observe_sequence(session_id, quick[0], **quick[1], idempotency_key=idempotency_key)
+            )
         except (SessionNotFound, KatoError):  # nothing was applied; the full app gives the error answer
             return None
 

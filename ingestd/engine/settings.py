@@ -26,6 +26,10 @@ class EngineSettings(BaseModel):
     persistence: int = Field(default=5, ge=1, le=100, description="KATO's PERSISTENCE: emotives kept per pattern.")
     session_ttl: int = Field(default=3600, ge=1, description="KATO's SESSION_TTL in seconds.")
     sweep_interval: float = Field(default=60.0, gt=0, description="Seconds between purges of expired sessions.")
+    idempotency_ttl: float = Field(
+        default=7 * 24 * 3600.0, gt=0,
+        description="Seconds an Idempotency-Key is remembered (a call resent with it within that time is not re-applied).",
+    )
 
 
 class ServerSettings(EngineSettings):

@@ -50,6 +50,11 @@ CREATE TABLE IF NOT EXISTS sessions (
     document BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_by_expiry ON sessions (expires_at);
+CREATE TABLE IF NOT EXISTS applied (
+    key TEXT PRIMARY KEY,
+    outcome BLOB NOT NULL,
+    applied_at REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 _EMPTY_LIST = b"[]"
@@ -69,6 +74,7 @@ class KnowledgeStore:
         self.synchronous = synchronous
         self.persistence = persistence
         self._connection: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
         self._pending: list[tuple[Job, asyncio.Future[Any]]] = []
         self._busy = False  # a group is scheduled or committing
         self._idle: asyncio.Event | None = None
@@ -79,6 +85,8 @@ class KnowledgeStore:
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._connection = self._connect()  # fail here, in the caller, if the file is unusable
+        self._reader = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                       check_same_thread=False)  # fmt: skip
         if self.synchronous == "FULL":
             self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kato-sync")
 
@@ -105,6 +113,9 @@ class KnowledgeStore:
         except sqlite3.Error:
             pass
         connection.close()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._syncer is not None:
             self._syncer.shutdown()
 
@@ -119,6 +130,12 @@ class KnowledgeStore:
             self._busy = True
             loop.call_soon(self._start_group)  # after the other callbacks of this turn have queued theirs
         return await future
+
+    def read(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a short read-only ``job`` now, on the loop, against what is committed (WAL snapshot)."""
+        if self._reader is None:
+            raise StoreClosed("the knowledge store is closed")
+        return job(self._reader)
 
     def _start_group(self) -> None:
         group, self._pending = self._pending[:_MAX_GROUP], self._pending[_MAX_GROUP:]
@@ -221,6 +238,19 @@ class KnowledgeStore:
             "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)",
             (document["session_id"], document["expires_at"], orjson.dumps(document)),
         )
+
+    @staticmethod
+    def record_applied(connection: sqlite3.Connection, key: str, outcome: Any, now: float) -> None:
+        connection.execute("INSERT OR REPLACE INTO applied VALUES (?, ?, ?)", (key, orjson.dumps(outcome), now))
+
+    @staticmethod
+    def applied_outcome(connection: sqlite3.Connection, key: str) -> Any:
+        row = connection.execute("SELECT outcome FROM applied WHERE key = ?", (key,)).fetchone()
+        return None if row is None else orjson.loads(row[0])
+
+    @staticmethod
+    def forget_applied(connection: sqlite3.Connection, before: float) -> int:
+        return connection.execute("DELETE FROM applied WHERE applied_at < ?", (before,)).rowcount
 
     @staticmethod
     def load_session(connection: sqlite3.Connection, session_id: str) -> dict[str, Any] | None:
