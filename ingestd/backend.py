@@ -21,8 +21,8 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from ingestd.engine import Engine, EngineSettings
-from ingestd.errors import KatoRejected, KatoUnavailable
+from ingestd.engine import Engine, EngineSettings, SessionNotFound
+from ingestd.errors import Ambiguous, KatoRejected, KatoUnavailable, ServerDown, SessionLost
 
 
 class KatoBackend(Protocol):
@@ -30,13 +30,15 @@ class KatoBackend(Protocol):
 
     requests: int
     description: str
+    exactly_once: bool  # a resent keyed call is applied once
 
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
     async def create_session(self, node_id: str, config: dict[str, Any]) -> str: ...
     async def delete_session(self, session_id: str) -> None: ...
     async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
-                    auto_learn: bool) -> list[str]: ...  # fmt: skip
+                    auto_learn: bool, key: str | None = None) -> list[str]: ...  # fmt: skip
+    async def healthy(self) -> bool: ...
     async def clear_stm(self, session_id: str) -> None: ...
     async def clear_all(self, node_id: str) -> None: ...
     async def get_pattern(self, node_id: str, name: str) -> dict[str, Any] | None: ...
@@ -71,6 +73,7 @@ class HttpKato:
         self.url = url.rstrip("/")
         self.description = f"KATO at {self.url}"
         self.requests = 0
+        self.exactly_once = False  # learned from the first keyed answer: does the server honour Idempotency-Key?
         self._connections = max(1, connections)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._http: aiohttp.ClientSession | None = None
@@ -107,16 +110,42 @@ class HttpKato:
             await self._http.close()
             self._http = None
 
-    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+    async def _call(self, method: str, path: str, body: Any = None, *, key: str | None = None) -> Any:
+        """One request; failures are raised as what they mean for a resend (see :mod:`ingestd.errors`)."""
         self.requests += 1
         content = None if body is None else orjson.dumps(body)
-        headers = _JSON_HEADERS if content is not None else None
-        async with self._client.request(method, path, data=content, headers=headers) as answer:
-            raw = await answer.read()
-            if 400 <= answer.status < 500:
-                raise KatoRejected(answer.status, raw[:500].decode("utf-8", "replace"))
-            answer.raise_for_status()
-        return orjson.loads(raw)
+        headers = _JSON_HEADERS if key is None else {**_JSON_HEADERS, "idempotency-key": key}
+        try:
+            async with self._client.request(method, path, data=content, headers=headers) as answer:
+                raw = await answer.read()
+                status = answer.status
+                if key is not None and status == 200:
+                    self.exactly_once = "idempotency-key" in answer.headers
+        except aiohttp.ClientConnectorError as error:  # never connected: nothing was sent
+            raise ServerDown(f"cannot connect ({error.os_error or error})") from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as error:
+            raise Ambiguous(f"connection lost ({type(error).__name__})") from None
+        except TimeoutError:
+            raise Ambiguous(f"no answer within {self._timeout.total:g} s") from None
+        if status == 200:
+            return orjson.loads(raw)
+        if status in (502, 503, 504):
+            raise ServerDown(f"{method} {path} answered {status}")
+        text = raw[:500].decode("utf-8", "replace")
+        if status == 404 and b"SESSION_NOT_FOUND" in raw[:200]:
+            raise SessionLost(path.split("/")[2])
+        if 400 <= status < 500:
+            raise KatoRejected(status, text)
+        raise Ambiguous(f"{method} {path} answered {status}: {text}")
+
+    async def healthy(self) -> bool:
+        """Whether ``GET /health`` answers 200 now."""
+        try:
+            async with self._client.get("/health", timeout=aiohttp.ClientTimeout(total=5.0)) as answer:
+                await answer.read()
+                return answer.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
 
     async def create_session(self, node_id: str, config: dict[str, Any]) -> str:
         body = await self._call("POST", "/sessions", {"node_id": node_id, "config": config})
@@ -127,19 +156,21 @@ class HttpKato:
         await self._call("DELETE", f"/sessions/{session_id}")
 
     async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
-                    auto_learn: bool) -> list[str]:  # fmt: skip
+                    auto_learn: bool, key: str | None = None) -> list[str]:  # fmt: skip
+        """One ``observe-sequence`` call. ``key`` goes out as ``Idempotency-Key`` (the embedded engine
+        applies a resent call once; KATO ignores the header)."""
         path = f"/sessions/{session_id}/observe-sequence"
         if auto_learn:
             # Whole chunks back to back: KATO learns each as STM reaches chunk_size; learn_at_end
             # takes a shorter last chunk. A 1-symbol chunk is never sent, so no name is "".
             observations = [{"strings": [symbol]} for chunk in chunks for symbol in chunk]
-            body = await self._call("POST", path, {"observations": observations, "learn_at_end": True})
+            body = await self._call("POST", path, {"observations": observations, "learn_at_end": True}, key=key)
             return [name for name in body["auto_learned_patterns"] if name]
-        names = []
-        for chunk in chunks:
-            body = await self._call("POST", path, {"observations": _observations(chunk, metadata), "learn_at_end": True})
-            names.append(body["final_learned_pattern"])
-        return names
+        if len(chunks) != 1:
+            raise ValueError("a level without auto-learn is sent one chunk per call")
+        body = await self._call("POST", path, {"observations": _observations(chunks[0], metadata), "learn_at_end": True},
+                                key=key)  # fmt: skip
+        return [body["final_learned_pattern"]]
 
     async def clear_stm(self, session_id: str) -> None:
         await self._call("POST", f"/sessions/{session_id}/clear-stm")
@@ -161,6 +192,7 @@ class EmbeddedKato:
         self.engine = Engine(settings)
         self.description = f"embedded engine on {Path(settings.data_dir).resolve()}"
         self.requests = 0
+        self.exactly_once = True
 
     async def start(self) -> None:
         try:
@@ -183,13 +215,22 @@ class EmbeddedKato:
         await self.engine.delete_session(session_id)
 
     async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
-                    auto_learn: bool) -> list[str]:  # fmt: skip
+                    auto_learn: bool, key: str | None = None) -> list[str]:  # fmt: skip
         self.requests += 1
-        return await self.engine.learn_chunks(session_id, chunks, metadata)
+        try:
+            return await self.engine.learn_chunks(session_id, chunks, metadata, idempotency_key=key)
+        except SessionNotFound as lost:
+            raise SessionLost(lost.session_id) from None
+
+    async def healthy(self) -> bool:
+        return True
 
     async def clear_stm(self, session_id: str) -> None:
         self.requests += 1
-        await self.engine.clear_stm(session_id)
+        try:
+            await self.engine.clear_stm(session_id)
+        except SessionNotFound as lost:
+            raise SessionLost(lost.session_id) from None
 
     async def clear_all(self, node_id: str) -> None:
         session_id = await self.create_session(node_id, {"process_predictions": False})

@@ -100,7 +100,12 @@ def run_command(
     metadata_levels: Annotated[Optional[str], typer.Option(help="Levels whose patterns get the sample's metadata, e.g. 2,3.")] = None,
     node_ids: Annotated[str, typer.Option(help="Node id template; {level} and {run_id} are filled in.")] = "node{level}",
     run_id: Annotated[str, typer.Option(help="Run name, available to --node-ids as {run_id}.")] = "",
-    fresh: Annotated[bool, typer.Option("--fresh", help="clear-all every node's knowledge base first.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="clear-all every node's knowledge base and the run's progress first.")] = False,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Progress and failed.jsonl (default: <data>/runs/<run id>, or ingestd-runs/<run id> with --kato). A run resumes from it.")] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Only redo the samples this run recorded as failed (failed.jsonl).")] = False,
+    patience: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for a KATO that is down, per outage.")] = 600.0,
+    request_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for one answer before resending.")] = 120.0,
+    drain_timeout: Annotated[float, typer.Option(min=0.1, help="After SIGINT/SIGTERM, seconds for in-flight samples.")] = 30.0,
     text_field: Annotated[Optional[str], typer.Option(help="Field with the text (default: the dataset's, else 'text').")] = None,
     metadata_fields: Annotated[Optional[str], typer.Option(help="Record fields added to the metadata, e.g. url,timestamp.")] = None,
     source_label: Annotated[Optional[str], typer.Option(help="metadata 'source' (default: dataset key or file name).")] = None,
@@ -129,6 +134,7 @@ def run_command(
     from ingestd.hierarchy import Hierarchy
     from ingestd.logs import configure_logging
     from ingestd.pipeline import RunConfig, run_async
+    from ingestd.retry import RetryPolicy
     from ingestd.runtime import loop_options, throughput_gc
     from ingestd.report import ProgressBar, ProgressLog, summary_table
     from ingestd.source import SourceSpec
@@ -152,14 +158,17 @@ def run_command(
         config = RunConfig(source=spec, hierarchy=hierarchy, tokenizer=tokenizer, workers=workers,
                            batch_chunks=batch_chunks, batching=batching, kato_url=kato, data_dir=data,
                            durability=durability, run_id=run_id, fresh=fresh, skip=skip,  # type: ignore[arg-type]
-                           max_samples=max_samples)
+                           max_samples=max_samples, run_dir=run_dir, retry_failed=retry_failed,
+                           drain_timeout=drain_timeout,
+                           retry=RetryPolicy(patience=patience, request_timeout=request_timeout))
         show_bar = sys.stdout.isatty() if progress is None else progress
         with throughput_gc():
             if show_bar:
                 with ProgressBar(console, max_samples) as bar:
-                    summary = anyio.run(lambda: run_async(config, on_progress=bar), **loop_options())
+                    summary = anyio.run(lambda: run_async(config, on_progress=bar, handle_signals=True), **loop_options())
             else:
-                summary = anyio.run(lambda: run_async(config, on_progress=ProgressLog()), **loop_options())
+                summary = anyio.run(lambda: run_async(config, on_progress=ProgressLog(), handle_signals=True),
+                                    **loop_options())
     except BaseException as error:  # noqa: BLE001 - unwrap task-group errors to the user's problem
         found = _find_ingest_error(error)
         if found is None:

@@ -26,3 +26,31 @@ class KatoRejected(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"KATO answered {status}: {message}")
         self.status = status
+
+
+class Transient(Exception):
+    """A failed KATO call that is worth sending again; ``cause`` names the kind for metrics and logs."""
+
+    cause = "transient"
+
+
+class ServerDown(Transient):
+    """The server refused the connection or answered 502/503/504: the request was not applied."""
+
+    cause = "server_down"
+
+
+class SessionLost(Transient):
+    """404 SESSION_NOT_FOUND: the session expired or the server lost it; nothing was applied."""
+
+    cause = "session_lost"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id} not found or expired")
+        self.session_id = session_id
+
+
+class Ambiguous(Transient):
+    """The request may have been applied (timeout, connection dropped after sending, 500)."""
+
+    cause = "ambiguous"

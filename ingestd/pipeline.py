@@ -7,6 +7,7 @@ stays flat however large the corpus.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ingestd.backend import EmbeddedKato, HttpKato, KatoBackend
 from ingestd.engine import EngineSettings
 from ingestd.errors import KatoRejected
+from ingestd.progress import Progress, fingerprint
+from ingestd.retry import RetryPolicy, ServerWatch
 from ingestd.hierarchy import Hierarchy
 from ingestd.plan import SamplePlan, plan_levels
 from ingestd.source import BadRecord, Filtered, Sample, Source, SourceEvent, SourceSpec
@@ -50,9 +53,24 @@ class RunConfig(BaseModel):
     max_samples: int | None = Field(default=None, ge=0)
     read_batch: int = Field(default=64, ge=1, description="Samples read, tokenized and planned per thread hop.")
     queue_size: int | None = Field(default=None, ge=1, description="Planned samples waiting; default 4 per worker.")
+    retry: RetryPolicy = RetryPolicy()
+    run_dir: Path | None = Field(default=None, description="Progress and dead letters; default under runs/.")
+    retry_failed: bool = Field(default=False, description="Only redo the samples this run recorded as failed.")
+    drain_timeout: float = Field(default=30.0, gt=0, description="After SIGINT/SIGTERM, seconds for in-flight samples.")
 
     def node_ids(self) -> list[str]:
         return self.hierarchy.node_ids(self.run_id)
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the knowledge base; fingerprinted so a run directory never mixes two configurations."""
+        return {"source": self.source.describe(), "tokenizer": self.tokenizer,
+                "hierarchy": self.hierarchy.describe(self.run_id)}  # fmt: skip
+
+    def resolved_run_dir(self) -> Path:
+        if self.run_dir is not None:
+            return self.run_dir
+        base = self.data_dir / "runs" if self.kato_url is None else Path("ingestd-runs")
+        return base / (self.run_id or fingerprint(self.identity())[:16])
 
 
 @dataclass
@@ -68,6 +86,12 @@ class RunStats:
     patterns_per_level: list[int] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     requests: int = 0
+    skipped: int = 0  # learned by an earlier run (or, with --retry-failed, not among its failures)
+    retries: dict[str, int] = field(default_factory=dict)
+    session_recreations: int = 0
+    server_outages: int = 0
+    possible_duplicates: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
     started: float = field(default_factory=time.perf_counter)
     finished: float | None = None
 
@@ -84,6 +108,23 @@ class RunStats:
             self.failures.append({"sample_index": index, "reason": reason})
         log.warning("sample failed", sample_index=index, reason=reason)
 
+    # -- what workers report while getting calls through (see ingestd.retry) --
+    def retried(self, cause: str, sample_index: int, detail: str) -> None:
+        self.retries[cause] = self.retries.get(cause, 0) + 1
+        log.warning("retrying a KATO call", cause=cause, sample_index=sample_index, detail=detail)
+
+    def session_recreated(self, node_id: str) -> None:
+        self.session_recreations += 1
+        log.warning("session recreated", node_id=node_id)
+
+    def server_outage(self) -> None:
+        self.server_outages += 1
+
+    def possible_duplicate(self, sample_index: int, node_id: str) -> None:
+        self.possible_duplicates.append({"sample_index": sample_index, "node_id": node_id})
+        log.warning("possible duplicate: a resent call may have been applied twice by a server without "
+                    "idempotency keys", sample_index=sample_index, node_id=node_id)  # fmt: skip
+
 
 @dataclass
 class RunSummary:
@@ -95,7 +136,13 @@ class RunSummary:
         elapsed = stats.elapsed
         return {
             "samples": {"read": stats.samples_read, "learned": stats.samples_learned,
-                        "filtered": stats.samples_filtered, "failed": stats.samples_failed},
+                        "filtered": stats.samples_filtered, "failed": stats.samples_failed,
+                        "skipped": stats.skipped},
+            "stopped_early": stats.stopped_early,
+            "recovery": {"retries": stats.retries, "session_recreations": stats.session_recreations,
+                         "server_outages": stats.server_outages,
+                         "possible_duplicates": len(stats.possible_duplicates),
+                         "possible_duplicate_samples": stats.possible_duplicates[:1000]},
             "tokens": stats.tokens,
             "patterns_per_level": stats.patterns_per_level,
             "requests": stats.requests,
@@ -111,7 +158,7 @@ class RunSummary:
 def make_backend(config: RunConfig) -> KatoBackend:
     if config.kato_url:
         connections = config.workers * max(1, len(config.hierarchy.levels))
-        return HttpKato(config.kato_url, connections=connections)
+        return HttpKato(config.kato_url, connections=connections, timeout=config.retry.request_timeout)
     return EmbeddedKato(EngineSettings(data_dir=config.data_dir, durability=config.durability))
 
 
@@ -135,51 +182,91 @@ def _plan_batch(samples: list[Sample], tokenizer: Tokenizer, chunk_sizes: list[i
 
 class Pipeline:
     def __init__(self, config: RunConfig, *, on_progress: Callable[[RunStats], None] | None = None,
-                 progress_interval: float = 0.5) -> None:  # fmt: skip
+                 progress_interval: float = 0.5, handle_signals: bool = False) -> None:  # fmt: skip
         config.hierarchy.validate_usable()
         self.config = config
         self.stats = RunStats(levels=len(config.hierarchy.levels))
         self.on_progress = on_progress
         self.progress_interval = progress_interval
+        self.handle_signals = handle_signals
+        self.stopping = False
+        self._intake = anyio.CancelScope()  # the producer: cancelled when a signal says stop
+        self._workers = anyio.CancelScope()  # the workers: cancelled after the drain timeout
 
     def describe(self) -> dict[str, Any]:
         config = self.config
         return {"source": config.source.describe(), "tokenizer": config.tokenizer,
                 "hierarchy": config.hierarchy.describe(config.run_id), "workers": config.workers,
                 "batching": config.batching, "batch_chunks": config.batch_chunks,
-                "backend": config.kato_url or f"embedded:{config.data_dir}"}  # fmt: skip
+                "backend": config.kato_url or f"embedded:{config.data_dir}",
+                "run_dir": str(config.resolved_run_dir())}  # fmt: skip
 
     async def run(self) -> RunSummary:
         """Validate everything that can be checked up front, then learn the whole source."""
         config = self.config
         source = await anyio.to_thread.run_sync(Source, config.source)
         tokenizer = await anyio.to_thread.run_sync(load_tokenizer, config.tokenizer)
+        progress = Progress(config.resolved_run_dir(), config.identity(), source.label)
+        progress.open(fresh=config.fresh)
         backend = make_backend(config)
-        await backend.start()
         try:
+            await backend.start()
             node_ids = config.node_ids()
             if config.fresh:
                 for node_id in node_ids:
                     await backend.clear_all(node_id)
+            if progress.interrupted:
+                log.warning("resuming: samples were in flight when the last run stopped; they are redone",
+                            samples=progress.interrupted[:100], count=len(progress.interrupted))  # fmt: skip
             setups = level_setups(config.hierarchy, node_ids, batching=config.batching)
+            watch = ServerWatch(backend.healthy, backend.description, config.retry, self.stats.server_outage)
             queue_size = config.queue_size or 4 * config.workers
             send, receive = anyio.create_memory_object_stream[SamplePlan](max_buffer_size=queue_size)
             async with anyio.create_task_group() as group:
                 if self.on_progress is not None:
                     group.start_soon(self._report, backend)
-                async with anyio.create_task_group() as pipeline:
-                    pipeline.start_soon(self._produce, source, tokenizer, send)
-                    for _ in range(config.workers):
-                        pipeline.start_soon(self._work, Worker(backend, setups, config.batch_chunks), receive.clone())
-                    receive.close()
+                if self.handle_signals:
+                    group.start_soon(self._watch_signals)
+                with self._workers:
+                    async with anyio.create_task_group() as pipeline:
+                        pipeline.start_soon(self._produce, source, tokenizer, progress, send)
+                        for _ in range(config.workers):
+                            worker = Worker(backend, setups, config.batch_chunks, policy=config.retry, watch=watch,
+                                            recovery=self.stats, key_prefix=progress.fingerprint[:16])  # fmt: skip
+                            pipeline.start_soon(self._work, worker, progress, receive.clone())
+                        receive.close()
                 group.cancel_scope.cancel()
+            if progress.interrupted and not backend.exactly_once:
+                for index in progress.interrupted:
+                    self.stats.possible_duplicate(index, "(interrupted run)")
         finally:
             self.stats.requests = backend.requests
             self.stats.finished = time.perf_counter()
-            await backend.aclose()
+            with anyio.CancelScope(shield=True):
+                await backend.aclose()
+            progress.close()
         if self.on_progress is not None:
             self.on_progress(self.stats)
         return RunSummary(self.describe(), self.stats)
+
+    def stop(self) -> None:
+        """Stop reading; samples already being learned finish (bounded by the drain timeout)."""
+        if not self.stopping:
+            self.stopping = True
+            self.stats.stopped_early = True
+            self._intake.cancel()
+            self._workers.deadline = anyio.current_time() + self.config.drain_timeout
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for received in signals:
+                if self.stopping:
+                    log.warning("second signal: stopping now", signal=received.name)
+                    self._workers.cancel()
+                    return
+                log.warning("stopping: no new samples; in-flight samples finish, progress is saved",
+                            signal=received.name, drain_timeout_seconds=self.config.drain_timeout)  # fmt: skip
+                self.stop()
 
     async def _report(self, backend: KatoBackend) -> None:
         assert self.on_progress is not None
@@ -188,35 +275,44 @@ class Pipeline:
             self.on_progress(self.stats)
             await anyio.sleep(self.progress_interval)
 
-    async def _produce(self, source: Source, tokenizer: Tokenizer, send: MemoryObjectSendStream[SamplePlan]) -> None:
+    async def _produce(self, source: Source, tokenizer: Tokenizer, progress: Progress,
+                       send: MemoryObjectSendStream[SamplePlan]) -> None:  # fmt: skip
         config = self.config
         stats = self.stats
         chunk_sizes = config.hierarchy.chunk_sizes
         events = source.events(skip=config.skip, max_samples=config.max_samples)
-        async with send:
-            while True:
-                batch = await anyio.to_thread.run_sync(_take, events, config.read_batch)
-                if not batch:
-                    return
-                samples = []
-                for event in batch:
-                    stats.samples_read += 1
-                    if isinstance(event, Sample):
-                        samples.append(event)
-                    elif isinstance(event, Filtered):
-                        stats.samples_filtered += 1
-                    elif isinstance(event, BadRecord):
-                        stats.fail(event.index, event.reason)
-                plans = await anyio.to_thread.run_sync(_plan_batch, samples, tokenizer, chunk_sizes, source.label)
-                for plan in plans:
-                    await send.send(plan)
+        wanted = set(progress.failed) if config.retry_failed else None
+        with self._intake:
+            async with send:
+                while True:
+                    batch = await anyio.to_thread.run_sync(_take, events, config.read_batch)
+                    if not batch:
+                        return
+                    samples = []
+                    for event in batch:
+                        stats.samples_read += 1
+                        if isinstance(event, Filtered):
+                            stats.samples_filtered += 1
+                        elif event.index in progress.done or (wanted is not None and event.index not in wanted):
+                            stats.skipped += 1
+                        elif isinstance(event, Sample):
+                            samples.append(event)
+                        elif isinstance(event, BadRecord):
+                            stats.fail(event.index, event.reason)
+                            progress.fail(event.index, event.reason)
+                    plans = await anyio.to_thread.run_sync(_plan_batch, samples, tokenizer, chunk_sizes, source.label)
+                    for plan in plans:
+                        await send.send(plan)
 
-    async def _work(self, worker: Worker, receive: MemoryObjectReceiveStream[SamplePlan]) -> None:
+    async def _work(self, worker: Worker, progress: Progress, receive: MemoryObjectReceiveStream[SamplePlan]) -> None:
         stats = self.stats
-        await worker.open()
         try:
+            await worker.open()
             async with receive:
                 async for plan in receive:
+                    if self.stopping:
+                        return  # queued, not started: left for the next run
+                    progress.started(plan.index)
                     rejection = None
                     try:
                         await worker.learn(plan)
@@ -224,16 +320,23 @@ class Pipeline:
                         rejection = str(rejected.exceptions[0])
                     if rejection is not None:
                         stats.fail(plan.index, rejection)
+                        progress.fail(plan.index, rejection)
                         continue
+                    progress.finished(plan.index)
                     stats.samples_learned += 1
                     stats.tokens += plan.token_count
                     for level, level_plan in enumerate(plan.levels):
                         stats.patterns_per_level[level] += len(level_plan.names)
         finally:
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await worker.close()
 
 
-async def run_async(config: RunConfig, *, on_progress: Callable[[RunStats], None] | None = None) -> RunSummary:
-    """Run the pipeline in the current event loop (for notebooks: ``await ingestd.run_async(...)``)."""
-    return await Pipeline(config, on_progress=on_progress).run()
+async def run_async(config: RunConfig, *, on_progress: Callable[[RunStats], None] | None = None,
+                    handle_signals: bool = False) -> RunSummary:  # fmt: skip
+    """Run the pipeline in the current event loop (for notebooks: ``await ingestd.run_async(...)``).
+
+    With ``handle_signals`` (the CLI), SIGINT/SIGTERM stop reading and let in-flight samples finish;
+    a second signal stops at once. Either way progress is saved and the next run resumes.
+    """
+    return await Pipeline(config, on_progress=on_progress, handle_signals=handle_signals).run()

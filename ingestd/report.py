@@ -67,7 +67,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("samples read", f"{samples['read']:,}"),
         ("  learned", f"{samples['learned']:,}"),
         ("  filtered (≤ 10 chars)", f"{samples['filtered']:,}"),
-        ("  failed", f"{samples['failed']:,}"),
+        ("  failed (see failed.jsonl)", f"{samples['failed']:,}"),
+        ("  skipped (done before)", f"{samples['skipped']:,}"),
         ("tokens", f"{summary['tokens']:,}"),
         *((f"patterns learned, level {level}", f"{count:,}") for level, count in enumerate(summary["patterns_per_level"])),
         ("requests", f"{summary['requests']:,}"),
@@ -76,6 +77,17 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("samples/s", f"{summary['samples_per_second'] or 0:,.1f}"),
         ("tokens/s", f"{summary['tokens_per_second'] or 0:,.0f}"),
     ]
+    recovery = summary["recovery"]
+    retries = sum(recovery["retries"].values())
+    if retries or recovery["possible_duplicates"]:
+        rows += [
+            ("retries", ", ".join(f"{cause} {count}" for cause, count in sorted(recovery["retries"].items()))),
+            ("sessions recreated", f"{recovery['session_recreations']:,}"),
+            ("server outages", f"{recovery['server_outages']:,}"),
+            ("possible duplicates", f"{recovery['possible_duplicates']:,}"),
+        ]
+    if summary["stopped_early"]:
+        rows.append(("stopped early", "yes: run the same command again to resume"))
     for label, value in rows:
         table.add_row(label, value)
     return table

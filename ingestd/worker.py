@@ -8,15 +8,19 @@ returns is checked against the plan.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import anyio
 
 from ingestd.backend import KatoBackend
-from ingestd.errors import PlanMismatch
+from ingestd.errors import KatoRejected, PlanMismatch, ServerDown, SessionLost, Transient
+from ingestd.retry import RetryPolicy, ServerWatch, send
 from ingestd.hierarchy import Hierarchy
 from ingestd.plan import LevelPlan, SamplePlan, batches
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -45,21 +49,40 @@ def level_setups(hierarchy: Hierarchy, node_ids: list[str], *, batching: bool) -
     return setups
 
 
+class Recovery(Protocol):
+    """Where a worker reports what it had to do to get its calls through (the run's stats)."""
+
+    def retried(self, cause: str, sample_index: int, detail: str) -> None: ...
+    def session_recreated(self, node_id: str) -> None: ...
+    def possible_duplicate(self, sample_index: int, node_id: str) -> None: ...
+
+
 class Worker:
-    def __init__(self, backend: KatoBackend, levels: list[LevelSetup], batch_chunks: int) -> None:
+    def __init__(self, backend: KatoBackend, levels: list[LevelSetup], batch_chunks: int, *, policy: RetryPolicy,
+                 watch: ServerWatch, recovery: Recovery, key_prefix: str) -> None:  # fmt: skip
         self.backend = backend
         self.levels = levels
         self.batch_chunks = batch_chunks
+        self.policy = policy
+        self.watch = watch
+        self.recovery = recovery
+        self.key_prefix = key_prefix
         self.sessions: list[str] = []
 
     async def open(self) -> None:
         for level in self.levels:
-            self.sessions.append(await self.backend.create_session(level.node_id, level.session_config))
+            session_id, _ = await send(lambda level=level: self.backend.create_session(level.node_id, level.session_config),
+                                       self.policy, on_retry=self._recover_server)  # fmt: skip
+            self.sessions.append(session_id)
 
     async def close(self) -> None:
+        """Delete this worker's sessions (best effort: a lost session or a down server leaves nothing to do)."""
         sessions, self.sessions = self.sessions, []
         for session_id in sessions:
-            await self.backend.delete_session(session_id)
+            try:
+                await self.backend.delete_session(session_id)
+            except (Transient, KatoRejected):
+                pass
 
     async def learn(self, plan: SamplePlan) -> None:
         """Learn every level of one sample; returns when all of it is stored."""
@@ -69,15 +92,47 @@ class Worker:
                     group.start_soon(self._learn_level, level, level_plan, plan)
 
     async def _learn_level(self, level: LevelSetup, level_plan: LevelPlan, plan: SamplePlan) -> None:
-        session_id = self.sessions[level.index]
         metadata = plan.metadata if level.capture_metadata else None
-        for chunks, planned in batches(level_plan, self.batch_chunks):
-            learned = await self.backend.learn(session_id, chunks, metadata=metadata, auto_learn=level.batched)
+        # One call is the unit of resending: a batch of whole chunks, or (without auto-learn) one chunk.
+        size = self.batch_chunks if level.batched else 1
+        for number, (chunks, planned) in enumerate(batches(level_plan, size)):
+            key = f"{self.key_prefix}:{plan.index}:{level.index}:{number}"
+            learned = await self._send(
+                level, plan.index,
+                lambda session_id, chunks=chunks, key=key: self.backend.learn(
+                    session_id, chunks, metadata=metadata, auto_learn=level.batched, key=key),
+                resend_may_duplicate=True,
+            )  # fmt: skip
             if learned != planned:
                 raise PlanMismatch(_mismatch(self.backend.description, level.node_id, plan.index, chunks, learned, planned))
         if metadata:
             # Learn keeps accumulated metadata; clear it so the next sample's patterns get only theirs.
-            await self.backend.clear_stm(session_id)
+            await self._send(level, plan.index, self.backend.clear_stm, resend_may_duplicate=False)
+
+    async def _send(self, level: LevelSetup, sample_index: int, call: Callable[[str], Awaitable[T]], *,
+                    resend_may_duplicate: bool) -> T:  # fmt: skip
+        async def on_retry(failure: Transient) -> None:
+            self.recovery.retried(failure.cause, sample_index, str(failure))
+            if isinstance(failure, SessionLost):
+                await self._recreate(level)
+            elif isinstance(failure, ServerDown):
+                await self.watch.wait_until_up(str(failure))
+
+        result, ambiguous = await send(lambda: call(self.sessions[level.index]), self.policy, on_retry=on_retry)
+        if ambiguous and resend_may_duplicate and not self.backend.exactly_once:
+            self.recovery.possible_duplicate(sample_index, level.node_id)
+        return result
+
+    async def _recover_server(self, failure: Transient) -> None:
+        self.recovery.retried(failure.cause, -1, str(failure))
+        if isinstance(failure, ServerDown):
+            await self.watch.wait_until_up(str(failure))
+
+    async def _recreate(self, level: LevelSetup) -> None:
+        session_id, _ = await send(lambda: self.backend.create_session(level.node_id, level.session_config),
+                                   self.policy, on_retry=self._recover_server)  # fmt: skip
+        self.sessions[level.index] = session_id
+        self.recovery.session_recreated(level.node_id)
 
 
 def _mismatch(server: str, node_id: str, sample_index: int, chunks: list[list[str]], learned: list[str],

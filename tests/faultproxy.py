@@ -9,8 +9,8 @@ response body that ends when the upstream closes).
 Faults are set at runtime from any thread and are deterministic given ``seed``:
 the "every n-th" faults count the requests they apply to from the moment they are
 set, and the probabilistic one draws from ``random.Random(seed)`` created then.
-Each takes an optional ``only_paths`` substring restricting the requests it counts
-and applies to. Faults are checked in a fixed order (``unavailable_burst``,
+Each takes an optional ``only_paths``: a substring of the request target that the
+requests it counts and applies to must contain. Faults are checked in a fixed order (``unavailable_burst``,
 ``session_not_found``, ``drop_every``, ``drop_response_every``, ``delay_every``);
 the first that fires handles the request, and the faults after it do not count it.
 
@@ -29,6 +29,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Self
 
 _HOST = "127.0.0.1"
 _ORDER = ("unavailable_burst", "session_not_found", "drop_every", "drop_response_every", "delay_every")
@@ -77,7 +78,9 @@ async def _read_message(reader: asyncio.StreamReader, request_method: str | None
     if len(start) < 2:
         raise ValueError(f"bad start line {start_line!r}")
     headers = {name.strip().lower(): value.strip() for name, _, value in (h.partition(":") for h in header_lines if h)}
-    if request_method is not None and (request_method == "HEAD" or start[1] in ("204", "304") or start[1].startswith("1")):
+    if request_method is not None and (
+        request_method == "HEAD" or start[1] in ("204", "304") or start[1].startswith("1")
+    ):
         return _Message(start, headers, head)
     if "chunked" in headers.get("transfer-encoding", "").lower():
         return _Message(start, headers, head + await _read_chunked(reader))
@@ -194,7 +197,7 @@ class FaultProxy:
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
-    def start(self) -> FaultProxy:
+    def start(self) -> Self:
         """Listen on a free port in a background thread; returns once connections are accepted."""
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=asyncio.run, args=(self._main(ready),), name="faultproxy", daemon=True)
@@ -210,7 +213,7 @@ class FaultProxy:
         self._thread.join(timeout=5)
         self._thread = None
 
-    def __enter__(self) -> FaultProxy:
+    def __enter__(self) -> Self:
         return self if self._thread is not None else self.start()
 
     def __exit__(
@@ -345,7 +348,9 @@ class FaultProxy:
             await self._delete_session(session_id)
             message = f"Session {session_id} not found or expired"
             client.write(
-                _json_response(404, {"error": {"code": "SESSION_NOT_FOUND", "message": message, "session_id": session_id}})
+                _json_response(
+                    404, {"error": {"code": "SESSION_NOT_FOUND", "message": message, "session_id": session_id}}
+                )
             )
         else:
             response = await upstream.exchange(request)

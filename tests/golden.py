@@ -156,7 +156,8 @@ def run_cli(*arguments: str, timeout: float = 300) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as scratch:
         summary_path = Path(scratch) / "summary.json"
-        result = subprocess.run([sys.executable, "-m", "ingestd", "run", *arguments, "--summary-json", str(summary_path)],
+        run_dir = [] if "--run-dir" in arguments else ["--run-dir", str(Path(scratch) / "run")]  # a new run each call
+        result = subprocess.run([sys.executable, "-m", "ingestd", "run", *arguments, *run_dir, "--summary-json", str(summary_path)],
                                 capture_output=True, text=True, timeout=timeout)  # fmt: skip
         assert result.returncode == 0, f"ingestd run failed ({result.returncode}):\n{result.stderr[-3000:]}"
         return json.loads(summary_path.read_text(encoding="utf-8"))

@@ -277,9 +277,10 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
             body: ObservationSequenceRequest = await _body_model(request, ObservationSequenceRequest)
             observations = [_observation(item) for item in body.observations]
             flags = {flag: getattr(body, flag) for flag in _FLAGS}
+        key = request.headers.get("idempotency-key")
         return FloatFreeJSONResponse(
-            await engine.observe_sequence(request.path_params["session_id"], observations, **flags,
-                                          idempotency_key=request.headers.get("idempotency-key"))  # fmt: skip
+            await engine.observe_sequence(request.path_params["session_id"], observations, **flags, idempotency_key=key),
+            headers=None if key is None else {"idempotency-key": key},  # says: keys are honoured here
         )
 
     async def learn(request: Request) -> Response:
@@ -522,6 +523,8 @@ class HotPaths:
         if response is None:
             await self.app(scope, _replay(bytes(body), receive), send)
             return
+        if idempotency_key is not None and parts[3] == "observe-sequence":
+            response.raw_headers.append((b"idempotency-key", idempotency_key.encode("latin-1")))
         response.raw_headers += [(b"x-trace-id", trace_id or f"kato-{uuid.uuid4().hex}".encode()),
                                  (b"x-session-id", parts[2].encode())]  # fmt: skip
         await response(scope, receive, send)
