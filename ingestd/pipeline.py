@@ -99,6 +99,11 @@ class RunStats:
         self.patterns_per_level = [0] * self.levels
 
     @property
+    def unfinished(self) -> int:
+        """Read, but neither learned nor failed because the run stopped early; the next run does them."""
+        return self.samples_read - self.samples_learned - self.samples_filtered - self.samples_failed - self.skipped
+
+    @property
     def elapsed(self) -> float:
         return (self.finished or time.perf_counter()) - self.started
 
@@ -137,7 +142,7 @@ class RunSummary:
         return {
             "samples": {"read": stats.samples_read, "learned": stats.samples_learned,
                         "filtered": stats.samples_filtered, "failed": stats.samples_failed,
-                        "skipped": stats.skipped},
+                        "skipped": stats.skipped, "unfinished": stats.unfinished},
             "stopped_early": stats.stopped_early,
             "recovery": {"retries": stats.retries, "session_recreations": stats.session_recreations,
                          "server_outages": stats.server_outages,

@@ -87,7 +87,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
             ("possible duplicates", f"{recovery['possible_duplicates']:,}"),
         ]
     if summary["stopped_early"]:
-        rows.append(("stopped early", "yes: run the same command again to resume"))
+        rows += [("  unfinished (stopped early)", f"{samples['unfinished']:,}"),
+                 ("stopped early", "yes: run the same command again to resume")]  # fmt: skip
     for label, value in rows:
         table.add_row(label, value)
     return table

@@ -138,7 +138,7 @@ def test_bad_records_fail_alone_and_the_run_goes_on(tmp_path: Path) -> None:
     ]
     path.write_text("\n".join(lines) + "\n")
     summary = run_cli(str(path), "--data", str(tmp_path / "kb"))
-    assert summary["samples"] == {"read": 7, "learned": 2, "filtered": 1, "failed": 4, "skipped": 0}
+    assert summary["samples"] == {"read": 7, "learned": 2, "filtered": 1, "failed": 4, "skipped": 0, "unfinished": 0}
     assert [failure["sample_index"] for failure in summary["failures"]] == [1, 2, 3, 4]
     reasons = " | ".join(failure["reason"] for failure in summary["failures"])
     assert "int, not a string" in reasons and "not valid JSON" in reasons and "missing" in reasons
@@ -148,7 +148,7 @@ def test_undecodable_lines_in_a_utf8_file_fail_alone(tmp_path: Path) -> None:
     path = tmp_path / "lines.txt"
     path.write_bytes(b"a good first line of text\n" + b"bad \xff\xfe bytes in this line\n" + b"a good last line of text\n")
     summary = run_cli(str(path), "--txt-mode", "line", "--data", str(tmp_path / "kb"))
-    assert summary["samples"] == {"read": 3, "learned": 2, "filtered": 0, "failed": 1, "skipped": 0}
+    assert summary["samples"] == {"read": 3, "learned": 2, "filtered": 0, "failed": 1, "skipped": 0, "unfinished": 0}
     assert summary["failures"][0] == {"sample_index": 1, "reason": "line 2 is not valid UTF-8"}
 
 

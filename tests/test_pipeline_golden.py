@@ -41,7 +41,7 @@ def test_ingestd_run_over_http_reproduces_the_golden_run(fresh_server: EngineSer
     template = f"g{uuid.uuid4().hex[:6]}-node{{level}}"
     node_ids = [template.format(level=level) for level in range(len(run.chunk_sizes))]
     summary = run_cli(*_arguments(run_name, template), "--kato", fresh_server.url)
-    assert summary["samples"] == {"read": len(run.texts), "learned": len(run.texts), "filtered": 0, "failed": 0, "skipped": 0}
+    assert summary["samples"] == {"read": len(run.texts), "learned": len(run.texts), "filtered": 0, "failed": 0, "skipped": 0, "unfinished": 0}
     assert summary["tokens"] == run.expected["summary"]["tokens"]
     assert summary["patterns_per_level"] == run.expected["summary"]["learns_per_level"]
     with httpx.Client(base_url=fresh_server.url, timeout=30.0) as client:

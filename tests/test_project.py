@@ -58,6 +58,6 @@ def test_readme_first_command_runs_the_main_job(tmp_path) -> None:  # type: igno
     import json
 
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["samples"] == {"read": 7222, "learned": 7142, "filtered": 80, "failed": 0, "skipped": 0}
+    assert summary["samples"] == {"read": 7222, "learned": 7142, "filtered": 80, "failed": 0, "skipped": 0, "unfinished": 0}
     assert (tmp_path / "kato-data" / "kato.sqlite3").exists()
     assert "patterns learned, level 3" in result.stdout
