@@ -78,6 +78,8 @@ def notebook_client(url: str, texts: list[str], prefix: str) -> dict[str, Any]:
 
 
 def ingestd_run(corpus: Path, prefix: str, workers: int, **options: Any) -> dict[str, Any]:
+    # A run directory of its own in the scratch directory: a new run, not a resume of an earlier benchmark.
+    options.setdefault("run_dir", corpus.parent / f"run-{prefix}-{'http' if 'kato_url' in options else 'inproc'}")
     hierarchy = Hierarchy.from_chunk_sizes(CHUNKS, METADATA_LEVELS, node_id_template=f"{prefix}-node{{level}}")
     # The same entry point as ``ingestd run`` (uvloop where installed).
     summary = run(str(corpus), hierarchy, workers=workers, label="bench", **options).as_dict()

@@ -114,6 +114,7 @@ def run_command(
     txt_mode: Annotated[str, typer.Option(help="For .txt files: one sample per 'paragraph' or per 'line'.")] = "paragraph",
     max_samples: Annotated[Optional[int], typer.Option(min=0, help="Stop after this many samples.")] = None,
     skip: Annotated[int, typer.Option(min=0, help="Skip this many samples of the filtered stream first.")] = 0,
+    max_sample_chars: Annotated[int, typer.Option(min=1, help="Longer samples fail alone (to failed.jsonl) instead of being learned.")] = 1_000_000,
     workers: Annotated[int, typer.Option(min=1, help="Concurrent workers, each with one session per node.")] = 8,
     batch_chunks: Annotated[int, typer.Option(min=1, help="Chunks per observe-sequence on batched levels.")] = 64,
     batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Batch levels without metadata through KATO's auto-learn.")] = True,
@@ -154,7 +155,7 @@ def run_command(
         spec = SourceSpec(source=source, text_field=text_field, hub_config=hub_config, split=split,
                           txt_mode=txt_mode,  # type: ignore[arg-type]
                           metadata_fields=tuple(f.strip() for f in (metadata_fields or "").split(",") if f.strip()),
-                          label=source_label)
+                          label=source_label, max_chars=max_sample_chars)
         config = RunConfig(source=spec, hierarchy=hierarchy, tokenizer=tokenizer, workers=workers,
                            batch_chunks=batch_chunks, batching=batching, kato_url=kato, data_dir=data,
                            durability=durability, run_id=run_id, fresh=fresh, skip=skip,  # type: ignore[arg-type]
@@ -177,6 +178,10 @@ def run_command(
         raise typer.Exit(found.exit_code) from None
     result = summary.as_dict()
     console.print(summary_table(result))
+    samples = result["samples"]
+    if samples["read"] and samples["filtered"] == samples["read"]:
+        typer.echo(f"ingestd: warning: every record of {source} was 10 characters or fewer after stripping, so nothing "
+                   "was learned: check --text-field and --txt-mode", err=True)  # fmt: skip
     if summary_json is not None:
         summary_json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 

@@ -24,6 +24,8 @@ import orjson
 from ingestd.errors import IngestError
 
 MIN_TEXT_CHARS = 10
+MAX_TEXT_CHARS = 1_000_000
+"""Default limit on one sample's text: ~250k GPT-2 tokens; a longer record fails alone (``--max-sample-chars``)."""
 """Samples whose stripped text has this many characters or fewer are filtered out."""
 
 
@@ -88,6 +90,7 @@ class SourceSpec:
     txt_mode: Literal["line", "paragraph"] = "paragraph"
     metadata_fields: tuple[str, ...] = ()
     label: str | None = None
+    max_chars: int = MAX_TEXT_CHARS
 
     @property
     def source_label(self) -> str:
@@ -257,6 +260,8 @@ class Source:
             raise SourceError(f"{path} is not a file: give a .txt, .jsonl, .parquet or .csv file")
         if local_format is None:
             raise SourceError(f"{path} has an unknown extension: name it .txt, .jsonl, .parquet or .csv")
+        if path.stat().st_size == 0:
+            raise SourceError(f"{path} is empty: there is nothing to learn; give a file with text")
         text_field = spec.text_field or "text"
         wanted = spec.metadata_fields
         if local_format in ("txt", "jsonl"):
@@ -328,6 +333,13 @@ class Source:
                 index += 1
                 continue
             text, fields = record
+            if len(text) > self.spec.max_chars:
+                if index >= skip:
+                    yield BadRecord(index, f"the text has {len(text):,} characters, more than the limit of "
+                                           f"{self.spec.max_chars:,}: raise --max-sample-chars to learn it")  # fmt: skip
+                    taken += 1
+                index += 1
+                continue
             if len(text.strip()) <= MIN_TEXT_CHARS:
                 if index >= skip:
                     yield Filtered()

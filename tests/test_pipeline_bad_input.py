@@ -14,8 +14,11 @@ from .golden import run_cli
 
 
 def run_ingestd(*arguments: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ingestd", "run", *arguments], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)  # fmt: skip
+    import tempfile
+
+    run_dir = [] if "--run-dir" in arguments else ["--run-dir", tempfile.mkdtemp(prefix="ingestd-run-")]
+    return subprocess.run([sys.executable, "-m", "ingestd", "run", *arguments, *run_dir], capture_output=True,
+                          text=True, timeout=120, cwd=cwd)  # fmt: skip
 
 
 def assert_refused(result: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -227,3 +230,47 @@ def test_a_server_that_names_patterns_differently_stops_the_run(jsonl: Path, tmp
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.txt"
+    path.write_text("")
+    result = run_ingestd(str(path), "--data", str(tmp_path / "kb"))
+    assert result.returncode == 2
+    assert_refused(result, "empty.txt", "is empty")
+
+
+def test_only_short_lines_learn_nothing_and_say_why(tmp_path: Path) -> None:
+    path = tmp_path / "short.txt"
+    path.write_text("a\nbb\n\nshort one\n\nten chars!\n")
+    result = run_ingestd(str(path), "--data", str(tmp_path / "kb"), "--run-dir", str(tmp_path / "run"), "--no-progress")
+    assert result.returncode == 0
+    assert "every record of" in result.stderr and "--text-field" in result.stderr
+
+
+def test_a_50_mb_single_line_sample_fails_alone(tmp_path: Path) -> None:
+    path = tmp_path / "huge.jsonl"
+    with path.open("w") as handle:
+        handle.write(json.dumps({"text": "a small sample before the big one"}) + "\n")
+        handle.write(json.dumps({"text": "word " * 10_000_000}) + "\n")  # 50 MB on one line
+        handle.write(json.dumps({"text": "a small sample after the big one"}) + "\n")
+    summary = run_cli(str(path), "--data", str(tmp_path / "kb"))
+    assert summary["samples"] == {"read": 3, "learned": 2, "filtered": 0, "failed": 1, "skipped": 0, "unfinished": 0}
+    assert summary["failures"][0]["sample_index"] == 1 and "--max-sample-chars" in summary["failures"][0]["reason"]
+
+
+def test_parquet_without_the_text_column(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "records.parquet"
+    pq.write_table(pa.table({"body": ["a sample long enough to learn"]}), path)
+    assert_refused(run_ingestd(str(path), "--data", str(tmp_path / "kb")), "records.parquet", "'text'", "body",
+                   "--text-field")  # fmt: skip
+
+
+def test_unknown_tokenizer(jsonl: Path, tmp_path: Path) -> None:
+    result = run_ingestd(str(jsonl), "--tokenizer", "no-such/tokenizer", "--data", str(tmp_path / "kb"))
+    assert result.returncode == 2
+    assert_refused(result, "no-such/tokenizer", "offline", "gpt2")
+    assert not (tmp_path / "kb").exists()
