@@ -34,7 +34,7 @@ class KatoBackend(Protocol):
 
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
-    async def create_session(self, node_id: str, config: dict[str, Any]) -> str: ...
+    async def create_session(self, node_id: str, config: dict[str, Any], *, key: str | None = None) -> str: ...
     async def delete_session(self, session_id: str) -> None: ...
     async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
                     auto_learn: bool, key: str | None = None) -> list[str]: ...  # fmt: skip
@@ -147,8 +147,8 @@ class HttpKato:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    async def create_session(self, node_id: str, config: dict[str, Any]) -> str:
-        body = await self._call("POST", "/sessions", {"node_id": node_id, "config": config})
+    async def create_session(self, node_id: str, config: dict[str, Any], *, key: str | None = None) -> str:
+        body = await self._call("POST", "/sessions", {"node_id": node_id, "config": config}, key=key)
         session_id: str = body["session_id"]
         return session_id
 
@@ -206,9 +206,9 @@ class EmbeddedKato:
     async def aclose(self) -> None:
         await self.engine.aclose()
 
-    async def create_session(self, node_id: str, config: dict[str, Any]) -> str:
+    async def create_session(self, node_id: str, config: dict[str, Any], *, key: str | None = None) -> str:
         self.requests += 1
-        return (await self.engine.create_session(node_id, config))["session_id"]
+        return (await self.engine.create_session(node_id, config, idempotency_key=key))["session_id"]
 
     async def delete_session(self, session_id: str) -> None:
         self.requests += 1

@@ -8,11 +8,13 @@ returns is checked against the plan.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import anyio
+import structlog
 
 from ingestd.backend import KatoBackend
 from ingestd.errors import KatoRejected, PlanMismatch, ServerDown, SessionLost, Transient
@@ -21,6 +23,7 @@ from ingestd.hierarchy import Hierarchy
 from ingestd.plan import LevelPlan, SamplePlan, batches
 
 T = TypeVar("T")
+log = structlog.get_logger("ingestd.worker")
 
 
 @dataclass(frozen=True)
@@ -68,21 +71,38 @@ class Worker:
         self.recovery = recovery
         self.key_prefix = key_prefix
         self.sessions: list[str] = []
+        self._nonce = secrets.token_hex(8)  # session keys are this process's own
+        self._created = 0
 
     async def open(self) -> None:
         for level in self.levels:
-            session_id, _ = await send(lambda level=level: self.backend.create_session(level.node_id, level.session_config),
-                                       self.policy, on_retry=self._recover_server)  # fmt: skip
-            self.sessions.append(session_id)
+            self.sessions.append(await self._create(level))
 
     async def close(self) -> None:
-        """Delete this worker's sessions (best effort: a lost session or a down server leaves nothing to do)."""
+        """Delete this worker's sessions, resending through outages like any call; a lost one is already gone."""
         sessions, self.sessions = self.sessions, []
         for session_id in sessions:
+
+            async def delete(session_id: str = session_id) -> None:
+                try:
+                    await self.backend.delete_session(session_id)
+                except SessionLost:
+                    pass
+
             try:
-                await self.backend.delete_session(session_id)
-            except (Transient, KatoRejected):
-                pass
+                await send(delete, self.policy, on_retry=self._recover_server)
+            except (Transient, KatoRejected) as failure:
+                log.warning("session left open on the server (it expires with its TTL)", session_id=session_id,
+                            reason=str(failure))  # fmt: skip
+
+    async def _create(self, level: LevelSetup) -> str:
+        # A key per creation: if the answer is lost and the call resent, a server that honours it (the
+        # embedded engine) returns the session it already created instead of leaking a second one.
+        self._created += 1
+        key = f"{self.key_prefix}:session:{self._nonce}:{self._created}"
+        session_id, _ = await send(lambda: self.backend.create_session(level.node_id, level.session_config, key=key),
+                                   self.policy, on_retry=self._recover_server)  # fmt: skip
+        return session_id
 
     async def learn(self, plan: SamplePlan) -> None:
         """Learn every level of one sample; returns when all of it is stored."""
@@ -129,9 +149,7 @@ class Worker:
             await self.watch.wait_until_up(str(failure))
 
     async def _recreate(self, level: LevelSetup) -> None:
-        session_id, _ = await send(lambda: self.backend.create_session(level.node_id, level.session_config),
-                                   self.policy, on_retry=self._recover_server)  # fmt: skip
-        self.sessions[level.index] = session_id
+        self.sessions[level.index] = await self._create(level)
         self.recovery.session_recreated(level.node_id)
 
 

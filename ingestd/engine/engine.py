@@ -204,30 +204,38 @@ class Engine:
         config: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
         ttl_seconds: int | None = None,
+        *,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
+        """KATO's ``POST /sessions``. With an ``idempotency_key`` (ingestd's extension), a resent
+        creation whose first answer was lost returns the session it created, instead of a second one."""
         ttl = ttl_seconds or self.settings.session_ttl
         if ttl <= 0:
             raise ValueError(f"invalid expire time {ttl}")  # Redis SETEX refuses it: KATO answers 500
-        overrides = (session_config.apply_config({}, config) or {}) if config else {}
-        now = time.time()
-        session = Session(
-            session_id=new_session_id(),
-            node_id=node_id,
-            kb_id=rules.kb_id(node_id, self.settings.service_name),
-            created_at=now,
-            expires_at=now + ttl,
-            ttl_seconds=ttl,
-            metadata=metadata or {},
-            config=overrides,
-        )
-        self._sessions[session.session_id] = session
-        try:
-            await self._write(session)
-        except BaseException:
-            self._forget(session.session_id)
-            raise
-        # KATO echoes the requested TTL (or 3600), not the one it applied.
-        return self._session_body(session, ttl_seconds or 3600)
+        async with self._once(idempotency_key) as replay:
+            if replay is not None:
+                return dict(replay)
+            overrides = (session_config.apply_config({}, config) or {}) if config else {}
+            now = time.time()
+            session = Session(
+                session_id=new_session_id(),
+                node_id=node_id,
+                kb_id=rules.kb_id(node_id, self.settings.service_name),
+                created_at=now,
+                expires_at=now + ttl,
+                ttl_seconds=ttl,
+                metadata=metadata or {},
+                config=overrides,
+            )
+            # KATO echoes the requested TTL (or 3600), not the one it applied.
+            body = self._session_body(session, ttl_seconds or 3600)
+            self._sessions[session.session_id] = session
+            try:
+                await self._write(session, applied=None if idempotency_key is None else (idempotency_key, body))
+            except BaseException:
+                self._forget(session.session_id)
+                raise
+        return body
 
     async def get_session(self, session_id: str) -> dict[str, Any]:
         session = self.live_session(session_id)

@@ -226,8 +226,10 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
 
     async def create_session(request: Request) -> Response:
         body: CreateSessionRequest = await _body_model(request, CreateSessionRequest)
+        key = request.headers.get("idempotency-key")
         return JSONResponse(
-            await engine.create_session(body.node_id, body.config, body.metadata, body.ttl_seconds)
+            await engine.create_session(body.node_id, body.config, body.metadata, body.ttl_seconds, idempotency_key=key),
+            headers=None if key is None else {"idempotency-key": key},
         )
 
     async def count_sessions(request: Request) -> Response:
