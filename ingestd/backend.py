@@ -13,7 +13,8 @@ said in KATO's API is the backend's business:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -185,6 +186,15 @@ class HttpKato:
         return body["pattern"] if body["status"] == "okay" else None
 
 
+@contextlib.contextmanager
+def _lost_as_transient() -> Iterator[None]:
+    """The engine's SessionNotFound is what a KATO server answers with 404 SESSION_NOT_FOUND."""
+    try:
+        yield
+    except SessionNotFound as lost:
+        raise SessionLost(lost.session_id) from None
+
+
 class EmbeddedKato:
     """The embedded engine in this process, on a local directory (the default backend)."""
 
@@ -212,25 +222,22 @@ class EmbeddedKato:
 
     async def delete_session(self, session_id: str) -> None:
         self.requests += 1
-        await self.engine.delete_session(session_id)
+        with _lost_as_transient():
+            await self.engine.delete_session(session_id)
 
     async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
                     auto_learn: bool, key: str | None = None) -> list[str]:  # fmt: skip
         self.requests += 1
-        try:
+        with _lost_as_transient():
             return await self.engine.learn_chunks(session_id, chunks, metadata, idempotency_key=key)
-        except SessionNotFound as lost:
-            raise SessionLost(lost.session_id) from None
 
     async def healthy(self) -> bool:
         return True
 
     async def clear_stm(self, session_id: str) -> None:
         self.requests += 1
-        try:
+        with _lost_as_transient():
             await self.engine.clear_stm(session_id)
-        except SessionNotFound as lost:
-            raise SessionLost(lost.session_id) from None
 
     async def clear_all(self, node_id: str) -> None:
         session_id = await self.create_session(node_id, {"process_predictions": False})

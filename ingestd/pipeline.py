@@ -114,7 +114,7 @@ class RunStats:
         log.warning("sample failed", sample_index=index, reason=reason)
 
     # -- what workers report while getting calls through (see ingestd.retry) --
-    def retried(self, cause: str, sample_index: int, detail: str) -> None:
+    def retried(self, cause: str, sample_index: int | None, detail: str) -> None:
         self.retries[cause] = self.retries.get(cause, 0) + 1
         log.warning("retrying a KATO call", cause=cause, sample_index=sample_index, detail=detail)
 

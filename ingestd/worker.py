@@ -55,7 +55,7 @@ def level_setups(hierarchy: Hierarchy, node_ids: list[str], *, batching: bool) -
 class Recovery(Protocol):
     """Where a worker reports what it had to do to get its calls through (the run's stats)."""
 
-    def retried(self, cause: str, sample_index: int, detail: str) -> None: ...
+    def retried(self, cause: str, sample_index: int | None, detail: str) -> None: ...
     def session_recreated(self, node_id: str) -> None: ...
     def possible_duplicate(self, sample_index: int, node_id: str) -> None: ...
 
@@ -144,7 +144,7 @@ class Worker:
         return result
 
     async def _recover_server(self, failure: Transient) -> None:
-        self.recovery.retried(failure.cause, -1, str(failure))
+        self.recovery.retried(failure.cause, None, str(failure))  # session calls belong to no sample
         if isinstance(failure, ServerDown):
             await self.watch.wait_until_up(str(failure))
 
