@@ -24,7 +24,7 @@ import structlog
 from pydantic import BaseModel, Field
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential, wait_random
 
-from ingestd.errors import Ambiguous, KatoUnavailable, ServerDown, SessionLost, Transient
+from ingestd.errors import Ambiguous, KatoUnavailable, Transient
 
 T = TypeVar("T")
 log = structlog.get_logger("ingestd.retry")
@@ -85,8 +85,12 @@ class ServerWatch:
             delay = min(delay * 2, self._policy.backoff_max)
 
 
-async def send(call: Callable[[], Awaitable[T]], policy: RetryPolicy, *, on_retry: Callable[[Transient], Awaitable[None]]) -> tuple[T, bool]:
-    """``call()`` until it succeeds or fails for good; returns its result and whether an ambiguous failure came first."""
+async def send(call: Callable[[], Awaitable[T]], policy: RetryPolicy, *,
+               on_retry: Callable[[Transient], Awaitable[None]]) -> tuple[T, bool]:  # fmt: skip
+    """``call()`` until it succeeds or fails for good (``on_retry`` recovers before each resend).
+
+    Returns the result and whether an ambiguous failure came before it (the call may have run twice).
+    """
     ambiguous = False
     async for attempt in policy.retrying():
         with attempt:
@@ -98,5 +102,3 @@ async def send(call: Callable[[], Awaitable[T]], policy: RetryPolicy, *, on_retr
                 raise
     raise AssertionError("unreachable: tenacity re-raises the last failure")  # pragma: no cover
 
-
-__all__ = ["Ambiguous", "RetryPolicy", "ServerDown", "ServerWatch", "SessionLost", "send"]
