@@ -14,6 +14,7 @@ said in KATO's API is the backend's business:
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +23,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from ingestd import metrics
 from ingestd.engine import Engine, EngineSettings, SessionNotFound
 from ingestd.errors import Ambiguous, KatoRejected, KatoUnavailable, ServerDown, SessionLost
 
@@ -53,6 +55,16 @@ def _observations(chunk: Sequence[str], metadata: dict[str, Any] | None) -> list
 
 
 _JSON_HEADERS = {"content-type": "application/json"}
+
+
+def _endpoint(method: str, path: str) -> str:
+    """A low-cardinality name for a KATO call: the route, without ids."""
+    parts = path.split("?")[0].strip("/").split("/")
+    if parts[0] == "sessions":
+        if len(parts) >= 3:
+            return parts[2]  # observe-sequence, clear-stm, clear-all, ...
+        return "create-session" if len(parts) == 1 else f"{method.lower()}-session"
+    return parts[0] or "root"
 
 
 class HttpKato:
@@ -114,8 +126,11 @@ class HttpKato:
     async def _call(self, method: str, path: str, body: Any = None, *, key: str | None = None) -> Any:
         """One request; failures are raised as what they mean for a resend (see :mod:`ingestd.errors`)."""
         self.requests += 1
+        endpoint = _endpoint(method, path)
         content = None if body is None else orjson.dumps(body)
         headers = _JSON_HEADERS if key is None else {**_JSON_HEADERS, "idempotency-key": key}
+        started = time.perf_counter()
+        status: int | None = None
         try:
             async with self._client.request(method, path, data=content, headers=headers) as answer:
                 raw = await answer.read()
@@ -128,6 +143,9 @@ class HttpKato:
             raise Ambiguous(f"connection lost ({type(error).__name__})") from None
         except TimeoutError:
             raise Ambiguous(f"no answer within {self._timeout.total:g} s") from None
+        finally:
+            metrics.REQUESTS.labels(endpoint, metrics.status_class(status)).inc()
+            metrics.REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
         if status == 200:
             return orjson.loads(raw)
         if status in (502, 503, 504):

@@ -106,6 +106,7 @@ def run_command(
     patience: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for a KATO that is down, per outage.")] = 600.0,
     request_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for one answer before resending.")] = 120.0,
     drain_timeout: Annotated[float, typer.Option(min=0.1, help="After SIGINT/SIGTERM, seconds for in-flight samples.")] = 30.0,
+    metrics_port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Serve Prometheus metrics on this port (loopback) during the run.")] = None,
     text_field: Annotated[Optional[str], typer.Option(help="Field with the text (default: the dataset's, else 'text').")] = None,
     metadata_fields: Annotated[Optional[str], typer.Option(help="Record fields added to the metadata, e.g. url,timestamp.")] = None,
     source_label: Annotated[Optional[str], typer.Option(help="metadata 'source' (default: dataset key or file name).")] = None,
@@ -135,9 +136,9 @@ def run_command(
     from ingestd.hierarchy import Hierarchy
     from ingestd.logs import configure_logging
     from ingestd.pipeline import RunConfig, run_async
+    from ingestd.report import ProgressBar, ProgressLog, summary_table
     from ingestd.retry import RetryPolicy
     from ingestd.runtime import loop_options, throughput_gc
-    from ingestd.report import ProgressBar, ProgressLog, summary_table
     from ingestd.source import SourceSpec
 
     configure_logging()
@@ -163,6 +164,10 @@ def run_command(
                            drain_timeout=drain_timeout,
                            retry=RetryPolicy(patience=patience, request_timeout=request_timeout))
         show_bar = sys.stdout.isatty() if progress is None else progress
+        if metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(metrics_port, addr="127.0.0.1")
         with throughput_gc():
             if show_bar:
                 with ProgressBar(console, max_samples) as bar:

@@ -19,13 +19,14 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import BaseModel, ConfigDict, Field
 
+from ingestd import metrics
 from ingestd.backend import EmbeddedKato, HttpKato, KatoBackend
 from ingestd.engine import EngineSettings
 from ingestd.errors import KatoRejected
-from ingestd.progress import Progress, fingerprint
-from ingestd.retry import RetryPolicy, ServerWatch
 from ingestd.hierarchy import Hierarchy
 from ingestd.plan import SamplePlan, plan_levels
+from ingestd.progress import Progress, fingerprint
+from ingestd.retry import RetryPolicy, ServerWatch
 from ingestd.source import BadRecord, Filtered, Sample, Source, SourceEvent, SourceSpec
 from ingestd.tokenize import Tokenizer, load_tokenizer
 from ingestd.worker import Worker, level_setups
@@ -109,6 +110,7 @@ class RunStats:
 
     def fail(self, index: int, reason: str) -> None:
         self.samples_failed += 1
+        metrics.SAMPLES_FAILED.inc()
         if len(self.failures) < 1000:
             self.failures.append({"sample_index": index, "reason": reason})
         log.warning("sample failed", sample_index=index, reason=reason)
@@ -116,17 +118,21 @@ class RunStats:
     # -- what workers report while getting calls through (see ingestd.retry) --
     def retried(self, cause: str, sample_index: int | None, detail: str) -> None:
         self.retries[cause] = self.retries.get(cause, 0) + 1
+        metrics.RETRIES.labels(cause).inc()
         log.warning("retrying a KATO call", cause=cause, sample_index=sample_index, detail=detail)
 
     def session_recreated(self, node_id: str) -> None:
         self.session_recreations += 1
+        metrics.SESSION_RECREATIONS.inc()
         log.warning("session recreated", node_id=node_id)
 
     def server_outage(self) -> None:
         self.server_outages += 1
+        metrics.SERVER_OUTAGES.inc()
 
     def possible_duplicate(self, sample_index: int, node_id: str) -> None:
         self.possible_duplicates.append({"sample_index": sample_index, "node_id": node_id})
+        metrics.POSSIBLE_DUPLICATES.inc()
         log.warning("possible duplicate: a resent call may have been applied twice by a server without "
                     "idempotency keys", sample_index=sample_index, node_id=node_id)  # fmt: skip
 
@@ -197,6 +203,7 @@ class Pipeline:
         self.stopping = False
         self._intake = anyio.CancelScope()  # the producer: cancelled when a signal says stop
         self._workers = anyio.CancelScope()  # the workers: cancelled after the drain timeout
+        self._queued = 0  # plans in the queue, for the queue-depth gauge
 
     def describe(self) -> dict[str, Any]:
         config = self.config
@@ -245,6 +252,8 @@ class Pipeline:
                 for index in progress.interrupted:
                     self.stats.possible_duplicate(index, "(interrupted run)")
         finally:
+            metrics.QUEUE_DEPTH.dec(self._queued)  # left in the queue by an early stop
+            self._queued = 0
             self.stats.requests = backend.requests
             self.stats.finished = time.perf_counter()
             with anyio.CancelScope(shield=True):
@@ -294,12 +303,15 @@ class Pipeline:
                     if not batch:
                         return
                     samples = []
+                    metrics.SAMPLES_READ.inc(len(batch))
                     for event in batch:
                         stats.samples_read += 1
                         if isinstance(event, Filtered):
                             stats.samples_filtered += 1
+                            metrics.SAMPLES_FILTERED.inc()
                         elif event.index in progress.done or (wanted is not None and event.index not in wanted):
                             stats.skipped += 1
+                            metrics.SAMPLES_SKIPPED.inc()
                         elif isinstance(event, Sample):
                             samples.append(event)
                         elif isinstance(event, BadRecord):
@@ -308,6 +320,8 @@ class Pipeline:
                     plans = await anyio.to_thread.run_sync(_plan_batch, samples, tokenizer, chunk_sizes, source.label)
                     for plan in plans:
                         await send.send(plan)
+                        self._queued += 1
+                        metrics.QUEUE_DEPTH.inc()
 
     async def _work(self, worker: Worker, progress: Progress, receive: MemoryObjectReceiveStream[SamplePlan]) -> None:
         stats = self.stats
@@ -315,12 +329,16 @@ class Pipeline:
             await worker.open()
             async with receive:
                 async for plan in receive:
+                    self._queued -= 1
+                    metrics.QUEUE_DEPTH.dec()
                     if self.stopping:
                         return  # queued, not started: left for the next run
                     progress.started(plan.index)
                     rejection = None
+                    started = time.perf_counter()
                     try:
-                        await worker.learn(plan)
+                        with metrics.IN_FLIGHT.track_inprogress(), metrics.WORKERS_BUSY.track_inprogress():
+                            await worker.learn(plan)
                     except* KatoRejected as rejected:
                         rejection = str(rejected.exceptions[0])
                     if rejection is not None:
@@ -328,10 +346,14 @@ class Pipeline:
                         progress.fail(plan.index, rejection)
                         continue
                     progress.finished(plan.index)
+                    metrics.SAMPLE_SECONDS.observe(time.perf_counter() - started)
                     stats.samples_learned += 1
                     stats.tokens += plan.token_count
+                    metrics.SAMPLES_LEARNED.inc()
+                    metrics.TOKENS.inc(plan.token_count)
                     for level, level_plan in enumerate(plan.levels):
                         stats.patterns_per_level[level] += len(level_plan.names)
+                        metrics.PATTERNS.labels(str(level)).inc(len(level_plan.names))
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await worker.close()

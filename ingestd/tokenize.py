@@ -10,10 +10,10 @@ nothing is downloaded.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-import importlib.util
 from pathlib import Path
 
 from ingestd.errors import IngestError

@@ -18,9 +18,9 @@ import structlog
 
 from ingestd.backend import KatoBackend
 from ingestd.errors import KatoRejected, PlanMismatch, ServerDown, SessionLost, Transient
-from ingestd.retry import RetryPolicy, ServerWatch, send
 from ingestd.hierarchy import Hierarchy
 from ingestd.plan import LevelPlan, SamplePlan, batches
+from ingestd.retry import RetryPolicy, ServerWatch, send
 
 T = TypeVar("T")
 log = structlog.get_logger("ingestd.worker")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -24,7 +24,6 @@ from ingestd.engine import rules
 from ingestd.engine.session import Learn, Observation, Session, new_session_id
 from ingestd.engine.settings import EngineSettings
 from ingestd.engine.store import KnowledgeStore
-
 
 KATO_VERSION = "3.10.1"
 
