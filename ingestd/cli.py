@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -21,6 +23,9 @@ kato_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(kato_app, name="kato")
+jobs_app = typer.Typer(help="Talk to a running daemon (`ingestd serve`): submit, list, show, cancel jobs.",
+                       no_args_is_help=True)  # fmt: skip
+app.add_typer(jobs_app, name="jobs")
 
 
 def _version(value: bool) -> None:
@@ -189,6 +194,95 @@ def run_command(
                    "was learned: check --text-field and --txt-mode", err=True)  # fmt: skip
     if summary_json is not None:
         summary_json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+@app.command("serve")
+def serve_command(
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1, or INGESTD_HOST).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8080, or INGESTD_PORT).")] = None,
+    state_dir: Annotated[Optional[Path], typer.Option(help="Jobs, progress, embedded engine (INGESTD_STATE_DIR).")] = None,
+    max_jobs: Annotated[Optional[int], typer.Option(min=1, help="Jobs at once (INGESTD_MAX_JOBS, default 2).")] = None,
+) -> None:
+    """Run the daemon: a job API (bearer token from INGESTD_TOKEN or INGESTD_TOKEN_FILE), /healthz, /readyz, /metrics."""
+    from ingestd.logs import configure_logging
+    from ingestd.service import serve
+
+    configure_logging()
+    settings = Settings()
+    settings = settings.model_copy(update=_overrides(host=host, port=port, state_dir=state_dir, max_jobs=max_jobs))
+    serve(settings)
+
+
+def _daemon(url: str, token: str | None) -> Any:
+    import httpx
+
+    if token is None:
+        settings = Settings()
+        token = settings.api_token()
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=30.0)
+
+
+def _answer(response: Any) -> Any:
+    if response.status_code >= 400:
+        typer.echo(f"ingestd: error: the daemon answered {response.status_code}: {response.text[:500]}", err=True)
+        raise typer.Exit(2 if response.status_code != 401 else 5)
+    body = response.json()
+    typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
+    return body
+
+
+_URL = Annotated[str, typer.Option(envvar="INGESTD_URL", help="The daemon's address.")]
+_TOKEN = Annotated[Optional[str], typer.Option(help="Bearer token (default: INGESTD_TOKEN / INGESTD_TOKEN_FILE).", show_default=False)]
+
+
+@jobs_app.command("submit")
+def jobs_submit(
+    source: Annotated[str, typer.Argument(help="Dataset key, hub name or a file path as the daemon sees it.")],
+    chunk_sizes: Annotated[str, typer.Option(help="Chunk size per level, node0 first.")] = "8,8,8,8",
+    metadata_levels: Annotated[Optional[str], typer.Option(help="Levels with metadata, e.g. 2,3.")] = None,
+    node_ids: Annotated[str, typer.Option(help="Node id template.")] = "node{level}",
+    run_id: Annotated[str, typer.Option(help="Run name ({run_id} in --node-ids).")] = "",
+    kato: Annotated[Optional[str], typer.Option(help="KATO server for this job (default: the daemon's embedded engine).")] = None,
+    workers: Annotated[int, typer.Option(min=1)] = 8,
+    max_samples: Annotated[Optional[int], typer.Option(min=0)] = None,
+    url: _URL = "http://127.0.0.1:8080",
+    token: _TOKEN = None,
+) -> None:
+    """Submit a job; prints it (with its id)."""
+    spec = {"source": source, "chunk_sizes": _int_list(chunk_sizes, "--chunk-sizes"),
+            "metadata_levels": _int_list(metadata_levels, "--metadata-levels"), "node_ids": node_ids,
+            "run_id": run_id, "kato_url": kato, "workers": workers, "max_samples": max_samples}  # fmt: skip
+    with _daemon(url, token) as client:
+        _answer(client.post("/jobs", json=spec))
+
+
+@jobs_app.command("list")
+def jobs_list(url: _URL = "http://127.0.0.1:8080", token: _TOKEN = None) -> None:
+    """Every job with its state and progress."""
+    with _daemon(url, token) as client:
+        _answer(client.get("/jobs"))
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: str, url: _URL = "http://127.0.0.1:8080", token: _TOKEN = None) -> None:
+    """One job: state, progress counts, rates, errors, possible duplicates."""
+    with _daemon(url, token) as client:
+        _answer(client.get(f"/jobs/{job_id}"))
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, url: _URL = "http://127.0.0.1:8080", token: _TOKEN = None) -> None:
+    """Cancel a job: queued ones never start, running ones finish their in-flight samples and stop."""
+    with _daemon(url, token) as client:
+        _answer(client.post(f"/jobs/{job_id}/cancel"))
+
+
+@jobs_app.command("retry-failed")
+def jobs_retry_failed(job_id: str, url: _URL = "http://127.0.0.1:8080", token: _TOKEN = None) -> None:
+    """Queue a finished job again for the samples it recorded as failed."""
+    with _daemon(url, token) as client:
+        _answer(client.post(f"/jobs/{job_id}/retry-failed"))
 
 
 @kato_app.command("demo")

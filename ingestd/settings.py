@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ingestd.engine.settings import ServerSettings
@@ -17,3 +19,21 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INGESTD_", env_nested_delimiter="__", extra="ignore")
 
     server: ServerSettings = Field(default_factory=ServerSettings)
+
+    # -- the daemon (`ingestd serve`) --
+    host: str = Field(default="127.0.0.1", description="Address the daemon binds; loopback unless you mean it.")
+    port: int = Field(default=8080, ge=0, le=65535)
+    state_dir: Path = Field(default=Path("ingestd-state"), description="Jobs, their progress, the embedded engine.")
+    token: SecretStr | None = Field(default=None, description="Bearer token of the job API (or token_file).")
+    token_file: Path | None = Field(default=None, description="File holding the bearer token (Docker secrets).")
+    max_jobs: int = Field(default=2, ge=1, description="Jobs running at once; the others queue.")
+    drain_timeout: float = Field(default=30.0, gt=0, description="On SIGTERM, seconds for in-flight samples.")
+    open_probes: bool = Field(default=True, description="/healthz, /readyz and /metrics without the token.")
+
+    def api_token(self) -> str | None:
+        """The job API's token, from INGESTD_TOKEN or the file INGESTD_TOKEN_FILE names (never logged)."""
+        if self.token is not None:
+            return self.token.get_secret_value()
+        if self.token_file is not None:
+            return self.token_file.read_text(encoding="utf-8").strip()
+        return None

@@ -1,0 +1,282 @@
+"""The daemon's jobs: submitted runs, stored durably, run a few at a time, resumed after a restart.
+
+A job is a :class:`JobSpec` (what to learn, into which hierarchy, on which KATO) plus its state. Each job
+has its own run directory under ``<state dir>/runs/<job id>``, so a job interrupted by a restart (or a
+crash) resumes from its recorded progress like ``ingestd run`` does.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import anyio
+import orjson
+import structlog
+from pydantic import BaseModel, Field
+
+from ingestd import metrics
+from ingestd.errors import IngestError
+from ingestd.hierarchy import Hierarchy
+from ingestd.pipeline import Pipeline, RunConfig, RunStats
+from ingestd.source import SourceSpec
+
+log = structlog.get_logger("ingestd.jobs")
+
+State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+STATES: tuple[State, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    spec BLOB NOT NULL,
+    state TEXT NOT NULL,
+    retry_failed INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    summary BLOB,
+    error TEXT
+);
+"""
+
+
+class JobSpec(BaseModel):
+    """What a client submits (``POST /jobs``); the same choices as ``ingestd run``'s flags."""
+
+    source: str
+    text_field: str | None = None
+    metadata_fields: list[str] = []
+    label: str | None = None
+    txt_mode: Literal["line", "paragraph"] = "paragraph"
+    hub_config: str | None = None
+    split: str | None = None
+    chunk_sizes: list[int] = [8, 8, 8, 8]
+    metadata_levels: list[int] = []
+    node_ids: str = "node{level}"
+    run_id: str = ""
+    kato_url: str | None = Field(default=None, description="A KATO server; None = the daemon's embedded engine.")
+    workers: int = Field(default=8, ge=1)
+    tokenizer: str = "gpt2"
+    skip: int = Field(default=0, ge=0)
+    max_samples: int | None = Field(default=None, ge=0)
+
+    def run_config(self, state_dir: Path, job_id: str, *, retry_failed: bool, drain_timeout: float) -> RunConfig:
+        hierarchy = Hierarchy.from_chunk_sizes(self.chunk_sizes, set(self.metadata_levels), self.node_ids)
+        source = SourceSpec(source=self.source, text_field=self.text_field, hub_config=self.hub_config,
+                            split=self.split, txt_mode=self.txt_mode, metadata_fields=tuple(self.metadata_fields),
+                            label=self.label)  # fmt: skip
+        return RunConfig(source=source, hierarchy=hierarchy, tokenizer=self.tokenizer, workers=self.workers,
+                         kato_url=self.kato_url, data_dir=state_dir / "kato-data", run_id=self.run_id,
+                         skip=self.skip, max_samples=self.max_samples, run_dir=state_dir / "runs" / job_id,
+                         retry_failed=retry_failed, drain_timeout=drain_timeout)  # fmt: skip
+
+
+class JobManager:
+    """Jobs in ``<state dir>/jobs.sqlite3``; at most ``max_jobs`` run at once in this event loop."""
+
+    def __init__(self, state_dir: Path, *, max_jobs: int, drain_timeout: float) -> None:
+        self.state_dir = Path(state_dir)
+        self.max_jobs = max_jobs
+        self.drain_timeout = drain_timeout
+        self._db: sqlite3.Connection | None = None
+        self._running: dict[str, tuple[Pipeline, anyio.CancelScope]] = {}
+        self._live: dict[str, RunStats] = {}
+        self._cancelled: set[str] = set()
+        self._wake = anyio.Event()
+        self._shutting_down = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def open(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.state_dir / "jobs.sqlite3", isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        resumed = self._db.execute("UPDATE jobs SET state = 'queued' WHERE state = 'running'").rowcount
+        if resumed:
+            log.warning("resuming jobs interrupted by the last stop", jobs=resumed)
+        self._update_gauges()
+
+    async def run(self) -> None:
+        """Start queued jobs whenever a slot is free, until cancelled."""
+        async with anyio.create_task_group() as group:
+            while True:
+                while len(self._running) < self.max_jobs and not self._shutting_down:
+                    job_id = self._next_queued()
+                    if job_id is None:
+                        break
+                    scope = anyio.CancelScope()
+                    self._running[job_id] = (None, scope)  # type: ignore[assignment] - filled in by _run_job
+                    group.start_soon(self._run_job, job_id, scope)
+                self._wake = anyio.Event()
+                await self._wake.wait()
+
+    async def shutdown(self) -> None:
+        """Drain running jobs (SIGTERM): they stop reading, finish in-flight samples, and resume next start."""
+        self._shutting_down = True
+        for pipeline, _ in list(self._running.values()):
+            if pipeline is not None:
+                pipeline.stop()
+        with anyio.move_on_after(self.drain_timeout + 5):
+            while self._running:
+                await anyio.sleep(0.05)
+        for _, scope in list(self._running.values()):
+            scope.cancel()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # -- the API's operations ----------------------------------------------------------------
+    def submit(self, spec: JobSpec) -> dict[str, Any]:
+        job_id = secrets.token_hex(6)
+        self._execute("INSERT INTO jobs (id, spec, state, created_at) VALUES (?, ?, 'queued', ?)",
+                      (job_id, spec.model_dump_json().encode(), time.time()))  # fmt: skip
+        log.info("job submitted", job_id=job_id, source=spec.source)
+        self._changed()
+        return self.get(job_id)  # type: ignore[return-value]
+
+    def list(self) -> list[dict[str, Any]]:
+        rows = self._query("SELECT id FROM jobs ORDER BY created_at")
+        return [job for (job_id,) in rows if (job := self.get(job_id)) is not None]
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT id, spec, state, retry_failed, created_at, started_at, finished_at, summary, error "
+                           "FROM jobs WHERE id = ?", (job_id,))  # fmt: skip
+        if not rows:
+            return None
+        job_id, spec, state, retry_failed, created, started, finished, summary, error = rows[0]
+        live = self._live.get(job_id)
+        if live is not None:
+            summary = _stats_view(live)
+        elif summary is not None:
+            summary = orjson.loads(summary)
+        return {"id": job_id, "state": state, "spec": orjson.loads(spec), "retry_failed": bool(retry_failed),
+                "created_at": created, "started_at": started, "finished_at": finished, "progress": summary,
+                "error": error}  # fmt: skip
+
+    def cancel(self, job_id: str) -> dict[str, Any] | None:
+        job = self.get(job_id)
+        if job is None:
+            return None
+        if job["state"] == "queued":
+            self._set_state(job_id, "cancelled", finished_at=time.time())
+        elif job["state"] == "running":
+            self._cancelled.add(job_id)
+            pipeline, scope = self._running[job_id]
+            if pipeline is not None:
+                pipeline.stop()  # in-flight samples finish (bounded); progress stays for a retry
+            else:
+                scope.cancel()
+        return self.get(job_id)
+
+    def retry_failed(self, job_id: str) -> dict[str, Any] | None:
+        """Queue a finished job again to redo only the samples it recorded as failed."""
+        job = self.get(job_id)
+        if job is None or job["state"] in ("queued", "running"):
+            return job
+        self._execute("UPDATE jobs SET state = 'queued', retry_failed = 1, error = NULL WHERE id = ?", (job_id,))
+        self._changed()
+        return self.get(job_id)
+
+    def ready(self) -> tuple[bool, str]:
+        try:
+            self._query("SELECT 1")
+        except (sqlite3.Error, AssertionError) as error:
+            return False, f"job store unusable: {error}"
+        return True, "ok"
+
+    def kato_urls(self) -> set[str]:
+        """The KATO servers of queued and running jobs (for readiness)."""
+        rows = self._query("SELECT spec FROM jobs WHERE state IN ('queued', 'running')")
+        return {url for (spec,) in rows if (url := orjson.loads(spec).get("kato_url"))}
+
+    # -- running one job ---------------------------------------------------------------------
+    async def _run_job(self, job_id: str, scope: anyio.CancelScope) -> None:
+        job = self.get(job_id)
+        assert job is not None
+        spec = JobSpec.model_validate(job["spec"])
+        config = spec.run_config(self.state_dir, job_id, retry_failed=job["retry_failed"],
+                                 drain_timeout=self.drain_timeout)  # fmt: skip
+        pipeline = Pipeline(config)
+        self._running[job_id] = (pipeline, scope)
+        self._live[job_id] = pipeline.stats
+        self._set_state(job_id, "running", started_at=time.time())
+        state: State = "failed"
+        summary: dict[str, Any] | None = None
+        error: str | None = None
+        with structlog.contextvars.bound_contextvars(job_id=job_id):
+            log.info("job started", source=spec.source, kato=spec.kato_url or "embedded")
+            try:
+                with scope:
+                    result = await pipeline.run()
+                    summary = result.as_dict()
+                if self._shutting_down and job_id not in self._cancelled:
+                    state = "queued"  # drained by a stop: resumes at the next start
+                elif job_id in self._cancelled or scope.cancelled_caught:
+                    state = "cancelled"
+                elif pipeline.stats.samples_failed:
+                    state, error = "succeeded", f"{pipeline.stats.samples_failed} samples failed (retry-failed redoes them)"
+                else:
+                    state = "succeeded"
+            except IngestError as failure:
+                error = str(failure)
+            except Exception as failure:  # noqa: BLE001 - a job's crash must not take the daemon down
+                error = f"{type(failure).__name__}: {failure}"
+                log.exception("job crashed")
+            finally:
+                if summary is None:
+                    summary = _stats_view(pipeline.stats)
+                self._live.pop(job_id, None)
+                self._running.pop(job_id, None)
+                self._cancelled.discard(job_id)
+                if self._db is not None:
+                    finished = None if state == "queued" else time.time()
+                    self._execute("UPDATE jobs SET state = ?, finished_at = ?, summary = ?, error = ? WHERE id = ?",
+                                  (state, finished, orjson.dumps(summary), error, job_id))  # fmt: skip
+                    self._changed()
+                log.info("job ended", state=state, error=error)
+
+    # -- storage -----------------------------------------------------------------------------
+    def _next_queued(self) -> str | None:
+        rows = self._query("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at")
+        return next((job_id for (job_id,) in rows if job_id not in self._running), None)
+
+    def _set_state(self, job_id: str, state: State, **times: float) -> None:
+        assignments = "".join(f", {column} = ?" for column in times)
+        self._execute(f"UPDATE jobs SET state = ?{assignments} WHERE id = ?", (state, *times.values(), job_id))
+        self._changed()
+
+    def _changed(self) -> None:
+        self._update_gauges()
+        self._wake.set()
+
+    def _update_gauges(self) -> None:
+        counts = dict(self._query("SELECT state, count(*) FROM jobs GROUP BY state"))
+        for state in STATES:
+            metrics.JOBS.labels(state).set(counts.get(state, 0))
+
+    def _execute(self, sql: str, parameters: tuple[Any, ...] = ()) -> None:
+        assert self._db is not None, "the job store is closed"
+        self._db.execute(sql, parameters)
+
+    def _query(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        assert self._db is not None, "the job store is closed"
+        return self._db.execute(sql, parameters).fetchall()
+
+
+def _stats_view(stats: RunStats) -> dict[str, Any]:
+    elapsed = stats.elapsed
+    return {
+        "samples": {"read": stats.samples_read, "learned": stats.samples_learned, "filtered": stats.samples_filtered,
+                    "failed": stats.samples_failed, "skipped": stats.skipped},
+        "tokens": stats.tokens,
+        "patterns_per_level": stats.patterns_per_level,
+        "samples_per_second": round(stats.samples_learned / elapsed, 3) if elapsed else None,
+        "tokens_per_second": round(stats.tokens / elapsed, 1) if elapsed else None,
+        "failures": stats.failures[:100],
+        "retries": stats.retries,
+        "possible_duplicates": len(stats.possible_duplicates),
+    }  # fmt: skip

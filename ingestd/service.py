@@ -1,0 +1,141 @@
+"""``ingestd serve``: the daemon. A job API, probes and Prometheus metrics, with the pipelines in the same loop.
+
+* ``POST /jobs`` (a :class:`~ingestd.jobs.JobSpec`) → 201 with the job; ``GET /jobs``; ``GET /jobs/{id}``;
+  ``POST /jobs/{id}/cancel``; ``POST /jobs/{id}/retry-failed``. These need ``Authorization: Bearer <token>``.
+* ``GET /healthz`` (the process answers), ``GET /readyz`` (the job store works and every KATO a job needs
+  answers ``/health``), ``GET /metrics``: open unless ``open_probes`` is off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import structlog
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ingestd.jobs import JobManager, JobSpec
+from ingestd.settings import Settings
+
+log = structlog.get_logger("ingestd.service")
+
+
+class BearerAuth:
+    """401 for the job API without the right bearer token; the probes stay open if so configured."""
+
+    def __init__(self, app: ASGIApp, token: str | None, open_probes: bool) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode() if token else None
+        self.open_probes = open_probes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self._allowed(scope):
+            response = JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
+                                    headers={"www-authenticate": "Bearer"})  # fmt: skip
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        if self.open_probes and scope["path"] in ("/healthz", "/readyz", "/metrics"):
+            return True
+        if self.expected is None:
+            return True
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return secrets.compare_digest(given, self.expected)
+
+
+def build_app(settings: Settings) -> Starlette:
+    manager = JobManager(settings.state_dir, max_jobs=settings.max_jobs, drain_timeout=settings.drain_timeout)
+    token = settings.api_token()
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        ready, reason = manager.ready()
+        problems = [] if ready else [reason]
+        async with httpx.AsyncClient(timeout=3.0) as client:
+            for url in sorted(manager.kato_urls()):
+                try:
+                    answer = await client.get(url.rstrip("/") + "/health")
+                    if answer.status_code != 200:
+                        problems.append(f"KATO at {url} answered {answer.status_code}")
+                except httpx.HTTPError as error:
+                    problems.append(f"KATO at {url} unreachable ({type(error).__name__})")
+        body = {"status": "ready" if not problems else "not ready", "problems": problems}
+        return JSONResponse(body, status_code=200 if not problems else 503)
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    async def submit(request: Request) -> Response:
+        try:
+            spec = JobSpec.model_validate_json(await request.body())
+        except ValidationError as error:
+            return JSONResponse({"detail": error.errors(include_url=False, include_context=False)}, status_code=422)
+        return JSONResponse(manager.submit(spec), status_code=201)
+
+    async def list_jobs(request: Request) -> Response:
+        return JSONResponse({"jobs": manager.list()})
+
+    def one(operation: Any) -> Any:
+        async def endpoint(request: Request) -> Response:
+            job = operation(request.path_params["job_id"])
+            if job is None:
+                return JSONResponse({"detail": f"no job {request.path_params['job_id']}"}, status_code=404)
+            return JSONResponse(job)
+
+        return endpoint
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        manager.open()
+        async with anyio.create_task_group() as group:
+            group.start_soon(manager.run)
+            log.info("ingestd daemon ready", host=settings.host, port=settings.port, max_jobs=settings.max_jobs,
+                     state_dir=str(settings.state_dir), token="set" if token else "none")  # fmt: skip
+            try:
+                yield
+            finally:
+                log.warning("stopping: draining running jobs; they resume at the next start")
+                await manager.shutdown()
+                group.cancel_scope.cancel()
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+        Route("/jobs", submit, methods=["POST"]),
+        Route("/jobs", list_jobs, methods=["GET"]),
+        Route("/jobs/{job_id}", one(manager.get), methods=["GET"]),
+        Route("/jobs/{job_id}/cancel", one(manager.cancel), methods=["POST"]),
+        Route("/jobs/{job_id}/retry-failed", one(manager.retry_failed), methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.add_middleware(BearerAuth, token=token, open_probes=settings.open_probes)
+    return app
+
+
+def serve(settings: Settings) -> None:
+    """Run the daemon until SIGINT/SIGTERM (uvicorn's), then drain."""
+    import importlib.util
+
+    from ingestd.runtime import throughput_gc
+
+    config = uvicorn.Config(build_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                            loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+                            timeout_graceful_shutdown=int(settings.drain_timeout) + 10)  # fmt: skip
+    with throughput_gc():
+        uvicorn.Server(config).run()
