@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -128,8 +129,21 @@ def build_app(settings: Settings) -> Starlette:
     return app
 
 
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, except that a drained shutdown exits 0 instead of re-raising the signal that asked for it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 def serve(settings: Settings) -> None:
-    """Run the daemon until SIGINT/SIGTERM (uvicorn's), then drain."""
+    """Run the daemon until SIGINT/SIGTERM (a second one stops at once), draining running jobs."""
     import importlib.util
 
     from ingestd.runtime import throughput_gc
@@ -138,4 +152,4 @@ def serve(settings: Settings) -> None:
                             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
                             timeout_graceful_shutdown=int(settings.drain_timeout) + 10)  # fmt: skip
     with throughput_gc():
-        uvicorn.Server(config).run()
+        _DrainingServer(config).run()

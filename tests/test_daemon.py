@@ -1,0 +1,189 @@
+"""`ingestd serve` as a real process: the job API, its token, probes, metrics, restarts, and a real Prometheus."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import CORPUS, EngineServer, free_port
+from .golden import kb_dump, run_cli
+
+TOKEN = "token-that-must-never-be-logged"
+
+
+class Daemon:
+    def __init__(self, state_dir: Path, **env: str) -> None:
+        self.state_dir = state_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "INGESTD_TOKEN": TOKEN, "INGESTD_PORT": str(self.port),
+                    "INGESTD_STATE_DIR": str(state_dir), **env}  # fmt: skip
+        self.process: subprocess.Popen[str] | None = None
+        self.logs = ""
+
+    def start(self) -> Daemon:
+        self.process = subprocess.Popen([sys.executable, "-m", "ingestd", "serve"], env=self.env, text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise TimeoutError("the daemon did not come up")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        out, _ = self.process.communicate(timeout=60)
+        self.logs += out
+        return self.process.returncode
+
+    def client(self, token: str | None = TOKEN) -> httpx.Client:
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    running = Daemon(tmp_path / "state").start()
+    yield running
+    if running.process is not None and running.process.poll() is None:
+        running.stop()
+
+
+def wait_for(client: httpx.Client, job_id: str, states: set[str], timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} still {job['state']}")
+
+
+def corpus(tmp_path: Path, samples: int = 300) -> Path:
+    path = tmp_path / "docs.jsonl"
+    lines = CORPUS.read_text(encoding="utf-8").split("\n")
+    path.write_text("".join(json.dumps({"text": "\n".join(lines[i * 12 : i * 12 + 12])}) + "\n" for i in range(samples)))
+    return path
+
+
+def test_the_job_api_needs_the_token_and_the_probes_do_not(daemon: Daemon) -> None:
+    with daemon.client(token=None) as anonymous, daemon.client("wrong") as wrong:
+        assert anonymous.get("/jobs").status_code == 401
+        assert wrong.post("/jobs", json={"source": "x"}).status_code == 401
+        assert anonymous.get("/healthz").json() == {"status": "ok"}
+        assert anonymous.get("/readyz").status_code == 200
+        assert "ingestd_jobs" in anonymous.get("/metrics").text
+    with daemon.client() as client:
+        assert client.get("/jobs").json() == {"jobs": []}
+        assert client.post("/jobs", json={"source": 3}).status_code == 422
+        assert client.get("/jobs/nope").status_code == 404
+    denied = subprocess.run([sys.executable, "-m", "ingestd", "jobs", "list", "--url", daemon.url, "--token", "wrong"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert denied.returncode == 5 and "401" in denied.stderr
+    daemon.stop()
+    assert TOKEN not in daemon.logs
+
+
+def test_a_job_learns_what_ingestd_run_learns_and_metrics_count_it(daemon: Daemon, engine_server: EngineServer,
+                                                                    tmp_path: Path) -> None:  # fmt: skip
+    source = corpus(tmp_path)
+    spec = {"source": str(source), "chunk_sizes": [8, 8, 8], "metadata_levels": [2], "kato_url": engine_server.url,
+            "node_ids": "daemon-a-node{level}", "workers": 4}  # fmt: skip
+    with daemon.client() as client:
+        created = client.post("/jobs", json=spec)
+        assert created.status_code == 201
+        job = wait_for(client, created.json()["id"], {"succeeded", "failed"})
+        assert job["state"] == "succeeded", job
+        assert job["progress"]["samples"]["learned"] == 300
+        listed = subprocess.run([sys.executable, "-m", "ingestd", "jobs", "show", job["id"], "--url", daemon.url],
+                                capture_output=True, text=True, timeout=60, env={**os.environ, "INGESTD_TOKEN": TOKEN})  # fmt: skip
+        assert listed.returncode == 0 and json.loads(listed.stdout)["state"] == "succeeded"
+        exported = client.get("/metrics").text
+    assert "ingestd_samples_learned_total 300.0" in exported
+    assert 'ingestd_jobs{state="succeeded"} 1.0' in exported
+    assert 'ingestd_kato_requests_total{endpoint="observe-sequence",status_class="2xx"}' in exported
+    run_cli(str(source), "--chunk-sizes", "8,8,8", "--metadata-levels", "2", "--kato", engine_server.url,
+            "--node-ids", "cli-a-node{level}")  # fmt: skip
+    database = engine_server.data_dir / "kato.sqlite3"
+    assert kb_dump(database, [f"daemon-a-node{level}" for level in range(3)]) == kb_dump(
+        database, [f"cli-a-node{level}" for level in range(3)])  # fmt: skip
+
+
+def test_a_job_resumes_after_the_daemon_restarts_and_queued_jobs_can_be_cancelled(
+    tmp_path: Path, engine_server: EngineServer
+) -> None:
+    source = corpus(tmp_path, samples=1200)
+    daemon = Daemon(tmp_path / "state", INGESTD_MAX_JOBS="1").start()
+    spec = {"source": str(source), "chunk_sizes": [4, 4, 4], "metadata_levels": [1, 2], "kato_url": engine_server.url,
+            "node_ids": "daemon-b-node{level}", "workers": 2}  # fmt: skip
+    with daemon.client() as client:
+        first = client.post("/jobs", json=spec).json()["id"]
+        second = client.post("/jobs", json={**spec, "node_ids": "never-node{level}"}).json()["id"]
+        wait_for(client, first, {"running"})
+        assert client.get(f"/jobs/{second}").json()["state"] == "queued"  # one slot
+        assert client.post(f"/jobs/{second}/cancel").json()["state"] == "cancelled"
+        while client.get(f"/jobs/{first}").json()["progress"]["samples"]["learned"] < 100:
+            time.sleep(0.05)
+    assert daemon.stop() == 0  # SIGTERM: drains, marks the job to resume
+    daemon.start()
+    with daemon.client() as client:
+        job = wait_for(client, first, {"succeeded", "failed"})
+        assert job["state"] == "succeeded", job
+        assert job["progress"]["samples"]["skipped"] >= 100  # learned before the restart, not again
+        assert client.get(f"/jobs/{second}").json()["state"] == "cancelled"
+    daemon.stop()
+    run_cli(str(source), "--chunk-sizes", "4,4,4", "--metadata-levels", "1,2", "--kato", engine_server.url,
+            "--node-ids", "cli-b-node{level}")  # fmt: skip
+    database = engine_server.data_dir / "kato.sqlite3"
+    assert kb_dump(database, [f"daemon-b-node{level}" for level in range(3)]) == kb_dump(
+        database, [f"cli-b-node{level}" for level in range(3)])  # fmt: skip
+    assert kb_dump(database, ["never-node0"]) == [{}]
+
+
+def test_a_real_prometheus_scrapes_the_daemon_during_a_job(daemon: Daemon, tmp_path: Path) -> None:
+    prometheus = shutil.which("prometheus")
+    assert prometheus, "the prometheus server (Debian package 'prometheus') is needed: .ci/run installs it"
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(f"global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ingestd\n    static_configs:\n"
+                      f"      - targets: ['127.0.0.1:{daemon.port}']\n")  # fmt: skip
+    server = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                               f"--web.listen-address=127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        with daemon.client() as client:
+            job_id = client.post("/jobs", json={"source": str(corpus(tmp_path, samples=2000)), "workers": 4}).json()["id"]
+            learned = wait_for(client, job_id, {"succeeded", "failed"})["progress"]["samples"]["learned"]
+        assert learned == 2000
+        deadline = time.monotonic() + 60
+        value = None
+        while time.monotonic() < deadline:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{port}/api/v1/query",
+                                   params={"query": "ingestd_samples_learned_total"}, timeout=5).json()  # fmt: skip
+                results = answer["data"]["result"]
+                value = float(results[0]["value"][1]) if results else None
+            except (httpx.TransportError, KeyError, ValueError):
+                value = None
+            if value == learned:
+                break
+            time.sleep(0.5)
+        assert value == learned
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
