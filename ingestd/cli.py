@@ -210,6 +210,11 @@ def serve_command(
     configure_logging()
     settings = Settings()
     settings = settings.model_copy(update=_overrides(host=host, port=port, state_dir=state_dir, max_jobs=max_jobs))
+    try:
+        settings.api_token()  # refuse a bad token setup before binding
+    except IngestError as error:
+        typer.echo(f"ingestd: error: {error}", err=True)
+        raise typer.Exit(error.exit_code) from None
     serve(settings)
 
 

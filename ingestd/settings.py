@@ -8,6 +8,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ingestd.engine.settings import ServerSettings
+from ingestd.errors import IngestError
 
 
 class Settings(BaseSettings):
@@ -31,9 +32,25 @@ class Settings(BaseSettings):
     open_probes: bool = Field(default=True, description="/healthz, /readyz and /metrics without the token.")
 
     def api_token(self) -> str | None:
-        """The job API's token, from INGESTD_TOKEN or the file INGESTD_TOKEN_FILE names (never logged)."""
+        """The job API's token, from INGESTD_TOKEN or the file INGESTD_TOKEN_FILE names (never logged).
+
+        An empty token is refused rather than taken as "no token"; no token at all is allowed only on a
+        loopback address.
+        """
         if self.token is not None:
-            return self.token.get_secret_value()
-        if self.token_file is not None:
-            return self.token_file.read_text(encoding="utf-8").strip()
-        return None
+            token: str | None = self.token.get_secret_value().strip()
+            where = "INGESTD_TOKEN"
+        elif self.token_file is not None:
+            where = f"INGESTD_TOKEN_FILE ({self.token_file})"
+            try:
+                token = self.token_file.read_text(encoding="utf-8").strip()
+            except OSError as error:
+                raise IngestError(f"cannot read {where}: {error.strerror}: check the path and its permissions") from None
+        else:
+            token, where = None, ""
+        if token == "":
+            raise IngestError(f"{where} is empty: set a token, e.g. `openssl rand -hex 16`")
+        if token is None and self.host not in ("127.0.0.1", "localhost", "::1"):
+            raise IngestError(f"the daemon binds {self.host} but has no token: set INGESTD_TOKEN or INGESTD_TOKEN_FILE "
+                              "(without one it only binds a loopback address)")  # fmt: skip
+        return token

@@ -187,3 +187,16 @@ def test_a_real_prometheus_scrapes_the_daemon_during_a_job(daemon: Daemon, tmp_p
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize(("env", "needle"), [
+    ({"INGESTD_TOKEN": "  "}, "INGESTD_TOKEN is empty"),
+    ({"INGESTD_TOKEN": "", "INGESTD_HOST": "0.0.0.0"}, "INGESTD_TOKEN is empty"),
+    ({"INGESTD_HOST": "0.0.0.0"}, "has no token"),
+])  # fmt: skip
+def test_the_daemon_refuses_to_start_open_or_with_an_empty_token(tmp_path: Path, env: dict[str, str], needle: str) -> None:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("INGESTD_")}
+    result = subprocess.run([sys.executable, "-m", "ingestd", "serve", "--state-dir", str(tmp_path / "s"),
+                             "--port", str(free_port())], env={**environment, **env}, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 2 and needle in result.stderr
