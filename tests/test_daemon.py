@@ -200,3 +200,33 @@ def test_the_daemon_refuses_to_start_open_or_with_an_empty_token(tmp_path: Path,
                              "--port", str(free_port())], env={**environment, **env}, capture_output=True, text=True,
                             timeout=60)  # fmt: skip
     assert result.returncode == 2 and needle in result.stderr
+
+
+def test_readyz_names_an_unreachable_kato(daemon: Daemon, tmp_path: Path) -> None:
+    gone = f"http://127.0.0.1:{free_port()}"
+    with daemon.client() as client:
+        job = client.post("/jobs", json={"source": str(corpus(tmp_path, samples=5)), "kato_url": gone}).json()
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and any(gone in problem for problem in ready.json()["problems"])
+        client.post(f"/jobs/{job['id']}/cancel")
+
+
+def test_ingestd_run_serves_metrics_while_it_runs(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "ingestd", "run", str(corpus(tmp_path, samples=3000)), "--data",
+                                str(tmp_path / "kb"), "--no-progress", "--metrics-port", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        learned = 0.0
+        while time.monotonic() < deadline and process.poll() is None and learned == 0:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+                line = next(line for line in text.splitlines() if line.startswith("ingestd_samples_learned_total "))
+                learned = float(line.split()[1])
+            except (httpx.TransportError, StopIteration):
+                time.sleep(0.05)
+        assert learned > 0
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
