@@ -138,7 +138,7 @@ class JobManager:
         self._changed()
         return self.get(job_id)  # type: ignore[return-value]
 
-    def list(self) -> list[dict[str, Any]]:
+    def all(self) -> list[dict[str, Any]]:
         rows = self._query("SELECT id FROM jobs ORDER BY created_at")
         return [job for (job_id,) in rows if (job := self.get(job_id)) is not None]
 

@@ -89,7 +89,7 @@ def build_app(settings: Settings) -> Starlette:
         return JSONResponse(manager.submit(spec), status_code=201)
 
     async def list_jobs(request: Request) -> Response:
-        return JSONResponse({"jobs": manager.list()})
+        return JSONResponse({"jobs": manager.all()})
 
     def one(operation: Any) -> Any:
         async def endpoint(request: Request) -> Response:
