@@ -230,3 +230,28 @@ def test_ingestd_run_serves_metrics_while_it_runs(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def test_running_jobs_can_be_cancelled_and_failed_samples_retried(daemon: Daemon, tmp_path: Path) -> None:
+    with daemon.client() as client:
+        long_job = client.post("/jobs", json={"source": str(corpus(tmp_path, samples=3000)), "workers": 2,
+                                              "node_ids": "long-node{level}"}).json()["id"]  # fmt: skip
+        wait_for(client, long_job, {"running"})
+        while client.get(f"/jobs/{long_job}").json()["progress"]["samples"]["learned"] < 50:
+            time.sleep(0.05)
+        client.post(f"/jobs/{long_job}/cancel")
+        cancelled = wait_for(client, long_job, {"cancelled", "succeeded", "failed"})
+        assert cancelled["state"] == "cancelled"
+        assert 50 <= cancelled["progress"]["samples"]["learned"] < 3000
+
+        records = tmp_path / "records.jsonl"
+        records.write_text(json.dumps({"text": "a good sample, long enough"}) + "\n" + json.dumps({"text": 7}) + "\n")
+        job = client.post("/jobs", json={"source": str(records), "node_ids": "retry-node{level}"}).json()["id"]
+        first = wait_for(client, job, {"succeeded", "failed"})
+        assert first["progress"]["samples"]["failed"] == 1 and "retry-failed" in first["error"]
+        records.write_text(json.dumps({"text": "a good sample, long enough"}) + "\n"
+                           + json.dumps({"text": "the second record, repaired"}) + "\n")  # fmt: skip
+        assert client.post(f"/jobs/{job}/retry-failed").json()["state"] == "queued"
+        again = wait_for(client, job, {"succeeded", "failed"})
+        assert again["state"] == "succeeded" and again["error"] is None
+        assert again["progress"]["samples"]["learned"] == 1 and again["progress"]["samples"]["skipped"] == 1
