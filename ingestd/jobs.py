@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 from ingestd import metrics
 from ingestd.errors import IngestError
 from ingestd.hierarchy import Hierarchy
-from ingestd.pipeline import Pipeline, RunConfig, RunStats
+from ingestd.pipeline import Pipeline, RunConfig
 from ingestd.source import SourceSpec
 
 log = structlog.get_logger("ingestd.jobs")
@@ -84,7 +84,7 @@ class JobManager:
         self.drain_timeout = drain_timeout
         self._db: sqlite3.Connection | None = None
         self._running: dict[str, tuple[Pipeline, anyio.CancelScope]] = {}
-        self._live: dict[str, RunStats] = {}
+        self._live: dict[str, Pipeline] = {}
         self._cancelled: set[str] = set()
         self._wake = anyio.Event()
         self._shutting_down = False
@@ -150,7 +150,7 @@ class JobManager:
         job_id, spec, state, retry_failed, created, started, finished, summary, error = rows[0]
         live = self._live.get(job_id)
         if live is not None:
-            summary = _stats_view(live)
+            summary = live.summary().as_dict()
         elif summary is not None:
             summary = orjson.loads(summary)
         return {"id": job_id, "state": state, "spec": orjson.loads(spec), "retry_failed": bool(retry_failed),
@@ -202,17 +202,15 @@ class JobManager:
                                  drain_timeout=self.drain_timeout)  # fmt: skip
         pipeline = Pipeline(config)
         self._running[job_id] = (pipeline, scope)
-        self._live[job_id] = pipeline.stats
+        self._live[job_id] = pipeline
         self._set_state(job_id, "running", started_at=time.time())
         state: State = "failed"
-        summary: dict[str, Any] | None = None
         error: str | None = None
         with structlog.contextvars.bound_contextvars(job_id=job_id):
             log.info("job started", source=spec.source, kato=spec.kato_url or "embedded")
             try:
                 with scope:
-                    result = await pipeline.run()
-                    summary = result.as_dict()
+                    await pipeline.run()
                 if self._shutting_down and job_id not in self._cancelled:
                     state = "queued"  # drained by a stop: resumes at the next start
                 elif job_id in self._cancelled or scope.cancelled_caught:
@@ -227,8 +225,7 @@ class JobManager:
                 error = f"{type(failure).__name__}: {failure}"
                 log.exception("job crashed")
             finally:
-                if summary is None:
-                    summary = _stats_view(pipeline.stats)
+                summary = pipeline.summary().as_dict()
                 self._live.pop(job_id, None)
                 self._running.pop(job_id, None)
                 self._cancelled.discard(job_id)
@@ -266,17 +263,3 @@ class JobManager:
         assert self._db is not None, "the job store is closed"
         return self._db.execute(sql, parameters).fetchall()
 
-
-def _stats_view(stats: RunStats) -> dict[str, Any]:
-    elapsed = stats.elapsed
-    return {
-        "samples": {"read": stats.samples_read, "learned": stats.samples_learned, "filtered": stats.samples_filtered,
-                    "failed": stats.samples_failed, "skipped": stats.skipped},
-        "tokens": stats.tokens,
-        "patterns_per_level": stats.patterns_per_level,
-        "samples_per_second": round(stats.samples_learned / elapsed, 3) if elapsed else None,
-        "tokens_per_second": round(stats.tokens / elapsed, 1) if elapsed else None,
-        "failures": stats.failures[:100],
-        "retries": stats.retries,
-        "possible_duplicates": len(stats.possible_duplicates),
-    }  # fmt: skip

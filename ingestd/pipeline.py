@@ -261,6 +261,10 @@ class Pipeline:
             progress.close()
         if self.on_progress is not None:
             self.on_progress(self.stats)
+        return self.summary()
+
+    def summary(self) -> RunSummary:
+        """What the run has done so far (the final summary once ``run`` returned)."""
         return RunSummary(self.describe(), self.stats)
 
     def stop(self) -> None:
