@@ -13,19 +13,20 @@ said in KATO's API is the backend's business:
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 import orjson
 
 from ingestd import metrics
-from ingestd.engine import Engine, EngineSettings, SessionNotFound
+from ingestd.engine import Engine, EngineSettings, KatoError, SessionNotFound
 from ingestd.errors import Ambiguous, KatoRejected, KatoUnavailable, ServerDown, SessionLost
+
+T = TypeVar("T")
 
 
 class KatoBackend(Protocol):
@@ -144,8 +145,7 @@ class HttpKato:
         except TimeoutError:
             raise Ambiguous(f"no answer within {self._timeout.total:g} s") from None
         finally:
-            metrics.REQUESTS.labels(endpoint, metrics.status_class(status)).inc()
-            metrics.REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
+            metrics.record_request(endpoint, status, time.perf_counter() - started)
         if status == 200:
             return orjson.loads(raw)
         if status in (502, 503, 504):
@@ -204,17 +204,13 @@ class HttpKato:
         return body["pattern"] if body["status"] == "okay" else None
 
 
-@contextlib.contextmanager
-def _lost_as_transient() -> Iterator[None]:
-    """The engine's SessionNotFound is what a KATO server answers with 404 SESSION_NOT_FOUND."""
-    try:
-        yield
-    except SessionNotFound as lost:
-        raise SessionLost(lost.session_id) from None
-
-
 class EmbeddedKato:
-    """The embedded engine in this process, on a local directory (the default backend)."""
+    """The embedded engine in this process, on a local directory (the default backend).
+
+    Each operation is counted and timed like the HTTP call it stands for (same endpoint names and
+    status classes in ``ingestd_kato_requests_total``), and the engine's errors become what a KATO
+    server's answers would: a lost session is :class:`SessionLost` (404), a refusal :class:`KatoRejected`.
+    """
 
     def __init__(self, settings: EngineSettings) -> None:
         self.engine = Engine(settings)
@@ -234,36 +230,49 @@ class EmbeddedKato:
     async def aclose(self) -> None:
         await self.engine.aclose()
 
-    async def create_session(self, node_id: str, config: dict[str, Any], *, key: str | None = None) -> str:
+    async def _call(self, endpoint: str, operation: Awaitable[T]) -> T:
         self.requests += 1
-        return (await self.engine.create_session(node_id, config, idempotency_key=key))["session_id"]
+        started = time.perf_counter()
+        status: int | None = None
+        try:
+            result = await operation
+            status = 200
+            return result
+        except SessionNotFound as lost:
+            status = 404
+            raise SessionLost(lost.session_id) from None
+        except KatoError as error:
+            status = error.status
+            if 400 <= error.status < 500:
+                raise KatoRejected(error.status, str(error.detail)) from None
+            raise
+        finally:
+            metrics.record_request(endpoint, status, time.perf_counter() - started)
+
+    async def create_session(self, node_id: str, config: dict[str, Any], *, key: str | None = None) -> str:
+        body = await self._call("create-session", self.engine.create_session(node_id, config, idempotency_key=key))
+        session_id: str = body["session_id"]
+        return session_id
 
     async def delete_session(self, session_id: str) -> None:
-        self.requests += 1
-        with _lost_as_transient():
-            await self.engine.delete_session(session_id)
+        await self._call("delete-session", self.engine.delete_session(session_id))
 
     async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
                     auto_learn: bool, key: str | None = None) -> list[str]:  # fmt: skip
-        self.requests += 1
-        with _lost_as_transient():
-            return await self.engine.learn_chunks(session_id, chunks, metadata, idempotency_key=key)
+        return await self._call("observe-sequence",
+                                self.engine.learn_chunks(session_id, chunks, metadata, idempotency_key=key))  # fmt: skip
 
     async def healthy(self) -> bool:
         return True
 
     async def clear_stm(self, session_id: str) -> None:
-        self.requests += 1
-        with _lost_as_transient():
-            await self.engine.clear_stm(session_id)
+        await self._call("clear-stm", self.engine.clear_stm(session_id))
 
     async def clear_all(self, node_id: str) -> None:
         session_id = await self.create_session(node_id, {"process_predictions": False})
-        self.requests += 1
-        await self.engine.clear_all(session_id)
+        await self._call("clear-all", self.engine.clear_all(session_id))
         await self.delete_session(session_id)
 
     async def get_pattern(self, node_id: str, name: str) -> dict[str, Any] | None:
-        self.requests += 1
-        body = (await self.engine.get_pattern(name, node_id))["pattern"]
+        body = (await self._call("pattern", self.engine.get_pattern(name, node_id)))["pattern"]
         return body["pattern"] if body["status"] == "okay" else None

@@ -49,3 +49,9 @@ RUN_METRIC_NAMES = (
 def status_class(status: int | None) -> str:
     """``2xx``/``4xx``/``5xx`` for an answer, ``error`` when there was none."""
     return "error" if status is None else f"{status // 100}xx"
+
+
+def record_request(endpoint: str, status: int | None, seconds: float) -> None:
+    """One KATO call (over HTTP, or the embedded engine's operation of the same name) and its latency."""
+    REQUESTS.labels(endpoint, status_class(status)).inc()
+    REQUEST_SECONDS.labels(endpoint).observe(seconds)
