@@ -77,6 +77,26 @@ def kato_serve(
     serve(server)
 
 
+_LOG_FORMAT = Annotated[Optional[str], typer.Option(help="json, console, or auto (JSON unless stderr is a terminal); INGESTD_LOG_FORMAT.", show_default=False)]
+_LOG_LEVEL = Annotated[Optional[str], typer.Option(help="debug, info, warning or error (INGESTD_LOG_LEVEL, default info).", show_default=False)]
+
+
+def _settings(**flags: Any) -> Settings:
+    """Settings from the environment, overridden by the flags given; logging configured from them."""
+    from pydantic import ValidationError
+
+    from ingestd.logs import configure_logging
+
+    try:
+        settings = Settings(**_overrides(**flags))
+    except ValidationError as error:
+        problem = error.errors()[0]
+        name = str(problem["loc"][0])
+        raise typer.BadParameter(f"{problem['input']!r}: {problem['msg']}", param_hint=f"--{name.replace('_', '-')}") from None
+    configure_logging(settings.log_format, settings.log_level)
+    return settings
+
+
 def _int_list(text: str | None, what: str) -> list[int]:
     if not text:
         return []
@@ -130,6 +150,8 @@ def run_command(
     tokenizer: Annotated[str, typer.Option(help="'gpt2' (bundled) or a tokenizer transformers can load offline.")] = "gpt2",
     summary_json: Annotated[Optional[Path], typer.Option(help="Also write the summary here as JSON.")] = None,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Live progress bar (default: when on a terminal).")] = None,
+    log_format: _LOG_FORMAT = None,
+    log_level: _LOG_LEVEL = None,
 ) -> None:
     """Learn every sample of SOURCE into a KATO hierarchy, and print a summary."""
     import json
@@ -139,14 +161,13 @@ def run_command(
     from rich.console import Console
 
     from ingestd.hierarchy import Hierarchy
-    from ingestd.logs import configure_logging
     from ingestd.pipeline import RunConfig, run_async
     from ingestd.report import ProgressBar, ProgressLog, summary_table
     from ingestd.retry import RetryPolicy
     from ingestd.runtime import loop_options, throughput_gc
     from ingestd.source import SourceSpec
 
-    configure_logging()
+    _settings(log_format=log_format, log_level=log_level)
     console = Console()
     if txt_mode not in ("paragraph", "line"):
         raise typer.BadParameter(f"{txt_mode!r}: use 'paragraph' or 'line'", param_hint="--txt-mode")
@@ -202,14 +223,14 @@ def serve_command(
     port: Annotated[Optional[int], typer.Option(help="Port (default 8080, or INGESTD_PORT).")] = None,
     state_dir: Annotated[Optional[Path], typer.Option(help="Jobs, progress, embedded engine (INGESTD_STATE_DIR).")] = None,
     max_jobs: Annotated[Optional[int], typer.Option(min=1, help="Jobs at once (INGESTD_MAX_JOBS, default 2).")] = None,
+    log_format: _LOG_FORMAT = None,
+    log_level: _LOG_LEVEL = None,
 ) -> None:
     """Run the daemon: a job API (bearer token from INGESTD_TOKEN or INGESTD_TOKEN_FILE), /healthz, /readyz, /metrics."""
-    from ingestd.logs import configure_logging
     from ingestd.service import serve
 
-    configure_logging()
-    settings = Settings()
-    settings = settings.model_copy(update=_overrides(host=host, port=port, state_dir=state_dir, max_jobs=max_jobs))
+    settings = _settings(host=host, port=port, state_dir=state_dir, max_jobs=max_jobs, log_format=log_format,
+                         log_level=log_level)  # fmt: skip
     try:
         settings.api_token()  # refuse a bad token setup before binding
     except IngestError as error:

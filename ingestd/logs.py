@@ -1,27 +1,47 @@
-"""structlog setup: JSON lines in production, readable output on a terminal. Configured once, by the CLI."""
+"""structlog setup: JSON lines in production, readable output on a terminal. Configured once, by the CLI.
+
+Every event carries a timestamp and its severity (``level``); events of a run also carry what is bound on
+the task that logs them: ``job_id`` (a daemon job), ``worker``, ``hierarchy_level``, ``node_id`` and
+``sample_index``. Other
+libraries' logging (uvicorn, datasets) goes through the same renderer, warnings and worse only unless the
+level is debug, so a log shipper sees one format.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Literal
 
+import orjson
 import structlog
 
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
-def configure_logging(*, json: bool | None = None, level: str = "info") -> None:
-    """Log to stderr; ``json=None`` picks JSON unless stderr is a terminal."""
-    use_json = not sys.stderr.isatty() if json is None else json
+
+def configure_logging(log_format: LogFormat = "auto", level: LogLevel = "info") -> None:
+    """Log to stderr; ``auto`` is JSON unless stderr is a terminal."""
+    use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        structlog.processors.JSONRenderer(serializer=lambda event, **_: orjson.dumps(event, default=str).decode())
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    threshold = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level, stamp, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.contextvars.merge_contextvars, structlog.stdlib.add_log_level,
+                           structlog.stdlib.add_logger_name, stamp],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))  # fmt: skip
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(threshold if threshold <= logging.DEBUG else max(threshold, logging.WARNING))

@@ -116,15 +116,15 @@ class RunStats:
         log.warning("sample failed", sample_index=index, reason=reason)
 
     # -- what workers report while getting calls through (see ingestd.retry) --
-    def retried(self, cause: str, sample_index: int | None, detail: str) -> None:
+    def retried(self, cause: str, detail: str) -> None:
         self.retries[cause] = self.retries.get(cause, 0) + 1
         metrics.RETRIES.labels(cause).inc()
-        log.warning("retrying a KATO call", cause=cause, sample_index=sample_index, detail=detail)
+        log.warning("retrying a KATO call", cause=cause, detail=detail)  # worker, level, sample: see ingestd.logs
 
     def session_recreated(self, node_id: str) -> None:
         self.session_recreations += 1
         metrics.SESSION_RECREATIONS.inc()
-        log.warning("session recreated", node_id=node_id)
+        log.warning("session recreated", cause="session_lost", node_id=node_id)
 
     def server_outage(self) -> None:
         self.server_outages += 1
@@ -134,7 +134,7 @@ class RunStats:
         self.possible_duplicates.append({"sample_index": sample_index, "node_id": node_id})
         metrics.POSSIBLE_DUPLICATES.inc()
         log.warning("possible duplicate: a resent call may have been applied twice by a server without "
-                    "idempotency keys", sample_index=sample_index, node_id=node_id)  # fmt: skip
+                    "idempotency keys", cause="ambiguous", sample_index=sample_index, node_id=node_id)  # fmt: skip
 
 
 @dataclass
@@ -242,9 +242,9 @@ class Pipeline:
                 with self._workers:
                     async with anyio.create_task_group() as pipeline:
                         pipeline.start_soon(self._produce, source, tokenizer, progress, send)
-                        for _ in range(config.workers):
-                            worker = Worker(backend, setups, config.batch_chunks, policy=config.retry, watch=watch,
-                                            recovery=self.stats, key_prefix=progress.fingerprint[:16])  # fmt: skip
+                        for number in range(config.workers):
+                            worker = Worker(number, backend, setups, config.batch_chunks, policy=config.retry,
+                                            watch=watch, recovery=self.stats, key_prefix=progress.fingerprint[:16])  # fmt: skip
                             pipeline.start_soon(self._work, worker, progress, receive.clone())
                         receive.close()
                 group.cancel_scope.cancel()
@@ -329,6 +329,7 @@ class Pipeline:
 
     async def _work(self, worker: Worker, progress: Progress, receive: MemoryObjectReceiveStream[SamplePlan]) -> None:
         stats = self.stats
+        structlog.contextvars.bind_contextvars(worker=worker.number)  # this task's events, and its level tasks'
         try:
             await worker.open()
             async with receive:

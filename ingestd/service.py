@@ -148,7 +148,7 @@ def serve(settings: Settings) -> None:
 
     from ingestd.runtime import throughput_gc
 
-    config = uvicorn.Config(build_app(settings), host=settings.host, port=settings.port, log_level="warning",
+    config = uvicorn.Config(build_app(settings), host=settings.host, port=settings.port, log_level="warning", log_config=None,
                             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
                             timeout_graceful_shutdown=int(settings.drain_timeout) + 10)  # fmt: skip
     with throughput_gc():

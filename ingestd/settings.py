@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ingestd.engine.settings import ServerSettings
 from ingestd.errors import IngestError
+from ingestd.logs import LogFormat, LogLevel
 
 
 class Settings(BaseSettings):
@@ -20,6 +21,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INGESTD_", env_nested_delimiter="__", extra="ignore")
 
     server: ServerSettings = Field(default_factory=ServerSettings)
+
+    log_format: LogFormat = Field(default="auto", description="json, console, or auto: JSON unless on a terminal.")
+    log_level: LogLevel = "info"
 
     # -- the daemon (`ingestd serve`) --
     host: str = Field(default="127.0.0.1", description="Address the daemon binds; loopback unless you mean it.")

@@ -55,14 +55,21 @@ def level_setups(hierarchy: Hierarchy, node_ids: list[str], *, batching: bool) -
 class Recovery(Protocol):
     """Where a worker reports what it had to do to get its calls through (the run's stats)."""
 
-    def retried(self, cause: str, sample_index: int | None, detail: str) -> None: ...
+    def retried(self, cause: str, detail: str) -> None: ...
     def session_recreated(self, node_id: str) -> None: ...
     def possible_duplicate(self, sample_index: int, node_id: str) -> None: ...
 
 
 class Worker:
-    def __init__(self, backend: KatoBackend, levels: list[LevelSetup], batch_chunks: int, *, policy: RetryPolicy,
+    """One of a run's workers: its own session on every node, one sample at a time.
+
+    Log events while it works carry ``worker`` (bound by the pipeline on the worker's task) and, from
+    its level tasks, ``hierarchy_level``, ``node_id`` and ``sample_index`` (``level`` is the event's severity).
+    """
+
+    def __init__(self, number: int, backend: KatoBackend, levels: list[LevelSetup], batch_chunks: int, *, policy: RetryPolicy,
                  watch: ServerWatch, recovery: Recovery, key_prefix: str) -> None:  # fmt: skip
+        self.number = number
         self.backend = backend
         self.levels = levels
         self.batch_chunks = batch_chunks
@@ -100,8 +107,9 @@ class Worker:
         # embedded engine) returns the session it already created instead of leaking a second one.
         self._created += 1
         key = f"{self.key_prefix}:session:{self._nonce}:{self._created}"
-        session_id, _ = await send(lambda: self.backend.create_session(level.node_id, level.session_config, key=key),
-                                   self.policy, on_retry=self._recover_server)  # fmt: skip
+        with structlog.contextvars.bound_contextvars(hierarchy_level=level.index, node_id=level.node_id):
+            session_id, _ = await send(lambda: self.backend.create_session(level.node_id, level.session_config, key=key),
+                                       self.policy, on_retry=self._recover_server)  # fmt: skip
         return session_id
 
     async def learn(self, plan: SamplePlan) -> None:
@@ -112,6 +120,8 @@ class Worker:
                     group.start_soon(self._learn_level, level, level_plan, plan)
 
     async def _learn_level(self, level: LevelSetup, level_plan: LevelPlan, plan: SamplePlan) -> None:
+        # This level task's own context: every event it logs names the level, its node and the sample.
+        structlog.contextvars.bind_contextvars(hierarchy_level=level.index, node_id=level.node_id, sample_index=plan.index)
         metadata = plan.metadata if level.capture_metadata else None
         # One call is the unit of resending: a batch of whole chunks, or (without auto-learn) one chunk.
         size = self.batch_chunks if level.batched else 1
@@ -132,7 +142,7 @@ class Worker:
     async def _send(self, level: LevelSetup, sample_index: int, call: Callable[[str], Awaitable[T]], *,
                     resend_may_duplicate: bool) -> T:  # fmt: skip
         async def on_retry(failure: Transient) -> None:
-            self.recovery.retried(failure.cause, sample_index, str(failure))
+            self.recovery.retried(failure.cause, str(failure))
             if isinstance(failure, SessionLost):
                 await self._recreate(level)
             elif isinstance(failure, ServerDown):
@@ -144,7 +154,7 @@ class Worker:
         return result
 
     async def _recover_server(self, failure: Transient) -> None:
-        self.recovery.retried(failure.cause, None, str(failure))  # session calls belong to no sample
+        self.recovery.retried(failure.cause, str(failure))  # session calls belong to no sample
         if isinstance(failure, ServerDown):
             await self.watch.wait_until_up(str(failure))
 

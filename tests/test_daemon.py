@@ -255,3 +255,8 @@ def test_running_jobs_can_be_cancelled_and_failed_samples_retried(daemon: Daemon
         again = wait_for(client, job, {"succeeded", "failed"})
         assert again["state"] == "succeeded" and again["error"] is None
         assert again["progress"]["samples"]["learned"] == 1 and again["progress"]["samples"]["skipped"] == 1
+    assert daemon.stop() == 0
+    events = [json.loads(line) for line in daemon.logs.splitlines() if line.startswith("{")]  # JSON lines: no TTY
+    failed = [event for event in events if event["event"] == "sample failed"]
+    assert [(event["job_id"], event["sample_index"], event["level"]) for event in failed] == [(job, 1, "warning")]
+    assert {event["job_id"] for event in events if event["event"] == "job started"} == {long_job, job}

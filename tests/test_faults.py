@@ -175,14 +175,14 @@ class Trigger(threading.Thread):
         self.join(timeout=10)
 
 
-def faulty_run(corpus: Path, upstream: EngineServer, proxy: FaultProxy, tmp_path: Path,
-               *extra: str) -> tuple[dict[str, Any], int]:  # fmt: skip
+def faulty_run(corpus: Path, upstream: EngineServer, proxy: FaultProxy, tmp_path: Path, *extra: str,
+               events: list[dict[str, Any]] | None = None) -> tuple[dict[str, Any], int]:  # fmt: skip
     """``ingestd run`` through the proxy, run id 'faulty'; checks the run itself succeeded.
 
-    Returns its summary and how many sessions the server had open before it.
+    Returns its summary and how many sessions the server had open before it; its log events go to ``events``.
     """
     before = session_count(upstream.url)
-    summary = run_cli(*run_arguments(corpus, proxy.url, "faulty", tmp_path / "run", *extra), timeout=120)
+    summary = run_cli(*run_arguments(corpus, proxy.url, "faulty", tmp_path / "run", *extra), timeout=120, events=events)
     samples = summary["samples"]
     assert (samples["read"], samples["learned"], samples["failed"]) == (SAMPLES, SAMPLES, 0), summary["failures"][:5]
     assert summary["failures"] == []
@@ -227,11 +227,17 @@ def test_dropped_connections(corpus: Path, clean: dict[str, Any], upstream: Engi
 def test_connections_refused_mid_run(corpus: Path, clean: dict[str, Any], upstream: EngineServer, proxy: FaultProxy,
                                      tmp_path: Path) -> None:  # fmt: skip
     """Once 300 requests went through, the proxy closes every connection and refuses new ones for 1.5 s."""
+    events: list[dict[str, Any]] = []
     with Trigger(proxy, [300], lambda: proxy.refuse_for(1.5)) as trigger:
         started = time.monotonic()
-        summary, before = faulty_run(corpus, upstream, proxy, tmp_path)
+        summary, before = faulty_run(corpus, upstream, proxy, tmp_path, events=events)
         elapsed = time.monotonic() - started
     recovery = summary["recovery"]
+    waits = [event for event in events if event["event"] == "KATO unreachable; waiting for it"]
+    assert len(waits) == recovery["server_outages"] and all(event["level"] == "warning" for event in waits)
+    assert all(event["cause"] and event["server"] == f"KATO at {proxy.url}" for event in waits)
+    down = [event for event in events if event["event"] == "retrying a KATO call" and event["cause"] == "server_down"]
+    assert len(down) == recovery["retries"]["server_down"] and all("worker" in event for event in down)
     assert trigger.fired and proxy.injected["refuse_for"] == 1
     assert proxy.requests - trigger.fired[0] > 300, "the refusal came mid-run, not at its end"
     assert recovery["server_outages"] >= 1
@@ -246,12 +252,21 @@ def test_sessions_lost_at_random(corpus: Path, clean: dict[str, Any], upstream: 
                                  tmp_path: Path) -> None:  # fmt: skip
     """5 % of session requests: the proxy deletes the session upstream and answers 404 SESSION_NOT_FOUND."""
     proxy.session_not_found(0.05)
-    summary, before = faulty_run(corpus, upstream, proxy, tmp_path)
+    events: list[dict[str, Any]] = []
+    summary, before = faulty_run(corpus, upstream, proxy, tmp_path, events=events)
     recovery = summary["recovery"]
     lost = proxy.injected["session_not_found"]
     assert lost > 10
     assert recovery["retries"].get("session_lost", 0) == lost
     assert recovery["session_recreations"] == lost
+    # Logged once each, at warning, with the cause and where it happened: worker, level and its node, sample.
+    retries = [event for event in events if event["event"] == "retrying a KATO call"]
+    recreations = [event for event in events if event["event"] == "session recreated"]
+    assert len(retries) == len(recreations) == lost
+    for event in retries + recreations:
+        assert event["level"] == "warning" and event["cause"] == "session_lost", event
+        assert event["worker"] in range(4) and event["hierarchy_level"] in range(LEVELS), event
+        assert event["node_id"] == f"faulty-node{event['hierarchy_level']}" and event["sample_index"] in range(SAMPLES)
     assert recovery["possible_duplicates"] == 0
     assert_same_kb(upstream, "faulty", clean["kb"])
     assert_sessions_closed(upstream, before, summary["recovery"], dict(proxy.injected))
