@@ -107,7 +107,7 @@ class HttpKato:
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
             raise KatoUnavailable(
                 f"cannot reach KATO at {self.url} ({type(error).__name__}: {error or 'no answer'}): start the server, "
-                "or give its address with --kato http://host:port"
+                "or check its address (--kato http://host:port; a daemon job's kato_url)"
             ) from None
         try:
             body = orjson.loads(raw)

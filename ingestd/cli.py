@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ingestd import __version__
-from ingestd.errors import IngestError
+from ingestd.errors import IngestError, find_ingest_error
 from ingestd.settings import Settings
 
 app = typer.Typer(
@@ -106,17 +106,6 @@ def _int_list(text: str | None, what: str) -> list[int]:
         raise typer.BadParameter(f"{text!r} is not a comma-separated list of integers, e.g. 8,8,8,8", param_hint=what) from None
 
 
-def _find_ingest_error(error: BaseException) -> IngestError | None:
-    if isinstance(error, IngestError):
-        return error
-    if isinstance(error, BaseExceptionGroup):
-        for inner in error.exceptions:
-            found = _find_ingest_error(inner)
-            if found is not None:
-                return found
-    return None
-
-
 @app.command("run")
 def run_command(
     source: Annotated[str, typer.Argument(help="A dataset key (wikitext, c4, refinedweb, openwebtext, redpajama_sample, pile, dolma, bookcorpus, simple_wiki), a hub dataset name, or a local .txt/.jsonl/.parquet/.csv file.")],
@@ -202,7 +191,7 @@ def run_command(
                 summary = anyio.run(lambda: run_async(config, on_progress=ProgressLog(), handle_signals=True),
                                     **loop_options())
     except BaseException as error:  # noqa: BLE001 - unwrap task-group errors to the user's problem
-        found = _find_ingest_error(error)
+        found = find_ingest_error(error)
         if found is None:
             raise
         typer.echo(f"ingestd: error: {found}", err=True)

@@ -10,6 +10,18 @@ class IngestError(Exception):
     exit_code = 2
 
 
+def find_ingest_error(error: BaseException) -> IngestError | None:
+    """The user's problem inside ``error``, however deep in task groups' exception groups it was raised."""
+    if isinstance(error, IngestError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = find_ingest_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
 class KatoUnavailable(IngestError):
     """The KATO server cannot be reached, or is not a KATO server."""
 

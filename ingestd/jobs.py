@@ -16,11 +16,11 @@ from typing import Any, Literal
 import anyio
 import orjson
 import structlog
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from ingestd import metrics
-from ingestd.errors import IngestError
-from ingestd.hierarchy import Hierarchy
+from ingestd.errors import find_ingest_error
+from ingestd.hierarchy import Hierarchy, HierarchyError
 from ingestd.pipeline import Pipeline, RunConfig
 from ingestd.source import SourceSpec
 
@@ -54,7 +54,7 @@ class JobSpec(BaseModel):
     txt_mode: Literal["line", "paragraph"] = "paragraph"
     hub_config: str | None = None
     split: str | None = None
-    chunk_sizes: list[int] = [8, 8, 8, 8]
+    chunk_sizes: list[int] = Field(default=[8, 8, 8, 8], min_length=1)
     metadata_levels: list[int] = []
     node_ids: str = "node{level}"
     run_id: str = ""
@@ -64,8 +64,19 @@ class JobSpec(BaseModel):
     skip: int = Field(default=0, ge=0)
     max_samples: int | None = Field(default=None, ge=0)
 
+    @model_validator(mode="after")
+    def _hierarchy_is_valid(self) -> JobSpec:
+        self.hierarchy()  # refused at submission (422), not when the job starts
+        return self
+
+    def hierarchy(self) -> Hierarchy:
+        try:
+            return Hierarchy.from_chunk_sizes(self.chunk_sizes, set(self.metadata_levels), self.node_ids)
+        except HierarchyError as error:
+            raise ValueError(str(error)) from None
+
     def run_config(self, state_dir: Path, job_id: str, *, retry_failed: bool, drain_timeout: float) -> RunConfig:
-        hierarchy = Hierarchy.from_chunk_sizes(self.chunk_sizes, set(self.metadata_levels), self.node_ids)
+        hierarchy = self.hierarchy()
         source = SourceSpec(source=self.source, text_field=self.text_field, hub_config=self.hub_config,
                             split=self.split, txt_mode=self.txt_mode, metadata_fields=tuple(self.metadata_fields),
                             label=self.label)  # fmt: skip
@@ -195,20 +206,22 @@ class JobManager:
 
     # -- running one job ---------------------------------------------------------------------
     async def _run_job(self, job_id: str, scope: anyio.CancelScope) -> None:
-        job = self.get(job_id)
-        assert job is not None
-        spec = JobSpec.model_validate(job["spec"])
-        config = spec.run_config(self.state_dir, job_id, retry_failed=job["retry_failed"],
-                                 drain_timeout=self.drain_timeout)  # fmt: skip
-        pipeline = Pipeline(config)
-        self._running[job_id] = (pipeline, scope)
-        self._live[job_id] = pipeline
-        self._set_state(job_id, "running", started_at=time.time())
+        """Run one job to its end state. Nothing a job does, not even a bug, stops the others or the daemon."""
+        pipeline: Pipeline | None = None
         state: State = "failed"
         error: str | None = None
         with structlog.contextvars.bound_contextvars(job_id=job_id):
-            log.info("job started", source=spec.source, kato=spec.kato_url or "embedded")
             try:
+                job = self.get(job_id)
+                assert job is not None
+                spec = JobSpec.model_validate(job["spec"])
+                config = spec.run_config(self.state_dir, job_id, retry_failed=job["retry_failed"],
+                                         drain_timeout=self.drain_timeout)  # fmt: skip
+                pipeline = Pipeline(config)
+                self._running[job_id] = (pipeline, scope)
+                self._live[job_id] = pipeline
+                self._set_state(job_id, "running", started_at=time.time())
+                log.info("job started", source=spec.source, kato=spec.kato_url or "embedded")
                 with scope:
                     await pipeline.run()
                 if self._shutting_down and job_id not in self._cancelled:
@@ -219,20 +232,28 @@ class JobManager:
                     state, error = "succeeded", f"{pipeline.stats.samples_failed} samples failed (retry-failed redoes them)"
                 else:
                     state = "succeeded"
-            except IngestError as failure:
-                error = str(failure)
+            except ValidationError as invalid:  # stored by an older ingestd, or edited: not a job this one can run
+                error = f"the stored job is not valid for this ingestd: {invalid.errors()[0]['msg']}; submit it again"
+                log.error("job cannot run", error=error)
             except Exception as failure:  # noqa: BLE001 - a job's crash must not take the daemon down
-                error = f"{type(failure).__name__}: {failure}"
-                log.exception("job crashed")
+                found = find_ingest_error(failure)
+                if found is not None:
+                    error = str(found)
+                else:
+                    leaf: BaseException = failure
+                    while isinstance(leaf, BaseExceptionGroup):
+                        leaf = leaf.exceptions[0]
+                    error = f"ingestd crashed on this job ({type(leaf).__name__}: {leaf}); the daemon's log has the traceback"
+                    log.exception("job crashed")
             finally:
-                summary = pipeline.summary().as_dict()
+                summary = None if pipeline is None else orjson.dumps(pipeline.summary().as_dict())
                 self._live.pop(job_id, None)
                 self._running.pop(job_id, None)
                 self._cancelled.discard(job_id)
                 if self._db is not None:
                     finished = None if state == "queued" else time.time()
                     self._execute("UPDATE jobs SET state = ?, finished_at = ?, summary = ?, error = ? WHERE id = ?",
-                                  (state, finished, orjson.dumps(summary), error, job_id))  # fmt: skip
+                                  (state, finished, summary, error, job_id))  # fmt: skip
                     self._changed()
                 log.info("job ended", state=state, error=error)
 

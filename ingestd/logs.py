@@ -23,15 +23,16 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 def configure_logging(log_format: LogFormat = "auto", level: LogLevel = "info") -> None:
     """Log to stderr; ``auto`` is JSON unless stderr is a terminal."""
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
-    renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer(serializer=lambda event, **_: orjson.dumps(event, default=str).decode())
+    renderers: list[structlog.typing.Processor] = (
+        [structlog.processors.format_exc_info,  # a traceback as one "exception" string
+         structlog.processors.JSONRenderer(serializer=lambda event, **_: orjson.dumps(event, default=str).decode())]
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
-    )
+        else [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+    )  # fmt: skip
     stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     threshold = logging.getLevelNamesMapping()[level.upper()]
     structlog.configure(
-        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level, stamp, renderer],
+        processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level, stamp, *renderers],
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
@@ -40,7 +41,7 @@ def configure_logging(log_format: LogFormat = "auto", level: LogLevel = "info") 
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.contextvars.merge_contextvars, structlog.stdlib.add_log_level,
                            structlog.stdlib.add_logger_name, stamp],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderers],
     ))  # fmt: skip
     root = logging.getLogger()
     root.handlers = [handler]

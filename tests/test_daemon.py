@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,3 +263,77 @@ def test_running_jobs_can_be_cancelled_and_failed_samples_retried(daemon: Daemon
     failed = [event for event in events if event["event"] == "sample failed"]
     assert [(event["job_id"], event["sample_index"], event["level"]) for event in failed] == [(job, 1, "warning")]
     assert {event["job_id"] for event in events if event["event"] == "job started"} == {long_job, job}
+
+
+class _NotQuiteKato(http.server.BaseHTTPRequestHandler):
+    """Healthy, creates sessions, and answers every other call 200 ``{}``: a server ingestd has no answer for."""
+
+    def _answer(self, body: dict[str, Any]) -> None:
+        raw = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def do_GET(self) -> None:
+        self._answer({"status": "healthy"} if self.path == "/health" else {})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self._answer({"session_id": "session-1"} if self.path == "/sessions" else {})
+
+    def do_DELETE(self) -> None:
+        self._answer({})
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # the crashing job drops its connections mid-answer
+
+
+def test_a_job_that_fails_or_crashes_fails_alone(tmp_path: Path) -> None:
+    """Bad jobs are refused at submission or fail with their reason; a crash fails only its job; a stored job
+    this version cannot run fails at the next start; the daemon runs the next good job every time."""
+    broken = _QuietServer(("127.0.0.1", 0), _NotQuiteKato)
+    threading.Thread(target=broken.serve_forever, daemon=True).start()
+    source = str(corpus(tmp_path, samples=20))
+    daemon = Daemon(tmp_path / "state", INGESTD_MAX_JOBS="1").start()
+    try:
+        with daemon.client() as client:
+            refused = client.post("/jobs", json={"source": source, "chunk_sizes": [1, 8]})
+            assert refused.status_code == 422 and "chunk size 1 of level 0 is below 2" in refused.text
+            assert client.post("/jobs", json={"source": source, "chunk_sizes": []}).status_code == 422
+            missing = client.post("/jobs", json={"source": str(tmp_path / "nope.txt")}).json()["id"]
+            crashing = client.post("/jobs", json={"source": source, "kato_url": f"http://127.0.0.1:{broken.server_port}",
+                                                  "node_ids": "crash-node{level}"}).json()["id"]  # fmt: skip
+            good = client.post("/jobs", json={"source": source, "node_ids": "good-node{level}"}).json()["id"]
+            assert wait_for(client, good, {"succeeded", "failed"})["state"] == "succeeded"
+            failed = client.get(f"/jobs/{missing}").json()
+            assert failed["state"] == "failed" and "nope.txt does not exist" in failed["error"]
+            crashed = client.get(f"/jobs/{crashing}").json()
+            assert crashed["state"] == "failed" and "ingestd crashed on this job (KeyError" in crashed["error"], crashed
+            assert client.get("/healthz").status_code == 200
+        assert daemon.stop() == 0
+        events = [json.loads(line) for line in daemon.logs.splitlines() if line.startswith("{")]
+        crash = next(event for event in events if event["event"] == "job crashed")
+        assert crash["job_id"] == crashing and crash["level"] == "error" and "KeyError" in crash["exception"]
+
+        # A queued job whose stored spec this version cannot run (an older ingestd's, or edited by hand).
+        with sqlite3.connect(tmp_path / "state" / "jobs.sqlite3") as jobs:
+            jobs.execute("INSERT INTO jobs (id, spec, state, created_at) VALUES ('stale', ?, 'queued', 0)",
+                         (json.dumps({"source": source, "chunk_sizes": [0]}).encode(),))  # fmt: skip
+        daemon.start()
+        with daemon.client() as client:
+            stale = wait_for(client, "stale", {"failed", "succeeded"})
+            assert "not valid for this ingestd" in stale["error"] and "submit it again" in stale["error"]
+            after = client.post("/jobs", json={"source": source, "node_ids": "after-node{level}"}).json()["id"]
+            assert wait_for(client, after, {"succeeded", "failed"})["state"] == "succeeded"
+            assert client.get(f"/jobs/{crashing}").json()["state"] == "failed"  # a failed job is not resumed
+    finally:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.stop()
+        broken.shutdown()
