@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import orjson
@@ -56,6 +56,24 @@ def _observations(chunk: Sequence[str], metadata: dict[str, Any] | None) -> list
 
 
 _JSON_HEADERS = {"content-type": "application/json"}
+
+
+def check_kato_url(url: str) -> str:
+    """A KATO server's address as ingestd takes it: ``http(s)://host[:port][/prefix]``, without credentials
+    (it is logged, stored with jobs and shown by ``/readyz``); raises ``ValueError`` naming what is wrong."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as error:
+        raise ValueError(f"{url!r} is not a URL ({error}): give http://host:port") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) address: give http://host:port")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("a KATO address must not carry credentials (they would be logged and stored with jobs): "
+                         "give http://host:port")  # fmt: skip
+    if parts.query or parts.fragment:
+        raise ValueError(f"{url!r} has a query or fragment: give http://host:port")
+    return url.rstrip("/")
 
 
 def _endpoint(method: str, path: str) -> str:

@@ -97,6 +97,15 @@ def _settings(**flags: Any) -> Settings:
     return settings
 
 
+def _kato_url(url: str | None) -> str | None:
+    from ingestd.backend import check_kato_url
+
+    try:
+        return None if url is None else check_kato_url(url)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--kato") from None
+
+
 def _int_list(text: str | None, what: str) -> list[int]:
     if not text:
         return []
@@ -162,6 +171,7 @@ def run_command(
         raise typer.BadParameter(f"{txt_mode!r}: use 'paragraph' or 'line'", param_hint="--txt-mode")
     if durability not in ("full", "normal"):
         raise typer.BadParameter(f"{durability!r}: use 'full' or 'normal'", param_hint="--durability")
+    kato = _kato_url(kato)
     try:
         if hierarchy_file is not None:
             hierarchy = Hierarchy.from_file(hierarchy_file)
@@ -228,27 +238,38 @@ def serve_command(
     serve(settings)
 
 
-def _daemon(url: str, token: str | None) -> Any:
+def _request(url: str, token: str | None, method: str, path: str, body: Any = None) -> Any:
+    """One call to a running daemon; prints its JSON answer. 401 → exit 5, other errors → exit 2."""
     import httpx
 
     if token is None:
-        settings = Settings()
-        token = settings.api_token()
+        try:
+            token = Settings().api_token()
+        except IngestError:
+            token = None  # the daemon will answer 401, and the message below says what to set
     headers = {"authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=url, headers=headers, timeout=30.0)
-
-
-def _answer(response: Any) -> Any:
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=30.0) as client:
+            response = client.request(method, path, json=body)
+    except httpx.HTTPError as error:
+        typer.echo(f"ingestd: error: cannot reach the daemon at {url} ({type(error).__name__}): is `ingestd serve` "
+                   "running there? (--url or INGESTD_URL)", err=True)  # fmt: skip
+        raise typer.Exit(2) from None
+    if response.status_code == 401:
+        typer.echo("ingestd: error: the daemon answered 401: give its token with --token, INGESTD_TOKEN or "
+                   "INGESTD_TOKEN_FILE", err=True)  # fmt: skip
+        raise typer.Exit(5)
     if response.status_code >= 400:
         typer.echo(f"ingestd: error: the daemon answered {response.status_code}: {response.text[:500]}", err=True)
-        raise typer.Exit(2 if response.status_code != 401 else 5)
-    body = response.json()
-    typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
-    return body
+        raise typer.Exit(2)
+    answer = response.json()
+    typer.echo(json.dumps(answer, indent=2, ensure_ascii=False))
+    return answer
 
 
 _URL = Annotated[str, typer.Option(envvar="INGESTD_URL", help="The daemon's address.")]
 _TOKEN = Annotated[Optional[str], typer.Option(help="Bearer token (default: INGESTD_TOKEN / INGESTD_TOKEN_FILE).", show_default=False)]
+_DAEMON = "http://127.0.0.1:8080"
 
 
 @jobs_app.command("submit")
@@ -261,43 +282,55 @@ def jobs_submit(
     kato: Annotated[Optional[str], typer.Option(help="KATO server for this job (default: the daemon's embedded engine).")] = None,
     workers: Annotated[int, typer.Option(min=1)] = 8,
     max_samples: Annotated[Optional[int], typer.Option(min=0)] = None,
-    url: _URL = "http://127.0.0.1:8080",
+    skip: Annotated[int, typer.Option(min=0, help="Skip this many samples of the filtered stream first.")] = 0,
+    text_field: Annotated[Optional[str], typer.Option(help="Field with the text (default: the dataset's, else 'text').")] = None,
+    metadata_fields: Annotated[Optional[str], typer.Option(help="Record fields added to the metadata, e.g. url,timestamp.")] = None,
+    source_label: Annotated[Optional[str], typer.Option(help="metadata 'source' (default: dataset key or file name).")] = None,
+    hub_config: Annotated[Optional[str], typer.Option(help="Hub dataset config name.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Hub dataset split (default train).")] = None,
+    txt_mode: Annotated[str, typer.Option(help="For .txt files: one sample per 'paragraph' or per 'line'.")] = "paragraph",
+    tokenizer: Annotated[str, typer.Option(help="'gpt2' (bundled) or a tokenizer the daemon can load offline.")] = "gpt2",
+    url: _URL = _DAEMON,
     token: _TOKEN = None,
 ) -> None:
-    """Submit a job; prints it (with its id)."""
+    """Submit a job (the same choices as `ingestd run`); prints it, with its id."""
     spec = {"source": source, "chunk_sizes": _int_list(chunk_sizes, "--chunk-sizes"),
             "metadata_levels": _int_list(metadata_levels, "--metadata-levels"), "node_ids": node_ids,
-            "run_id": run_id, "kato_url": kato, "workers": workers, "max_samples": max_samples}  # fmt: skip
-    with _daemon(url, token) as client:
-        _answer(client.post("/jobs", json=spec))
+            "run_id": run_id, "kato_url": _kato_url(kato), "workers": workers, "max_samples": max_samples,
+            "skip": skip, "text_field": text_field, "label": source_label, "hub_config": hub_config, "split": split,
+            "txt_mode": txt_mode, "tokenizer": tokenizer,
+            "metadata_fields": [f.strip() for f in (metadata_fields or "").split(",") if f.strip()]}  # fmt: skip
+    _request(url, token, "POST", "/jobs", spec)
 
 
 @jobs_app.command("list")
-def jobs_list(url: _URL = "http://127.0.0.1:8080", token: _TOKEN = None) -> None:
+def jobs_list(url: _URL = _DAEMON, token: _TOKEN = None) -> None:
     """Every job with its state and progress."""
-    with _daemon(url, token) as client:
-        _answer(client.get("/jobs"))
+    _request(url, token, "GET", "/jobs")
 
 
 @jobs_app.command("show")
-def jobs_show(job_id: str, url: _URL = "http://127.0.0.1:8080", token: _TOKEN = None) -> None:
+def jobs_show(job_id: str, url: _URL = _DAEMON, token: _TOKEN = None) -> None:
     """One job: state, progress counts, rates, errors, possible duplicates."""
-    with _daemon(url, token) as client:
-        _answer(client.get(f"/jobs/{job_id}"))
+    _request(url, token, "GET", f"/jobs/{job_id}")
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: str, url: _URL = "http://127.0.0.1:8080", token: _TOKEN = None) -> None:
+def jobs_cancel(job_id: str, url: _URL = _DAEMON, token: _TOKEN = None) -> None:
     """Cancel a job: queued ones never start, running ones finish their in-flight samples and stop."""
-    with _daemon(url, token) as client:
-        _answer(client.post(f"/jobs/{job_id}/cancel"))
+    _request(url, token, "POST", f"/jobs/{job_id}/cancel")
+
+
+@jobs_app.command("resume")
+def jobs_resume(job_id: str, url: _URL = _DAEMON, token: _TOKEN = None) -> None:
+    """Queue a failed or cancelled job again: it continues from its progress (learned samples are not redone)."""
+    _request(url, token, "POST", f"/jobs/{job_id}/resume")
 
 
 @jobs_app.command("retry-failed")
-def jobs_retry_failed(job_id: str, url: _URL = "http://127.0.0.1:8080", token: _TOKEN = None) -> None:
+def jobs_retry_failed(job_id: str, url: _URL = _DAEMON, token: _TOKEN = None) -> None:
     """Queue a finished job again for the samples it recorded as failed."""
-    with _daemon(url, token) as client:
-        _answer(client.post(f"/jobs/{job_id}/retry-failed"))
+    _request(url, token, "POST", f"/jobs/{job_id}/retry-failed")
 
 
 @kato_app.command("demo")

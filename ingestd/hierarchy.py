@@ -44,6 +44,11 @@ class Hierarchy(BaseModel):
     def _template_has_level(cls, template: str) -> str:
         if "{level}" not in template:
             raise ValueError("must contain {level}, or the levels would share one knowledge base")
+        try:
+            template.format(level=0, run_id="run")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"only {{level}} and {{run_id}} can be filled in ({type(error).__name__}: {error}); "
+                             "write a literal brace as {{ or }}") from None  # fmt: skip
         return template
 
     def add_layer(self, chunk_size: int, *, node_id: str | None = None, capture_metadata: bool = False,

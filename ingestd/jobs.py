@@ -10,15 +10,17 @@ from __future__ import annotations
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import anyio
 import orjson
 import structlog
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from ingestd import metrics
+from ingestd.backend import check_kato_url
 from ingestd.errors import find_ingest_error
 from ingestd.hierarchy import Hierarchy, HierarchyError
 from ingestd.pipeline import Pipeline, RunConfig
@@ -28,6 +30,8 @@ log = structlog.get_logger("ingestd.jobs")
 
 State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATES: tuple[State, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+
+CHECKPOINT_SECONDS = 2.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -64,6 +68,11 @@ class JobSpec(BaseModel):
     skip: int = Field(default=0, ge=0)
     max_samples: int | None = Field(default=None, ge=0)
 
+    @field_validator("kato_url")
+    @classmethod
+    def _kato_url(cls, url: str | None) -> str | None:
+        return None if url is None else check_kato_url(url)
+
     @model_validator(mode="after")
     def _hierarchy_is_valid(self) -> JobSpec:
         self.hierarchy()  # refused at submission (422), not when the job starts
@@ -89,10 +98,14 @@ class JobSpec(BaseModel):
 class JobManager:
     """Jobs in ``<state dir>/jobs.sqlite3``; at most ``max_jobs`` run at once in this event loop."""
 
-    def __init__(self, state_dir: Path, *, max_jobs: int, drain_timeout: float) -> None:
+    def __init__(self, state_dir: Path, *, max_jobs: int, drain_timeout: float,
+                 on_fatal: Callable[[], None] = lambda: None) -> None:  # fmt: skip
         self.state_dir = Path(state_dir)
         self.max_jobs = max_jobs
         self.drain_timeout = drain_timeout
+        self.failed = False  # the runner itself failed: the daemon must restart
+        self._on_fatal = on_fatal
+        self._aborting = False
         self._db: sqlite3.Connection | None = None
         self._running: dict[str, tuple[Pipeline, anyio.CancelScope]] = {}
         self._live: dict[str, Pipeline] = {}
@@ -112,18 +125,31 @@ class JobManager:
         self._update_gauges()
 
     async def run(self) -> None:
-        """Start queued jobs whenever a slot is free, until cancelled."""
-        async with anyio.create_task_group() as group:
-            while True:
-                while len(self._running) < self.max_jobs and not self._shutting_down:
-                    job_id = self._next_queued()
-                    if job_id is None:
-                        break
-                    scope = anyio.CancelScope()
-                    self._running[job_id] = (None, scope)  # type: ignore[assignment] - filled in by _run_job
-                    group.start_soon(self._run_job, job_id, scope)
-                self._wake = anyio.Event()
-                await self._wake.wait()
+        """Start queued jobs whenever a slot is free, until cancelled.
+
+        A job's failure or crash ends only that job (see :meth:`_run_job`); anything escaping it (the job
+        store failing) stops the runner, marks it failed and calls ``on_fatal``: the jobs resume at the next start.
+        """
+        try:
+            async with anyio.create_task_group() as group:
+                while True:
+                    while len(self._running) < self.max_jobs and not self._shutting_down:
+                        job_id = self._next_queued()
+                        if job_id is None:
+                            break
+                        scope = anyio.CancelScope()
+                        self._running[job_id] = (None, scope)  # type: ignore[assignment] - filled in by _run_job
+                        group.start_soon(self._run_job, job_id, scope)
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
+        except Exception:  # noqa: BLE001 - reported, and the daemon stops so that its supervisor restarts it
+            self.failed = True
+            log.exception("the job runner failed; stopping the daemon (jobs resume at the next start)")
+            self._on_fatal()
+
+    def abort(self) -> None:
+        """A second signal: stop waiting for in-flight samples (called from a signal handler: only sets a flag)."""
+        self._aborting = True
 
     async def shutdown(self) -> None:
         """Drain running jobs (SIGTERM): they stop reading, finish in-flight samples, and resume next start."""
@@ -132,10 +158,13 @@ class JobManager:
             if pipeline is not None:
                 pipeline.stop()
         with anyio.move_on_after(self.drain_timeout + 5):
-            while self._running:
+            while self._running and not self._aborting:
                 await anyio.sleep(0.05)
         for _, scope in list(self._running.values()):
             scope.cancel()
+        with anyio.move_on_after(15):  # cancelled jobs record their state before the store closes
+            while self._running:
+                await anyio.sleep(0.05)
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -183,6 +212,15 @@ class JobManager:
                 scope.cancel()
         return self.get(job_id)
 
+    def resume(self, job_id: str) -> dict[str, Any] | None:
+        """Queue a failed or cancelled job again; it continues from its progress (learned samples are skipped)."""
+        job = self.get(job_id)
+        if job is None or job["state"] not in ("failed", "cancelled"):
+            return job
+        self._execute("UPDATE jobs SET state = 'queued', retry_failed = 0, error = NULL WHERE id = ?", (job_id,))
+        self._changed()
+        return self.get(job_id)
+
     def retry_failed(self, job_id: str) -> dict[str, Any] | None:
         """Queue a finished job again to redo only the samples it recorded as failed."""
         job = self.get(job_id)
@@ -223,7 +261,10 @@ class JobManager:
                 self._set_state(job_id, "running", started_at=time.time())
                 log.info("job started", source=spec.source, kato=spec.kato_url or "embedded")
                 with scope:
-                    await pipeline.run()
+                    async with anyio.create_task_group() as group:
+                        group.start_soon(self._checkpoint, job_id, pipeline)
+                        await pipeline.run()
+                        group.cancel_scope.cancel()
                 if self._shutting_down and job_id not in self._cancelled:
                     state = "queued"  # drained by a stop: resumes at the next start
                 elif job_id in self._cancelled or scope.cancelled_caught:
@@ -238,7 +279,7 @@ class JobManager:
             except Exception as failure:  # noqa: BLE001 - a job's crash must not take the daemon down
                 found = find_ingest_error(failure)
                 if found is not None:
-                    error = str(found)
+                    error = f"{found} [`ingestd jobs resume {job_id}` continues the job from its progress]"
                 else:
                     leaf: BaseException = failure
                     while isinstance(leaf, BaseExceptionGroup):
@@ -256,6 +297,16 @@ class JobManager:
                                   (state, finished, summary, error, job_id))  # fmt: skip
                     self._changed()
                 log.info("job ended", state=state, error=error)
+
+    async def _checkpoint(self, job_id: str, pipeline: Pipeline) -> None:
+        """Store a running job's progress every few seconds, so even a killed daemon shows where it was."""
+        while True:
+            await anyio.sleep(CHECKPOINT_SECONDS)
+            try:
+                self._execute("UPDATE jobs SET summary = ? WHERE id = ?",
+                              (orjson.dumps(pipeline.summary().as_dict()), job_id))  # fmt: skip
+            except sqlite3.Error as error:  # the job goes on; its end state is written when it ends
+                log.warning("could not store the job's progress", error=str(error))
 
     # -- storage -----------------------------------------------------------------------------
     def _next_queued(self) -> str | None:

@@ -46,6 +46,15 @@ RUN_METRIC_NAMES = (
 """Every metric family ingestd exports (dashboards and alert rules may only use these)."""
 
 
+LABEL_VALUES = {
+    "endpoint": ("create-session", "delete-session", "observe-sequence", "clear-stm", "clear-all", "pattern"),
+    "status_class": ("2xx", "4xx", "5xx", "error"),
+    "cause": ("server_down", "session_lost", "ambiguous"),
+    "state": ("queued", "running", "succeeded", "failed", "cancelled"),
+}
+"""The values each label takes (``level`` is a hierarchy level, 0 up): what dashboards and alerts may match."""
+
+
 def status_class(status: int | None) -> str:
     """``2xx``/``4xx``/``5xx`` for an answer, ``error`` when there was none."""
     return "error" if status is None else f"{status // 100}xx"

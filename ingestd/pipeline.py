@@ -17,10 +17,10 @@ from typing import Any, Literal
 import anyio
 import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ingestd import metrics
-from ingestd.backend import EmbeddedKato, HttpKato, KatoBackend
+from ingestd.backend import EmbeddedKato, HttpKato, KatoBackend, check_kato_url
 from ingestd.engine import EngineSettings
 from ingestd.errors import KatoRejected
 from ingestd.hierarchy import Hierarchy
@@ -58,6 +58,11 @@ class RunConfig(BaseModel):
     run_dir: Path | None = Field(default=None, description="Progress and dead letters; default under runs/.")
     retry_failed: bool = Field(default=False, description="Only redo the samples this run recorded as failed.")
     drain_timeout: float = Field(default=30.0, gt=0, description="After SIGINT/SIGTERM, seconds for in-flight samples.")
+
+    @field_validator("kato_url")
+    @classmethod
+    def _kato_url(cls, url: str | None) -> str | None:
+        return None if url is None else check_kato_url(url)
 
     def node_ids(self) -> list[str]:
         return self.hierarchy.node_ids(self.run_id)

@@ -67,7 +67,7 @@ class ServerWatch:
                     patience_seconds=self._policy.patience)  # fmt: skip
         try:
             await self._poll()
-            log.warning("KATO is back; resending", server=self._description)
+            log.warning("KATO is back; resending", server=self._description, cause=cause)
         finally:
             self._recovered.set()
             self._recovered = None

@@ -1,9 +1,14 @@
 """``ingestd serve``: the daemon. A job API, probes and Prometheus metrics, with the pipelines in the same loop.
 
 * ``POST /jobs`` (a :class:`~ingestd.jobs.JobSpec`) → 201 with the job; ``GET /jobs``; ``GET /jobs/{id}``;
-  ``POST /jobs/{id}/cancel``; ``POST /jobs/{id}/retry-failed``. These need ``Authorization: Bearer <token>``.
-* ``GET /healthz`` (the process answers), ``GET /readyz`` (the job store works and every KATO a job needs
-  answers ``/health``), ``GET /metrics``: open unless ``open_probes`` is off.
+  ``POST /jobs/{id}/cancel``; ``POST /jobs/{id}/resume``; ``POST /jobs/{id}/retry-failed``. These need
+  ``Authorization: Bearer <token>``.
+* ``GET /healthz`` (the process answers and its job runner is alive; always open), ``GET /readyz`` (the job
+  store works and every KATO a job needs answers ``/health``; open unless ``open_readyz`` is off),
+  ``GET /metrics`` (open unless ``open_metrics`` is off).
+
+If the job runner itself fails (not a job: a job's failure or crash ends only that job), the daemon
+stops with exit status 1 so that its supervisor restarts it, and the jobs resume.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import secrets
 import signal
-from collections.abc import AsyncIterator, Iterator
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from types import FrameType
 from typing import Any
 
 import anyio
@@ -33,12 +40,12 @@ log = structlog.get_logger("ingestd.service")
 
 
 class BearerAuth:
-    """401 for the job API without the right bearer token; the probes stay open if so configured."""
+    """401 without the right bearer token, except on the paths left open."""
 
-    def __init__(self, app: ASGIApp, token: str | None, open_probes: bool) -> None:
+    def __init__(self, app: ASGIApp, token: str, open_paths: frozenset[str]) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode() if token else None
-        self.open_probes = open_probes
+        self.expected = f"Bearer {token}".encode()
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and not self._allowed(scope):
@@ -49,19 +56,21 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
     def _allowed(self, scope: Scope) -> bool:
-        if self.open_probes and scope["path"] in ("/healthz", "/readyz", "/metrics"):
-            return True
-        if self.expected is None:
+        if scope["path"] in self.open_paths:
             return True
         given = dict(scope["headers"]).get(b"authorization", b"")
         return secrets.compare_digest(given, self.expected)
 
 
-def build_app(settings: Settings) -> Starlette:
-    manager = JobManager(settings.state_dir, max_jobs=settings.max_jobs, drain_timeout=settings.drain_timeout)
+def build_app(settings: Settings, *, on_fatal: Callable[[], None] = lambda: None) -> Starlette:
+    """The daemon's ASGI app; ``on_fatal`` is called if the job runner fails (``serve`` then exits 1)."""
+    manager = JobManager(settings.state_dir, max_jobs=settings.max_jobs, drain_timeout=settings.drain_timeout,
+                         on_fatal=on_fatal)  # fmt: skip
     token = settings.api_token()
 
     async def healthz(request: Request) -> Response:
+        if manager.failed:
+            return JSONResponse({"status": "job runner failed; the daemon is stopping"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
@@ -73,7 +82,7 @@ def build_app(settings: Settings) -> Starlette:
                     answer = await client.get(url.rstrip("/") + "/health")
                     if answer.status_code != 200:
                         problems.append(f"KATO at {url} answered {answer.status_code}")
-                except httpx.HTTPError as error:
+                except (httpx.HTTPError, httpx.InvalidURL) as error:
                     problems.append(f"KATO at {url} unreachable ({type(error).__name__})")
         body = {"status": "ready" if not problems else "not ready", "problems": problems}
         return JSONResponse(body, status_code=200 if not problems else 503)
@@ -122,15 +131,35 @@ def build_app(settings: Settings) -> Starlette:
         Route("/jobs", list_jobs, methods=["GET"]),
         Route("/jobs/{job_id}", one(manager.get), methods=["GET"]),
         Route("/jobs/{job_id}/cancel", one(manager.cancel), methods=["POST"]),
+        Route("/jobs/{job_id}/resume", one(manager.resume), methods=["POST"]),
         Route("/jobs/{job_id}/retry-failed", one(manager.retry_failed), methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
-    app.add_middleware(BearerAuth, token=token, open_probes=settings.open_probes)
+    app.state.jobs = manager
+    open_paths = {"/healthz"} | ({"/readyz"} if settings.open_readyz else set()) | (
+        {"/metrics"} if settings.open_metrics else set())  # fmt: skip
+    app.add_middleware(BearerAuth, token=token, open_paths=frozenset(open_paths))
     return app
 
 
 class _DrainingServer(uvicorn.Server):
-    """uvicorn, except that a drained shutdown exits 0 instead of re-raising the signal that asked for it."""
+    """uvicorn, except that a drained shutdown exits 0 instead of re-raising the signal that asked for it,
+    and a second SIGINT/SIGTERM stops draining (``on_second_signal``)."""
+
+    def __init__(self, config: uvicorn.Config, on_second_signal: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_second_signal = on_second_signal
+        self.fatal = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            self.force_exit = True
+            self._on_second_signal()
+        super().handle_exit(sig, frame)
+
+    def stop_fatally(self) -> None:
+        self.fatal = True
+        self.should_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -143,13 +172,26 @@ class _DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
-    """Run the daemon until SIGINT/SIGTERM (a second one stops at once), draining running jobs."""
+    """Run the daemon until SIGINT/SIGTERM, draining running jobs; a second signal stops them at once.
+
+    Exits 1 if the job runner failed (the jobs resume at the next start).
+    """
     import importlib.util
 
     from ingestd.runtime import throughput_gc
 
-    config = uvicorn.Config(build_app(settings), host=settings.host, port=settings.port, log_level="warning", log_config=None,
+    server: _DrainingServer | None = None
+
+    def fatal() -> None:
+        assert server is not None
+        server.stop_fatally()
+
+    app = build_app(settings, on_fatal=fatal)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", log_config=None,
                             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
                             timeout_graceful_shutdown=int(settings.drain_timeout) + 10)  # fmt: skip
+    server = _DrainingServer(config, on_second_signal=app.state.jobs.abort)
     with throughput_gc():
-        _DrainingServer(config).run()
+        server.run()
+    if server.fatal:
+        sys.exit(1)

@@ -33,16 +33,16 @@ class Settings(BaseSettings):
     token_file: Path | None = Field(default=None, description="File holding the bearer token (Docker secrets).")
     max_jobs: int = Field(default=2, ge=1, description="Jobs running at once; the others queue.")
     drain_timeout: float = Field(default=30.0, gt=0, description="On SIGTERM, seconds for in-flight samples.")
-    open_probes: bool = Field(default=True, description="/healthz, /readyz and /metrics without the token.")
+    open_readyz: bool = Field(default=True, description="/readyz without the token (/healthz is always open).")
+    open_metrics: bool = Field(default=True, description="/metrics without the token.")
 
-    def api_token(self) -> str | None:
+    def api_token(self) -> str:
         """The job API's token, from INGESTD_TOKEN or the file INGESTD_TOKEN_FILE names (never logged).
 
-        An empty token is refused rather than taken as "no token"; no token at all is allowed only on a
-        loopback address.
+        The daemon does not run without one: an absent or empty token is refused with what to set.
         """
         if self.token is not None:
-            token: str | None = self.token.get_secret_value().strip()
+            token = self.token.get_secret_value().strip()
             where = "INGESTD_TOKEN"
         elif self.token_file is not None:
             where = f"INGESTD_TOKEN_FILE ({self.token_file})"
@@ -51,10 +51,8 @@ class Settings(BaseSettings):
             except OSError as error:
                 raise IngestError(f"cannot read {where}: {error.strerror}: check the path and its permissions") from None
         else:
-            token, where = None, ""
-        if token == "":
+            raise IngestError("the job API needs a bearer token: set INGESTD_TOKEN (e.g. export "
+                              "INGESTD_TOKEN=$(openssl rand -hex 16)) or INGESTD_TOKEN_FILE")  # fmt: skip
+        if not token:
             raise IngestError(f"{where} is empty: set a token, e.g. `openssl rand -hex 16`")
-        if token is None and self.host not in ("127.0.0.1", "localhost", "::1"):
-            raise IngestError(f"the daemon binds {self.host} but has no token: set INGESTD_TOKEN or INGESTD_TOKEN_FILE "
-                              "(without one it only binds a loopback address)")  # fmt: skip
         return token

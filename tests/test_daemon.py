@@ -32,6 +32,8 @@ class Daemon:
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "INGESTD_TOKEN": TOKEN, "INGESTD_PORT": str(self.port),
                     "INGESTD_STATE_DIR": str(state_dir), **env}  # fmt: skip
+        if "INGESTD_TOKEN_FILE" in env:
+            del self.env["INGESTD_TOKEN"]
         self.process: subprocess.Popen[str] | None = None
         self.logs = ""
 
@@ -98,6 +100,10 @@ def test_the_job_api_needs_the_token_and_the_probes_do_not(daemon: Daemon) -> No
     denied = subprocess.run([sys.executable, "-m", "ingestd", "jobs", "list", "--url", daemon.url, "--token", "wrong"],
                             capture_output=True, text=True, timeout=60)  # fmt: skip
     assert denied.returncode == 5 and "401" in denied.stderr
+    nobody = f"http://127.0.0.1:{free_port()}"
+    down = subprocess.run([sys.executable, "-m", "ingestd", "jobs", "list", "--url", nobody, "--token", TOKEN],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert down.returncode == 2 and f"cannot reach the daemon at {nobody}" in down.stderr and "Traceback" not in down.stderr
     daemon.stop()
     assert TOKEN not in daemon.logs
 
@@ -163,29 +169,39 @@ def test_a_real_prometheus_scrapes_the_daemon_during_a_job(daemon: Daemon, tmp_p
     assert prometheus, "the prometheus server (Debian package 'prometheus') is needed: .ci/run installs it"
     port = free_port()
     config = tmp_path / "prometheus.yml"
-    config.write_text(f"global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ingestd\n    static_configs:\n"
+    config.write_text(f"global:\n  scrape_interval: 200ms\nscrape_configs:\n  - job_name: ingestd\n    static_configs:\n"
                       f"      - targets: ['127.0.0.1:{daemon.port}']\n")  # fmt: skip
     server = subprocess.Popen([prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                                f"--web.listen-address=127.0.0.1:{port}"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+    def query(expression: str) -> float | None:
+        try:
+            answer = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": expression}, timeout=5).json()
+            results = answer["data"]["result"]
+            return float(results[0]["value"][1]) if results else None
+        except (httpx.TransportError, KeyError, ValueError):
+            return None
+
     try:
-        with daemon.client() as client:
-            job_id = client.post("/jobs", json={"source": str(corpus(tmp_path, samples=2000)), "workers": 4}).json()["id"]
-            learned = wait_for(client, job_id, {"succeeded", "failed"})["progress"]["samples"]["learned"]
-        assert learned == 2000
         deadline = time.monotonic() + 60
-        value = None
-        while time.monotonic() < deadline:
-            try:
-                answer = httpx.get(f"http://127.0.0.1:{port}/api/v1/query",
-                                   params={"query": "ingestd_samples_learned_total"}, timeout=5).json()  # fmt: skip
-                results = answer["data"]["result"]
-                value = float(results[0]["value"][1]) if results else None
-            except (httpx.TransportError, KeyError, ValueError):
-                value = None
-            if value == learned:
-                break
-            time.sleep(0.5)
+        while query('up{job="ingestd"}') != 1.0:  # Prometheus scrapes the daemon before the job starts
+            assert time.monotonic() < deadline, "Prometheus never scraped the daemon"
+            time.sleep(0.1)
+        during = []
+        with daemon.client() as client:
+            job_id = client.post("/jobs", json={"source": str(corpus(tmp_path, samples=3000)), "workers": 2}).json()["id"]
+            while (job := client.get(f"/jobs/{job_id}").json())["state"] in ("queued", "running"):
+                value = query("ingestd_samples_learned_total")
+                if value and client.get(f"/jobs/{job_id}").json()["state"] == "running":
+                    during.append(value)
+                time.sleep(0.1)
+        learned = job["progress"]["samples"]["learned"]
+        assert job["state"] == "succeeded" and learned == 3000
+        assert any(0 < value < learned for value in during), f"no scrape mid-job: {during}"
+        deadline = time.monotonic() + 60
+        while (value := query("ingestd_samples_learned_total")) != learned and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert value == learned
     finally:
         server.terminate()
@@ -195,7 +211,8 @@ def test_a_real_prometheus_scrapes_the_daemon_during_a_job(daemon: Daemon, tmp_p
 @pytest.mark.parametrize(("env", "needle"), [
     ({"INGESTD_TOKEN": "  "}, "INGESTD_TOKEN is empty"),
     ({"INGESTD_TOKEN": "", "INGESTD_HOST": "0.0.0.0"}, "INGESTD_TOKEN is empty"),
-    ({"INGESTD_HOST": "0.0.0.0"}, "has no token"),
+    ({"INGESTD_HOST": "0.0.0.0"}, "needs a bearer token"),
+    ({}, "needs a bearer token"),
 ])  # fmt: skip
 def test_the_daemon_refuses_to_start_open_or_with_an_empty_token(tmp_path: Path, env: dict[str, str], needle: str) -> None:
     environment = {key: value for key, value in os.environ.items() if not key.startswith("INGESTD_")}
@@ -307,6 +324,11 @@ def test_a_job_that_fails_or_crashes_fails_alone(tmp_path: Path) -> None:
             refused = client.post("/jobs", json={"source": source, "chunk_sizes": [1, 8]})
             assert refused.status_code == 422 and "chunk size 1 of level 0 is below 2" in refused.text
             assert client.post("/jobs", json={"source": source, "chunk_sizes": []}).status_code == 422
+            placeholder = client.post("/jobs", json={"source": source, "node_ids": "n{level}{foo}"})
+            assert placeholder.status_code == 422 and "only {level} and {run_id}" in placeholder.text
+            secret = client.post("/jobs", json={"source": source, "kato_url": "http://user:hunter2@127.0.0.1:9"})
+            assert secret.status_code == 422 and "must not carry credentials" in secret.text
+            assert client.post("/jobs", json={"source": source, "kato_url": "http://[::1"}).status_code == 422
             missing = client.post("/jobs", json={"source": str(tmp_path / "nope.txt")}).json()["id"]
             crashing = client.post("/jobs", json={"source": source, "kato_url": f"http://127.0.0.1:{broken.server_port}",
                                                   "node_ids": "crash-node{level}"}).json()["id"]  # fmt: skip
@@ -337,3 +359,139 @@ def test_a_job_that_fails_or_crashes_fails_alone(tmp_path: Path) -> None:
         if daemon.process is not None and daemon.process.poll() is None:
             daemon.stop()
         broken.shutdown()
+
+
+class _HangingKato(_NotQuiteKato):
+    """A KATO that never answers observe-sequence: a job on it can only be drained by giving up."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        if self.path == "/sessions":
+            self._answer({"session_id": f"session-{threading.get_ident()}"})
+        else:
+            time.sleep(600)
+
+
+def test_a_second_sigterm_stops_the_drain_and_the_job_resumes_later(tmp_path: Path) -> None:
+    hanging = _QuietServer(("127.0.0.1", 0), _HangingKato)
+    threading.Thread(target=hanging.serve_forever, daemon=True).start()
+    daemon = Daemon(tmp_path / "state", INGESTD_DRAIN_TIMEOUT="120").start()
+    try:
+        with daemon.client() as client:
+            job = client.post("/jobs", json={"source": str(corpus(tmp_path, samples=20)), "workers": 2,
+                                             "kato_url": f"http://127.0.0.1:{hanging.server_port}"}).json()["id"]  # fmt: skip
+            wait_for(client, job, {"running"})
+        time.sleep(1.0)  # its workers are now waiting on the server
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        assert daemon.process.poll() is None, "the first SIGTERM drains (up to INGESTD_DRAIN_TIMEOUT, 120 s here)"
+        started = time.monotonic()
+        assert daemon.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - started < 30, "a second SIGTERM stops the drain (sessions get 10 s to close)"
+    finally:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.stop(signal.SIGKILL)
+        hanging.shutdown()
+    with sqlite3.connect(tmp_path / "state" / "jobs.sqlite3") as jobs:
+        assert jobs.execute("SELECT state FROM jobs WHERE id = ?", (job,)).fetchone() == ("queued",)  # resumes
+
+
+def test_a_failed_job_resumes_from_its_progress(tmp_path: Path) -> None:
+    port = free_port()
+    source = str(corpus(tmp_path, samples=200))
+    daemon = Daemon(tmp_path / "state").start()
+    server = EngineServer(tmp_path / "kato", port)
+    try:
+        with daemon.client() as client:
+            job = client.post("/jobs", json={"source": source, "kato_url": f"http://127.0.0.1:{port}",
+                                             "node_ids": "resume-node{level}"}).json()["id"]  # fmt: skip
+            failed = wait_for(client, job, {"failed", "succeeded"})
+            assert "cannot reach KATO" in failed["error"] and f"ingestd jobs resume {job}" in failed["error"]
+            server.start()
+            resumed = subprocess.run([sys.executable, "-m", "ingestd", "jobs", "resume", job, "--url", daemon.url],
+                                     capture_output=True, text=True, timeout=60, env=daemon.env)  # fmt: skip
+            assert resumed.returncode == 0 and json.loads(resumed.stdout)["state"] == "queued"
+            done = wait_for(client, job, {"failed", "succeeded"})
+            assert done["state"] == "succeeded" and done["error"] is None
+            assert done["progress"]["samples"]["learned"] == 200
+            assert client.post(f"/jobs/{job}/resume").json()["state"] == "succeeded"  # only failed/cancelled jobs
+    finally:
+        daemon.stop()
+        server.stop()
+
+
+def test_the_daemon_stops_with_status_1_when_its_job_store_fails_and_the_job_resumes(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "state").start()
+    with daemon.client() as client:
+        job = client.post("/jobs", json={"source": str(corpus(tmp_path, samples=3000)), "workers": 2}).json()["id"]
+        wait_for(client, job, {"running"})
+        with sqlite3.connect(tmp_path / "state" / "jobs.sqlite3", isolation_level=None) as other:
+            other.execute("BEGIN IMMEDIATE")  # another process holds the job store's write lock
+            client.post(f"/jobs/{job}/cancel")  # the job ends, but cannot record it (5 s busy timeout)
+            assert daemon.process is not None
+            deadline = time.monotonic() + 60
+            health = None
+            while time.monotonic() < deadline and daemon.process.poll() is None:
+                try:
+                    health = client.get("/healthz").status_code
+                except httpx.TransportError:
+                    break
+                if health == 503:
+                    break
+                time.sleep(0.05)
+            assert daemon.process.wait(timeout=60) == 1
+            other.execute("ROLLBACK")
+    out, _ = daemon.process.communicate()
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert any(event["event"].startswith("the job runner failed") and event["level"] == "error" for event in events)
+    daemon.start()  # the job was still 'running' in the store: it is queued again, and finishes
+    with daemon.client() as client:
+        assert wait_for(client, job, {"succeeded", "failed", "cancelled"})["state"] == "succeeded"
+    daemon.stop()
+
+
+def test_job_progress_is_stored_while_it_runs(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "state").start()
+    store = tmp_path / "state" / "jobs.sqlite3"
+    with daemon.client() as client:
+        job = client.post("/jobs", json={"source": str(corpus(tmp_path, samples=3000)), "workers": 1,
+                                         "chunk_sizes": [2, 2, 2, 2, 2, 2]}).json()["id"]  # fmt: skip
+        wait_for(client, job, {"running"})
+        stored = None
+        while stored is None and client.get(f"/jobs/{job}").json()["state"] == "running":
+            with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as jobs:
+                (stored,) = jobs.execute("SELECT summary FROM jobs WHERE id = ?", (job,)).fetchone()
+            time.sleep(0.1)
+    daemon.stop(signal.SIGKILL)
+    with sqlite3.connect(store) as jobs:
+        state, summary = jobs.execute("SELECT state, summary FROM jobs WHERE id = ?", (job,)).fetchone()
+    assert state == "running" and json.loads(summary)["samples"]["learned"] > 0  # what a killed daemon leaves
+
+
+def test_token_file_and_closed_metrics(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("token-from-a-file\n")
+    daemon = Daemon(tmp_path / "state", INGESTD_TOKEN_FILE=str(token_file), INGESTD_OPEN_METRICS="false").start()
+    try:
+        with daemon.client(token=None) as anonymous, daemon.client("token-from-a-file") as client:
+            assert anonymous.get("/healthz").status_code == 200  # liveness is always open (Docker's HEALTHCHECK)
+            assert anonymous.get("/readyz").status_code == 200
+            assert anonymous.get("/metrics").status_code == 401
+            assert anonymous.get("/jobs").status_code == 401
+            assert client.get("/metrics").status_code == 200 and client.get("/jobs").status_code == 200
+        assert listening_addresses(daemon.port) == {"127.0.0.1"}  # the default bind address is loopback
+    finally:
+        daemon.stop()
+    assert "token-from-a-file" not in daemon.logs
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The IPv4 addresses a socket listens on at ``port``, from the kernel's table (/proc/net/tcp)."""
+    addresses = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
+            addresses.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return addresses

@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
-from ingestd.metrics import RUN_METRIC_NAMES
+from ingestd.errors import Ambiguous, ServerDown, SessionLost
+from ingestd.jobs import STATES
+from ingestd.metrics import LABEL_VALUES, RUN_METRIC_NAMES
 
 from .conftest import REPO
 
@@ -508,3 +510,17 @@ def test_dockerignore_sends_the_package_and_nothing_else() -> None:
                     "ingestd/__pycache__/cli.cpython-311.pyc", "ingestd-state/jobs.sqlite3", ".venv/bin/python",
                     "benchmarks/engine_bench.py", "deploy/corpora/big.jsonl"):  # fmt: skip
         assert dockerignore_excludes(dropped), dropped
+
+
+def test_dashboard_and_alerts_match_only_label_values_ingestd_emits() -> None:
+    """A matcher like cause="outage" on a value ingestd never emits would make a panel or alert silently empty."""
+    texts = {"dashboard": json.dumps(dashboard_exprs()), "alert rules": ALERTS_YML.read_text(encoding="utf-8"),
+             "alert rule tests": ALERTS_TEST_YML.read_text(encoding="utf-8")}  # fmt: skip
+    unknown = []
+    for where, text in texts.items():
+        for label, operator, value in re.findall(r'\b(endpoint|status_class|cause|state)\s*(=~|=|!=|!~)\s*\\?"([^"\\]*)', text):
+            values = value.split("|") if operator in ("=~", "!~") else [value]
+            unknown += [f"{where}: {label}{operator}\"{one}\"" for one in values if one not in LABEL_VALUES[label]]
+    assert not unknown, f"label values ingestd never emits (ingestd.metrics.LABEL_VALUES): {unknown}"
+    causes = {kind.cause for kind in (ServerDown, SessionLost, Ambiguous)}
+    assert causes == set(LABEL_VALUES["cause"]) and set(STATES) == set(LABEL_VALUES["state"])
