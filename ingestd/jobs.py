@@ -214,19 +214,18 @@ class JobManager:
 
     def resume(self, job_id: str) -> dict[str, Any] | None:
         """Queue a failed or cancelled job again; it continues from its progress (learned samples are skipped)."""
-        job = self.get(job_id)
-        if job is None or job["state"] not in ("failed", "cancelled"):
-            return job
-        self._execute("UPDATE jobs SET state = 'queued', retry_failed = 0, error = NULL WHERE id = ?", (job_id,))
-        self._changed()
-        return self.get(job_id)
+        return self._requeue(job_id, from_states=("failed", "cancelled"), retry_failed=False)
 
     def retry_failed(self, job_id: str) -> dict[str, Any] | None:
         """Queue a finished job again to redo only the samples it recorded as failed."""
+        return self._requeue(job_id, from_states=("succeeded", "failed", "cancelled"), retry_failed=True)
+
+    def _requeue(self, job_id: str, *, from_states: tuple[State, ...], retry_failed: bool) -> dict[str, Any] | None:
         job = self.get(job_id)
-        if job is None or job["state"] in ("queued", "running"):
+        if job is None or job["state"] not in from_states:
             return job
-        self._execute("UPDATE jobs SET state = 'queued', retry_failed = 1, error = NULL WHERE id = ?", (job_id,))
+        self._execute("UPDATE jobs SET state = 'queued', retry_failed = ?, error = NULL WHERE id = ?",
+                      (int(retry_failed), job_id))  # fmt: skip
         self._changed()
         return self.get(job_id)
 
