@@ -15,12 +15,14 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
 from ingestd.engine import config as session_config
-from ingestd.engine import rules
+from ingestd.engine import feeders, ledger, rules
+from ingestd.engine.feeders import Claim, Feeder
+from ingestd.engine.ledger import LedgerConflict, Place
 from ingestd.engine.session import Learn, Observation, Session, new_session_id
 from ingestd.engine.settings import EngineSettings
 from ingestd.engine.store import KnowledgeStore
@@ -34,6 +36,13 @@ class SessionNotFound(Exception):
     def __init__(self, session_id: str) -> None:
         super().__init__(f"Session {session_id} not found or expired")
         self.session_id = session_id
+
+
+class Learned(NamedTuple):
+    """What :meth:`Engine.learn_chunks` did: every name, in order, and whether it was a replay (stored before)."""
+
+    names: list[str]
+    replayed: bool
 
 
 class KatoError(Exception):
@@ -162,18 +171,22 @@ class Engine:
         return lock
 
     async def _write(self, draft: Session, learns: Sequence[Learn] = (), *, clear_kb: bool = False,
-                     applied: tuple[str, Any] | None = None) -> None:  # fmt: skip
+                     applied: tuple[str, Any] | None = None, place: Place | None = None) -> bool:  # fmt: skip
         """Persist a session's new state with its learns in one transaction, then make it current.
 
         ``applied`` = (idempotency key, outcome) is recorded in the same transaction, so a call is
-        either applied and remembered, or neither.
+        either applied and remembered, or neither. With a ledger ``place``, the call is applied only if
+        the run ledger says it was not yet (:mod:`ingestd.engine.ledger`); returns False for a replay, which
+        stores nothing and leaves the session as it was.
         """
         draft.expires_at = time.time() + draft.ttl_seconds
         draft.enforce_limits()
         document = draft.to_document()
         store = self.store
 
-        def job(connection: Any) -> None:
+        def job(connection: Any) -> bool:
+            if place is not None and not ledger.record(connection, place, draft.kb_id):
+                return False
             if clear_kb:
                 store.clear_kb(connection, draft.kb_id)
             if learns:
@@ -181,10 +194,15 @@ class Engine:
             store.save_session(connection, document)
             if applied is not None:
                 store.record_applied(connection, applied[0], applied[1], time.time())
+            return True
 
-        await self._run(job)
-        if draft.session_id in self._sessions:  # not deleted while we were writing
+        try:
+            stored: bool = await self._run(job)
+        except LedgerConflict as conflict:
+            raise KatoError(409, str(conflict)) from None
+        if stored and draft.session_id in self._sessions:  # not deleted while we were writing
             self._sessions[draft.session_id] = draft
+        return stored
 
     def _session_body(self, session: Session, ttl_seconds: int) -> dict[str, Any]:
         return {
@@ -316,13 +334,16 @@ class Engine:
         learn_at_end: bool = False,
         clear_stm_between: bool = False,
         idempotency_key: str | None = None,
+        place: Place | None = None,
     ) -> dict[str, Any]:
         """KATO's observe-sequence (§5.9), applied atomically: all of it is stored, or nothing.
 
         With an ``idempotency_key`` (an ingestd extension; KATO ignores the header), a call whose
         key was already applied is not applied again: the answer then says
         ``"idempotent_replay": true`` and carries the names learned the first time, with no
-        per-observation results.
+        per-observation results. With a ledger ``place`` (:mod:`ingestd.engine.ledger`), a call the run
+        ledger records as stored is not applied again: the answer is the one this call gives on the
+        session as it is, with ``"idempotent_replay": true``.
         """
         async with self._once(idempotency_key) as replay, self._lock(session_id):
             session = self.live_session(session_id)
@@ -371,8 +392,9 @@ class Engine:
                 auto_learned_patterns.append(final_learned)
             final_length = len(draft.stm)  # reported before the 1000-event trim, as KATO does
             outcome = {"auto_learned_patterns": auto_learned_patterns, "final_learned_pattern": final_learned}
-            await self._write(draft, learns, applied=None if idempotency_key is None else (idempotency_key, outcome))
-        return {
+            stored = await self._write(draft, learns, applied=None if idempotency_key is None else (idempotency_key, outcome),
+                                       place=place)  # fmt: skip
+        answer = {
             "status": "completed",
             "processor_id": draft.node_id,
             "observations_processed": len(observations),
@@ -383,21 +405,25 @@ class Engine:
             "final_learned_pattern": final_learned,
             "isolated": clear_stm_between,
         }
+        if not stored:
+            answer["idempotent_replay"] = True
+        return answer
 
     async def learn_chunks(
         self, session_id: str, chunks: Sequence[Sequence[str]], metadata: dict[str, Any] | None = None,
-        *, idempotency_key: str | None = None,
-    ) -> list[str]:  # fmt: skip
+        *, idempotency_key: str | None = None, place: Place | None = None,
+    ) -> Learned:  # fmt: skip
         """In-process shortcut (not a KATO endpoint) with exactly the effect of, per chunk, one
         ``observe-sequence`` of its symbols, one per event (``metadata`` on the first), with
         ``learn_at_end``: every name learned, in order (``""`` where a learn stored nothing).
         It skips building KATO's per-observation response, and stores everything in one transaction.
-        A call whose ``idempotency_key`` was already applied returns the names of that time, applying nothing.
+        A call whose ``idempotency_key`` was already applied returns the names of that time, applying
+        nothing; so does a call whose ledger ``place`` is recorded as stored (:mod:`ingestd.engine.ledger`).
         """
         async with self._once(idempotency_key) as replay, self._lock(session_id):
             if replay is not None:
                 self.live_session(session_id)
-                return list(replay)
+                return Learned(list(replay), True)
             draft = self.live_session(session_id).copy()
             learns: list[Learn] = []
             names: list[str] = []
@@ -410,8 +436,9 @@ class Engine:
                         names.append(auto_learned)
                 if draft.stm:
                     names.append(draft.learn(learns))
-            await self._write(draft, learns, applied=None if idempotency_key is None else (idempotency_key, names))
-        return names
+            stored = await self._write(draft, learns, applied=None if idempotency_key is None else (idempotency_key, names),
+                                       place=place)  # fmt: skip
+        return Learned(names, not stored)
 
     async def learn(self, session_id: str) -> dict[str, Any]:
         async with self._lock(session_id):
@@ -457,6 +484,28 @@ class Engine:
         if pattern is None:
             return {"pattern": {"status": "error", "message": f"Pattern {pattern_id} not found"}, "node_id": kb}
         return {"pattern": {"status": "okay", "pattern": pattern}, "node_id": kb}
+
+    # -- ingestd's extensions: the run ledger and what fed each knowledge base -------------------------
+    async def ledger_status(self, run_key: str, node_ids: Sequence[str], samples: Sequence[int] = ()) -> dict[str, Any]:
+        """Per node id, the chunks a run stored in its knowledge base; per asked sample, per node id, how many
+        of that sample's chunks are stored (see :mod:`ingestd.engine.ledger`)."""
+        kbs = {node_id: rules.kb_id(node_id, self.settings.service_name) for node_id in node_ids}
+        found = await self._run(lambda connection: ledger.status(connection, run_key, sorted(set(kbs.values())), samples))
+        return {"totals": {node_id: found["totals"][kb] for node_id, kb in kbs.items()},
+                "samples": {sample: {node_id: stored[kb] for node_id, kb in kbs.items()}
+                            for sample, stored in found["samples"].items()}}  # fmt: skip
+
+    async def ledger_forget(self, run_key: str, *, samples: Sequence[int] | None = None, keep: Sequence[int] = (),
+                            everything: bool = False) -> int:  # fmt: skip
+        """Drop a run's ledger records: of ``samples``; of every sample but ``keep``; or all, with totals."""
+        return await self._run(lambda connection: ledger.forget(connection, run_key, samples=samples, keep=keep,
+                                                                everything=everything))  # fmt: skip
+
+    async def claim_nodes(self, claims: Sequence[tuple[str, Feeder]], *, allow_mixed: bool = False) -> dict[str, list[Feeder]]:
+        """Record what will feed each node; per node id, the other feeders of its non-empty knowledge base
+        (then, without ``allow_mixed``, nothing is recorded). See :mod:`ingestd.engine.feeders`."""
+        resolved = [Claim(node_id, rules.kb_id(node_id, self.settings.service_name), feeder) for node_id, feeder in claims]
+        return await self._run(lambda connection: feeders.claim(connection, resolved, allow_mixed=allow_mixed))
 
     async def patterns(self, node_id: str) -> list[dict[str, Any]]:
         """Every pattern stored for a node (not a KATO endpoint; for exports and checks)."""

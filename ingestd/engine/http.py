@@ -24,8 +24,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ingestd.engine.engine import Engine, KatoError, SessionNotFound
-from ingestd.engine.schemas import CreateSessionRequest, ObservationData, ObservationSequenceRequest
+from ingestd.engine import ledger
+from ingestd.engine.engine import KATO_VERSION, Engine, KatoError, SessionNotFound
+from ingestd.engine.feeders import Feeder
+from ingestd.engine.ledger import Place
+from ingestd.engine.schemas import (
+    ClaimNodesRequest,
+    CreateSessionRequest,
+    LedgerForgetRequest,
+    LedgerStatusRequest,
+    ObservationData,
+    ObservationSequenceRequest,
+)
 from ingestd.engine.session import Observation
 from ingestd.engine.settings import EngineSettings
 
@@ -208,6 +218,16 @@ async def _quick_body(request: Request) -> Any:
         return None
 
 
+def _ledger_place(raw: str | None) -> Place | None:
+    """The ``ingestd-ledger`` header as a place, or None; a malformed one is a 400."""
+    if raw is None:
+        return None
+    try:
+        return Place.from_header(raw)
+    except ValueError as error:
+        raise KatoError(400, str(error)) from None
+
+
 def _observation(item: ObservationData) -> Observation:
     if item.vectors:
         raise KatoError(501, "Vector observations are not supported by the embedded ingestd engine.")
@@ -279,10 +299,10 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
             observations = [_observation(item) for item in body.observations]
             flags = {flag: getattr(body, flag) for flag in _FLAGS}
         key = request.headers.get("idempotency-key")
-        return FloatFreeJSONResponse(
-            await engine.observe_sequence(request.path_params["session_id"], observations, **flags, idempotency_key=key),
-            headers=None if key is None else {"idempotency-key": key},  # says: keys are honoured here
-        )
+        place = _ledger_place(request.headers.get(ledger.HEADER))
+        answer = await engine.observe_sequence(request.path_params["session_id"], observations, **flags,
+                                               idempotency_key=key, place=place)  # fmt: skip
+        return FloatFreeJSONResponse(answer, headers=_echo(key, place))  # says: keys and places are honoured here
 
     async def learn(request: Request) -> Response:
         return JSONResponse(await engine.learn(request.path_params["session_id"]))
@@ -305,6 +325,31 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
             else:
                 node_id = request.headers.get("x-node-id", "default_node")
         return JSONResponse(await engine.get_pattern(request.path_params["pattern_id"], node_id))
+
+    # -- ingestd's extensions (KATO answers 404 to all of these) --------------------------------------------
+    async def extensions(request: Request) -> Response:
+        return JSONResponse({"service": "ingestd engine", "kato_version": KATO_VERSION,
+                             "extensions": {"ledger": 1, "feeders": 1}})  # fmt: skip
+
+    async def ledger_status(request: Request) -> Response:
+        body: LedgerStatusRequest = await _body_model(request, LedgerStatusRequest)
+        found = await engine.ledger_status(_run_key(request), body.node_ids, body.samples)
+        return JSONResponse({"totals": found["totals"],
+                             "samples": {str(sample): stored for sample, stored in found["samples"].items()}})  # fmt: skip
+
+    async def ledger_forget(request: Request) -> Response:
+        body: LedgerForgetRequest = await _body_model(request, LedgerForgetRequest)
+        forgotten = await engine.ledger_forget(_run_key(request), samples=body.samples, keep=body.keep,
+                                               everything=body.everything)  # fmt: skip
+        return JSONResponse({"forgotten": forgotten})
+
+    async def claim_nodes(request: Request) -> Response:
+        body: ClaimNodesRequest = await _body_model(request, ClaimNodesRequest)
+        conflicts = await engine.claim_nodes(
+            [(claim.node_id, Feeder(claim.tokenizer, claim.level, claim.chunk_size)) for claim in body.claims],
+            allow_mixed=body.allow_mixed)  # fmt: skip
+        return JSONResponse({"conflicts": {node_id: [feeder.as_dict() for feeder in others]
+                                           for node_id, others in conflicts.items()}})  # fmt: skip
 
     def not_implemented(method: str, path: str) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
@@ -335,6 +380,10 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
         Route("/sessions/{session_id}/clear-stm", clear_stm, methods=["POST"]),
         Route("/sessions/{session_id}/clear-all", clear_all, methods=["POST"]),
         Route("/pattern/{pattern_id}", get_pattern, methods=["GET"]),
+        Route("/ingestd", extensions, methods=["GET"]),
+        Route("/ingestd/ledger/{run_key}", ledger_status, methods=["POST"]),
+        Route("/ingestd/ledger/{run_key}/forget", ledger_forget, methods=["POST"]),
+        Route("/ingestd/nodes/claim", claim_nodes, methods=["POST"]),
         *(Route(path, not_implemented(method, path), methods=[method]) for method, path in NOT_IMPLEMENTED),
     ]
 
@@ -379,6 +428,25 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
         },
         lifespan=lifespan,
     )
+
+
+def _run_key(request: Request) -> str:
+    run_key: str = request.path_params["run_key"]
+    try:
+        Place(run_key, 0, 0, 1)
+    except ValueError as error:
+        raise KatoError(400, str(error)) from None
+    return run_key
+
+
+def _echo(key: str | None, place: Place | None) -> dict[str, str] | None:
+    """Response headers saying which of ingestd's request headers were honoured."""
+    headers = {}
+    if key is not None:
+        headers["idempotency-key"] = key
+    if place is not None:
+        headers[ledger.HEADER] = place.header()
+    return headers or None
 
 
 def session_not_found_response(session_id: str) -> JSONResponse:
@@ -499,6 +567,7 @@ class HotPaths:
             await self.app(scope, receive, send)
             return
         trace_id = content_type = idempotency_key = None
+        place: Place | None = None
         for name, value in scope["headers"]:
             if name == b"origin" or (name == b"content-length" and (not value.isdigit() or int(value) > self.max_body_bytes)):
                 await self.app(scope, receive, send)
@@ -509,6 +578,12 @@ class HotPaths:
                 content_type = value
             elif name == b"idempotency-key":
                 idempotency_key = value.decode("latin-1")
+            elif name == b"ingestd-ledger":
+                try:
+                    place = Place.from_header(value.decode("latin-1"))
+                except ValueError:  # the full app answers 400
+                    await self.app(scope, receive, send)
+                    return
         body = bytearray()
         while True:
             message = await receive()
@@ -520,18 +595,19 @@ class HotPaths:
                 return
             if not message.get("more_body", False):
                 break
-        response = await self._answer(parts[2], parts[3], bytes(body), content_type, idempotency_key)
+        response = await self._answer(parts[2], parts[3], bytes(body), content_type, idempotency_key, place)
         if response is None:
             await self.app(scope, _replay(bytes(body), receive), send)
             return
-        if idempotency_key is not None and parts[3] == "observe-sequence":
-            response.raw_headers.append((b"idempotency-key", idempotency_key.encode("latin-1")))
+        if parts[3] == "observe-sequence":
+            response.raw_headers += [(name.encode("latin-1"), value.encode("latin-1"))
+                                     for name, value in (_echo(idempotency_key, place) or {}).items()]  # fmt: skip
         response.raw_headers += [(b"x-trace-id", trace_id or f"kato-{uuid.uuid4().hex}".encode()),
                                  (b"x-session-id", parts[2].encode())]  # fmt: skip
         await response(scope, receive, send)
 
     async def _answer(self, session_id: str, action: str, raw: bytes, content_type: bytes | None,
-                      idempotency_key: str | None) -> Response | None:  # fmt: skip
+                      idempotency_key: str | None, place: Place | None) -> Response | None:  # fmt: skip
         engine = self.engine
         if not engine.session_exists(session_id):
             return None
@@ -556,7 +632,8 @@ class HotPaths:
             if quick is None:
                 return None
             return FloatFreeJSONResponse(
-                await engine.observe_sequence(session_id, quick[0], **quick[1], idempotency_key=idempotency_key)
+                await engine.observe_sequence(session_id, quick[0], **quick[1], idempotency_key=idempotency_key,
+                                              place=place)  # fmt: skip
             )
         except (SessionNotFound, KatoError):  # nothing was applied; the full app gives the error answer
             return None

@@ -34,3 +34,27 @@ class CreateSessionRequest(BaseModel):
     config: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = Field(default_factory=dict)
     ttl_seconds: int | None = None
+
+
+# -- ingestd's extensions (under /ingestd; KATO has none of these) ---------------------------------------
+class LedgerStatusRequest(BaseModel):
+    node_ids: list[str] = Field(min_length=1, max_length=64)
+    samples: list[int] = Field(default_factory=list, max_length=10_000)
+
+
+class LedgerForgetRequest(BaseModel):
+    samples: list[int] | None = Field(default=None, max_length=100_000)
+    keep: list[int] = Field(default_factory=list, max_length=1_000_000)
+    everything: bool = False
+
+
+class NodeClaim(BaseModel):
+    node_id: str
+    tokenizer: str
+    level: int = Field(ge=0)
+    chunk_size: int = Field(ge=2)
+
+
+class ClaimNodesRequest(BaseModel):
+    claims: list[NodeClaim] = Field(min_length=1, max_length=64)
+    allow_mixed: bool = False

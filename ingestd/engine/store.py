@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from ingestd.engine import rules
+from ingestd.engine import feeders, ledger, rules
 from ingestd.engine.session import Learn
 
 T = TypeVar("T")
@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS applied (
     outcome BLOB NOT NULL,
     applied_at REAL NOT NULL
 ) WITHOUT ROWID;
-"""
+""" + ledger.SCHEMA + feeders.SCHEMA
 
 _EMPTY_LIST = b"[]"
 _EMPTY_MAP = b"{}"
@@ -271,7 +271,10 @@ class KnowledgeStore:
 
     @staticmethod
     def clear_kb(connection: sqlite3.Connection, kb_id: str) -> None:
+        """clear-all: the patterns, and what ingestd's extensions recorded about them."""
         connection.execute("DELETE FROM patterns WHERE kb_id = ?", (kb_id,))
+        ledger.forget_kb(connection, kb_id)
+        feeders.forget_kb(connection, kb_id)
 
     @staticmethod
     def get_pattern(connection: sqlite3.Connection, kb_id: str, pattern_hash: str) -> dict[str, Any] | None:

@@ -1,0 +1,153 @@
+"""The run ledger (an ingestd extension): where each sample of a run stands, stored with its learns.
+
+A learn call of an ingestd run carries its :class:`Place`: the run's key (random, one per run), the
+sample, and which of that sample's chunks on the call's node it carries (the first one and how many).
+Per (run key, sample, knowledge base) the engine records how many chunks are stored, **in the same
+transaction as the patterns**:
+
+* a call that starts where the record ends is applied, and the record moves on;
+* a call that ends at or before the record's end was applied already (a resend after a lost answer,
+  or a resumed run redoing a sample that was in flight): it is answered without storing anything again
+  (a *replay*);
+* any other call (a gap or an overlap) is refused with 409: the call and the record disagree.
+
+Chunks, not calls, are counted, so the record does not depend on how chunks were grouped into calls: a
+run resumed with another batch size, or without batching, picks up at the exact chunk. Nothing here
+expires (unlike ``Idempotency-Key``): a run forgets the records of the samples it has recorded as done.
+
+Per (run key, knowledge base) the engine also keeps the total number of chunks the run stored. A
+resumed run compares it with its own progress: fewer means the knowledge base is not the one the
+progress was recorded against (missing, cleared, or restored from an older copy).
+
+Over HTTP a call's place travels in the ``ingestd-ledger: <run key>:<sample>:<first chunk>:<chunks>``
+header, echoed in the answer when honoured (KATO ignores the header, and echoes nothing).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+HEADER = "ingestd-ledger"
+_RUN_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger (
+    run_key TEXT NOT NULL,
+    sample_index INTEGER NOT NULL,
+    kb_id TEXT NOT NULL,
+    chunks INTEGER NOT NULL,
+    PRIMARY KEY (run_key, sample_index, kb_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ledger_totals (
+    run_key TEXT NOT NULL,
+    kb_id TEXT NOT NULL,
+    chunks INTEGER NOT NULL,
+    PRIMARY KEY (run_key, kb_id)
+) WITHOUT ROWID;
+"""
+
+
+class LedgerConflict(Exception):
+    """A call's place disagrees with the record (a gap or an overlap): nothing was stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where one learn call sits in a run: chunks ``first_chunk .. first_chunk + chunks - 1`` of a
+    sample, on the node of the session it is sent on."""
+
+    run_key: str
+    sample_index: int
+    first_chunk: int
+    chunks: int
+
+    def __post_init__(self) -> None:
+        if not _RUN_KEY.fullmatch(self.run_key):
+            raise ValueError(f"run key {self.run_key!r}: 1 to 64 letters, digits, '_', '.' or '-'")
+        if self.sample_index < 0 or self.first_chunk < 0 or self.chunks < 1:
+            raise ValueError("sample index and first chunk must be >= 0, chunks >= 1")
+
+    def header(self) -> str:
+        return f"{self.run_key}:{self.sample_index}:{self.first_chunk}:{self.chunks}"
+
+    @classmethod
+    def from_header(cls, value: str) -> Place:
+        """Parse the header; raises ``ValueError`` saying what is wrong."""
+        parts = value.strip().split(":")
+        if len(parts) != 4:
+            raise ValueError(f"{HEADER} must be '<run key>:<sample>:<first chunk>:<chunks>', not {value!r}")
+        try:
+            sample_index, first_chunk, chunks = (int(part) for part in parts[1:])
+        except ValueError:
+            raise ValueError(f"{HEADER} {value!r}: sample, first chunk and chunks must be integers") from None
+        return cls(parts[0], sample_index, first_chunk, chunks)
+
+
+def record(connection: sqlite3.Connection, place: Place, kb_id: str) -> bool:
+    """Inside the call's transaction: True if the call is to be applied (and is now recorded), False if
+    it was applied already (a replay); :class:`LedgerConflict` if it does not fit the record."""
+    row = connection.execute(
+        "SELECT chunks FROM ledger WHERE run_key = ? AND sample_index = ? AND kb_id = ?",
+        (place.run_key, place.sample_index, kb_id),
+    ).fetchone()
+    stored = 0 if row is None else row[0]
+    end = place.first_chunk + place.chunks
+    if end <= stored:
+        return False
+    if place.first_chunk != stored:
+        raise LedgerConflict(
+            f"run {place.run_key}, sample {place.sample_index}: the call carries chunks {place.first_chunk}.."
+            f"{end - 1} of {kb_id}, but {stored} chunk(s) are recorded as stored; is another process using "
+            "this run's key?"
+        )
+    connection.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?)", (place.run_key, place.sample_index, kb_id, end))
+    connection.execute(
+        "INSERT INTO ledger_totals VALUES (?, ?, ?) ON CONFLICT (run_key, kb_id) DO UPDATE SET chunks = chunks + ?",
+        (place.run_key, kb_id, place.chunks, place.chunks),
+    )
+    return True
+
+
+def status(connection: sqlite3.Connection, run_key: str, kb_ids: Sequence[str],
+           samples: Iterable[int]) -> dict[str, Any]:  # fmt: skip
+    """Totals per knowledge base, and per asked sample the chunks stored per knowledge base (0 if none)."""
+    totals = {kb: 0 for kb in kb_ids}
+    for kb, chunks in connection.execute("SELECT kb_id, chunks FROM ledger_totals WHERE run_key = ?", (run_key,)):
+        if kb in totals:
+            totals[kb] = chunks
+    per_sample: dict[int, dict[str, int]] = {}
+    for sample in samples:
+        stored = {kb: 0 for kb in kb_ids}
+        rows = connection.execute("SELECT kb_id, chunks FROM ledger WHERE run_key = ? AND sample_index = ?",
+                                  (run_key, sample))  # fmt: skip
+        for kb, chunks in rows:
+            if kb in stored:
+                stored[kb] = chunks
+        per_sample[sample] = stored
+    return {"totals": totals, "samples": per_sample}
+
+
+def forget(connection: sqlite3.Connection, run_key: str, *, samples: Sequence[int] | None = None,
+           keep: Sequence[int] = (), everything: bool = False) -> int:  # fmt: skip
+    """Drop records of a run: of ``samples``; or of every sample but ``keep``; or, with ``everything``,
+    the run's whole record, totals included (the run is over, or started over)."""
+    if everything:
+        connection.execute("DELETE FROM ledger_totals WHERE run_key = ?", (run_key,))
+        return connection.execute("DELETE FROM ledger WHERE run_key = ?", (run_key,)).rowcount
+    if samples is not None:
+        return sum(connection.execute("DELETE FROM ledger WHERE run_key = ? AND sample_index = ?", (run_key, sample)).rowcount
+                   for sample in samples)  # fmt: skip
+    return connection.execute(
+        "DELETE FROM ledger WHERE run_key = ? AND sample_index NOT IN (SELECT value FROM json_each(?))",
+        (run_key, "[" + ",".join(str(int(sample)) for sample in keep) + "]"),
+    ).rowcount
+
+
+def forget_kb(connection: sqlite3.Connection, kb_id: str) -> None:
+    """A knowledge base was cleared: no run has anything stored in it any more."""
+    connection.execute("DELETE FROM ledger WHERE kb_id = ?", (kb_id,))
+    connection.execute("DELETE FROM ledger_totals WHERE kb_id = ?", (kb_id,))
