@@ -20,7 +20,7 @@ from ingestd.pipeline import RunConfig, RunSummary, run_async
 from ingestd.runtime import loop_options, throughput_gc
 from ingestd.source import SourceSpec
 
-_SOURCE_OPTIONS = ("text_field", "hub_config", "split", "txt_mode", "metadata_fields", "label")
+_SOURCE_OPTIONS = ("text_field", "hub_config", "split", "txt_mode", "metadata_fields", "label", "min_chars")
 
 
 def build_config(source: str | SourceSpec, hierarchy: Hierarchy, **options: Any) -> RunConfig:

@@ -9,6 +9,10 @@ said in KATO's API is the backend's business:
   plain session (levels with metadata) it is one ``observe-sequence`` per chunk,
   metadata on its first observation. Only KATO 3.10.1's public API is used.
 * in-process, the engine's ``learn_chunks`` does the same in one transaction.
+
+Every learn carries its place in the run (:class:`~ingestd.engine.Place`); a backend that keeps the run
+ledger (the embedded engine, in-process or served) applies each chunk of a run once, whatever is resent
+(see :mod:`ingestd.engine.ledger`). ``ledger`` says whether this one does.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import aiohttp
 import orjson
 
 from ingestd import metrics
-from ingestd.engine import Engine, EngineSettings, KatoError, SessionNotFound
+from ingestd.engine import Engine, EngineSettings, Feeder, KatoError, Learned, Place, SessionNotFound
+from ingestd.engine.ledger import HEADER as LEDGER_HEADER
 from ingestd.errors import Ambiguous, KatoRejected, KatoUnavailable, ServerDown, SessionLost
+from ingestd.nodes import NodeRegistry
 
 T = TypeVar("T")
 
@@ -34,18 +40,26 @@ class KatoBackend(Protocol):
 
     requests: int
     description: str
-    exactly_once: bool  # a resent keyed call is applied once
+    ledger: bool  # keeps the run ledger: a chunk of a run is stored once, whatever is resent (known after start)
 
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
     async def create_session(self, node_id: str, config: dict[str, Any], *, key: str | None = None) -> str: ...
     async def delete_session(self, session_id: str) -> None: ...
     async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
-                    auto_learn: bool, key: str | None = None) -> list[str]: ...  # fmt: skip
+                    auto_learn: bool, place: Place | None = None) -> Learned: ...  # fmt: skip
     async def healthy(self) -> bool: ...
     async def clear_stm(self, session_id: str) -> None: ...
     async def clear_all(self, node_id: str) -> None: ...
     async def get_pattern(self, node_id: str, name: str) -> dict[str, Any] | None: ...
+    async def ledger_status(self, run_key: str, node_ids: Sequence[str], samples: Sequence[int] = ()) -> dict[str, Any]:
+        """``{"totals": {node_id: chunks}, "samples": {sample_index: {node_id: chunks}}}``: what the run stored."""
+    async def ledger_forget(self, run_key: str, *, samples: Sequence[int] | None = None, keep: Sequence[int] = (),
+                            everything: bool = False) -> None: ...  # fmt: skip
+    async def claim_nodes(self, claims: Sequence[tuple[str, Feeder]], *, allow_mixed: bool) -> dict[str, list[Feeder]]: ...
+
+
+_LEDGER_BATCH = 5000
 
 
 def _observations(chunk: Sequence[str], metadata: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -101,11 +115,14 @@ class HttpKato:
     httpx 0.58 ms of client CPU per request, httpcore alone 0.42, aiohttp 0.19.
     """
 
-    def __init__(self, url: str, *, connections: int = 32, timeout: float = 120.0) -> None:
+    def __init__(self, url: str, *, connections: int = 32, timeout: float = 120.0,
+                 registry: NodeRegistry | None = None) -> None:  # fmt: skip
         self.url = url.rstrip("/")
         self.description = f"KATO at {self.url}"
         self.requests = 0
-        self.exactly_once = False  # learned from the first keyed answer: does the server honour Idempotency-Key?
+        self.extensions = False  # the server is ingestd's engine (GET /ingestd): run ledger, feeders
+        self.ledger = False  # ... and honours the ledger header (its answers echo it)
+        self.registry = registry  # what fed the nodes of a server without extensions
         self._connections = max(1, connections)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._http: aiohttp.ClientSession | None = None
@@ -136,26 +153,44 @@ class HttpKato:
                 f"{self.url} is not a KATO server (GET /health answered {status} "
                 f"{content_type or 'without a content type'}): check the --kato address"
             )
+        self.extensions = self.ledger = await self._has_extensions()
+
+    async def _has_extensions(self) -> bool:
+        """Whether the server is ingestd's engine (KATO answers 404 to ``GET /ingestd``)."""
+        try:
+            async with self._client.get("/ingestd", timeout=aiohttp.ClientTimeout(total=10.0)) as answer:
+                status, raw = answer.status, await answer.read()
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+        try:
+            body = orjson.loads(raw) if status == 200 else None
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(body, dict) and isinstance(body.get("extensions"), dict) and body["extensions"].get("ledger") == 1
 
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.close()
             self._http = None
 
-    async def _call(self, method: str, path: str, body: Any = None, *, key: str | None = None) -> Any:
+    async def _call(self, method: str, path: str, body: Any = None, *, key: str | None = None,
+                    place: Place | None = None, endpoint: str | None = None) -> Any:  # fmt: skip
         """One request; failures are raised as what they mean for a resend (see :mod:`ingestd.errors`)."""
         self.requests += 1
-        endpoint = _endpoint(method, path)
+        endpoint = endpoint or _endpoint(method, path)
         content = None if body is None else orjson.dumps(body)
-        headers = _JSON_HEADERS if key is None else {**_JSON_HEADERS, "idempotency-key": key}
+        headers = _JSON_HEADERS
+        if key is not None or place is not None:
+            headers = {**headers, **({"idempotency-key": key} if key is not None else {}),
+                       **({LEDGER_HEADER: place.header()} if place is not None else {})}  # fmt: skip
         started = time.perf_counter()
         status: int | None = None
         try:
             async with self._client.request(method, path, data=content, headers=headers) as answer:
                 raw = await answer.read()
                 status = answer.status
-                if key is not None and status == 200:
-                    self.exactly_once = "idempotency-key" in answer.headers
+                if place is not None and status == 200 and LEDGER_HEADER not in answer.headers:
+                    self.ledger = False  # not honoured here (say, a proxy dropped the header): resends may duplicate
         except aiohttp.ClientConnectorError as error:  # never connected: nothing was sent
             raise ServerDown(f"cannot connect ({error.os_error or error})") from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as error:
@@ -193,21 +228,21 @@ class HttpKato:
         await self._call("DELETE", f"/sessions/{session_id}")
 
     async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
-                    auto_learn: bool, key: str | None = None) -> list[str]:  # fmt: skip
-        """One ``observe-sequence`` call. ``key`` goes out as ``Idempotency-Key`` (the embedded engine
-        applies a resent call once; KATO ignores the header)."""
+                    auto_learn: bool, place: Place | None = None) -> Learned:  # fmt: skip
+        """One ``observe-sequence`` call. ``place`` goes out in the ``ingestd-ledger`` header (the embedded
+        engine stores a chunk of a run once; KATO ignores the header)."""
         path = f"/sessions/{session_id}/observe-sequence"
         if auto_learn:
             # Whole chunks back to back: KATO learns each as STM reaches chunk_size; learn_at_end
             # takes a shorter last chunk. A 1-symbol chunk is never sent, so no name is "".
             observations = [{"strings": [symbol]} for chunk in chunks for symbol in chunk]
-            body = await self._call("POST", path, {"observations": observations, "learn_at_end": True}, key=key)
-            return [name for name in body["auto_learned_patterns"] if name]
+            body = await self._call("POST", path, {"observations": observations, "learn_at_end": True}, place=place)
+            return Learned([name for name in body["auto_learned_patterns"] if name], body.get("idempotent_replay") is True)
         if len(chunks) != 1:
             raise ValueError("a level without auto-learn is sent one chunk per call")
         body = await self._call("POST", path, {"observations": _observations(chunks[0], metadata), "learn_at_end": True},
-                                key=key)  # fmt: skip
-        return [body["final_learned_pattern"]]
+                                place=place)  # fmt: skip
+        return Learned([body["final_learned_pattern"]], body.get("idempotent_replay") is True)
 
     async def clear_stm(self, session_id: str) -> None:
         await self._call("POST", f"/sessions/{session_id}/clear-stm")
@@ -216,10 +251,38 @@ class HttpKato:
         session_id = await self.create_session(node_id, {"process_predictions": False})
         await self._call("POST", f"/sessions/{session_id}/clear-all")
         await self.delete_session(session_id)
+        if not self.extensions and self.registry is not None:
+            self.registry.forget(self.url, node_id)
 
     async def get_pattern(self, node_id: str, name: str) -> dict[str, Any] | None:
         body = (await self._call("GET", f"/pattern/{name.replace('|', '%7C')}?node_id={quote(node_id)}"))["pattern"]
         return body["pattern"] if body["status"] == "okay" else None
+
+    # -- ingestd's extensions, when the server has them ----------------------------------------------------
+    async def ledger_status(self, run_key: str, node_ids: Sequence[str], samples: Sequence[int] = ()) -> dict[str, Any]:
+        found: dict[str, Any] = {"totals": {}, "samples": {}}
+        for start in range(0, max(1, len(samples)), _LEDGER_BATCH):
+            body = await self._call("POST", f"/ingestd/ledger/{run_key}",
+                                    {"node_ids": list(node_ids), "samples": list(samples[start : start + _LEDGER_BATCH])},
+                                    endpoint="ledger-status")  # fmt: skip
+            found["totals"] = body["totals"]
+            found["samples"].update({int(sample): stored for sample, stored in body["samples"].items()})
+        return found
+
+    async def ledger_forget(self, run_key: str, *, samples: Sequence[int] | None = None, keep: Sequence[int] = (),
+                            everything: bool = False) -> None:  # fmt: skip
+        if self.extensions:
+            await self._call("POST", f"/ingestd/ledger/{run_key}/forget",
+                             {"samples": None if samples is None else list(samples), "keep": list(keep),
+                              "everything": everything}, endpoint="ledger-forget")  # fmt: skip
+
+    async def claim_nodes(self, claims: Sequence[tuple[str, Feeder]], *, allow_mixed: bool) -> dict[str, list[Feeder]]:
+        if not self.extensions:
+            return {} if self.registry is None else self.registry.claim(self.url, claims, allow_mixed=allow_mixed)
+        body = await self._call("POST", "/ingestd/nodes/claim", {
+            "claims": [{"node_id": node_id, **feeder.as_dict()} for node_id, feeder in claims],
+            "allow_mixed": allow_mixed}, endpoint="claim-nodes")  # fmt: skip
+        return {node_id: [Feeder(**other) for other in others] for node_id, others in body["conflicts"].items()}
 
 
 class EmbeddedKato:
@@ -234,7 +297,7 @@ class EmbeddedKato:
         self.engine = Engine(settings)
         self.description = f"embedded engine on {Path(settings.data_dir).resolve()}"
         self.requests = 0
-        self.exactly_once = True
+        self.ledger = True
 
     async def start(self) -> None:
         try:
@@ -276,9 +339,8 @@ class EmbeddedKato:
         await self._call("delete-session", self.engine.delete_session(session_id))
 
     async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
-                    auto_learn: bool, key: str | None = None) -> list[str]:  # fmt: skip
-        return await self._call("observe-sequence",
-                                self.engine.learn_chunks(session_id, chunks, metadata, idempotency_key=key))  # fmt: skip
+                    auto_learn: bool, place: Place | None = None) -> Learned:  # fmt: skip
+        return await self._call("observe-sequence", self.engine.learn_chunks(session_id, chunks, metadata, place=place))
 
     async def healthy(self) -> bool:
         return True
@@ -294,3 +356,14 @@ class EmbeddedKato:
     async def get_pattern(self, node_id: str, name: str) -> dict[str, Any] | None:
         body = (await self._call("pattern", self.engine.get_pattern(name, node_id)))["pattern"]
         return body["pattern"] if body["status"] == "okay" else None
+
+    async def ledger_status(self, run_key: str, node_ids: Sequence[str], samples: Sequence[int] = ()) -> dict[str, Any]:
+        return await self._call("ledger-status", self.engine.ledger_status(run_key, node_ids, samples))
+
+    async def ledger_forget(self, run_key: str, *, samples: Sequence[int] | None = None, keep: Sequence[int] = (),
+                            everything: bool = False) -> None:  # fmt: skip
+        await self._call("ledger-forget", self.engine.ledger_forget(run_key, samples=samples, keep=keep,
+                                                                    everything=everything))  # fmt: skip
+
+    async def claim_nodes(self, claims: Sequence[tuple[str, Feeder]], *, allow_mixed: bool) -> dict[str, list[Feeder]]:
+        return await self._call("claim-nodes", self.engine.claim_nodes(claims, allow_mixed=allow_mixed))

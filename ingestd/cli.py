@@ -139,6 +139,8 @@ def run_command(
     max_samples: Annotated[Optional[int], typer.Option(min=0, help="Stop after this many samples.")] = None,
     skip: Annotated[int, typer.Option(min=0, help="Skip this many samples of the filtered stream first.")] = 0,
     max_sample_chars: Annotated[int, typer.Option(min=1, help="Longer samples fail alone (to failed.jsonl) instead of being learned.")] = 1_000_000,
+    min_chars: Annotated[int, typer.Option(min=0, help="Samples whose stripped text is shorter are filtered (counted, not learned); 0 keeps every sample.")] = 11,
+    allow_mixed_kb: Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed (refused otherwise).")] = False,
     workers: Annotated[int, typer.Option(min=1, help="Concurrent workers, each with one session per node.")] = 8,
     batch_chunks: Annotated[int, typer.Option(min=1, help="Chunks per observe-sequence on batched levels.")] = 64,
     batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Batch levels without metadata through KATO's auto-learn.")] = True,
@@ -181,12 +183,12 @@ def run_command(
         spec = SourceSpec(source=source, text_field=text_field, hub_config=hub_config, split=split,
                           txt_mode=txt_mode,  # type: ignore[arg-type]
                           metadata_fields=tuple(f.strip() for f in (metadata_fields or "").split(",") if f.strip()),
-                          label=source_label, max_chars=max_sample_chars)
+                          label=source_label, max_chars=max_sample_chars, min_chars=min_chars)
         config = RunConfig(source=spec, hierarchy=hierarchy, tokenizer=tokenizer, workers=workers,
                            batch_chunks=batch_chunks, batching=batching, kato_url=kato, data_dir=data,
                            durability=durability, run_id=run_id, fresh=fresh, skip=skip,  # type: ignore[arg-type]
                            max_samples=max_samples, run_dir=run_dir, retry_failed=retry_failed,
-                           drain_timeout=drain_timeout,
+                           drain_timeout=drain_timeout, allow_mixed_kb=allow_mixed_kb,
                            retry=RetryPolicy(patience=patience, request_timeout=request_timeout))
         show_bar = sys.stdout.isatty() if progress is None else progress
         if metrics_port is not None:
@@ -210,8 +212,8 @@ def run_command(
     console.print(summary_table(result))
     samples = result["samples"]
     if samples["read"] and samples["filtered"] == samples["read"]:
-        typer.echo(f"ingestd: warning: every record of {source} was 10 characters or fewer after stripping, so nothing "
-                   "was learned: check --text-field and --txt-mode", err=True)  # fmt: skip
+        typer.echo(f"ingestd: warning: every record of {source} was shorter than {min_chars} characters after stripping, "
+                   "so nothing was learned: check --text-field, --txt-mode and --min-chars", err=True)  # fmt: skip
     if summary_json is not None:
         summary_json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -290,6 +292,8 @@ def jobs_submit(
     split: Annotated[Optional[str], typer.Option(help="Hub dataset split (default train).")] = None,
     txt_mode: Annotated[str, typer.Option(help="For .txt files: one sample per 'paragraph' or per 'line'.")] = "paragraph",
     tokenizer: Annotated[str, typer.Option(help="'gpt2' (bundled) or a tokenizer the daemon can load offline.")] = "gpt2",
+    min_chars: Annotated[int, typer.Option(min=0, help="Samples whose stripped text is shorter are filtered; 0 keeps every sample.")] = 11,
+    allow_mixed_kb: Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed.")] = False,
     url: _URL = _DAEMON,
     token: _TOKEN = None,
 ) -> None:
@@ -298,7 +302,7 @@ def jobs_submit(
             "metadata_levels": _int_list(metadata_levels, "--metadata-levels"), "node_ids": node_ids,
             "run_id": run_id, "kato_url": _kato_url(kato), "workers": workers, "max_samples": max_samples,
             "skip": skip, "text_field": text_field, "label": source_label, "hub_config": hub_config, "split": split,
-            "txt_mode": txt_mode, "tokenizer": tokenizer,
+            "txt_mode": txt_mode, "tokenizer": tokenizer, "min_chars": min_chars, "allow_mixed_kb": allow_mixed_kb,
             "metadata_fields": [f.strip() for f in (metadata_fields or "").split(",") if f.strip()]}  # fmt: skip
     _request(url, token, "POST", "/jobs", spec)
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ingestd.engine.rules import kb_id
 from ingestd.errors import IngestError
 
 
@@ -69,12 +70,24 @@ class Hierarchy(BaseModel):
     def chunk_sizes(self) -> list[int]:
         return [level.chunk_size for level in self.levels]
 
-    def validate_usable(self) -> None:
+    def validate_usable(self, run_id: str = "") -> None:
         if not self.levels:
             raise HierarchyError("the hierarchy has no levels: give --chunk-sizes (e.g. 8,8,8,8) or a hierarchy file")
-        ids = self.node_ids()
+        ids = self.node_ids(run_id)
         if len(set(ids)) != len(ids):
             raise HierarchyError(f"two levels share a node id ({', '.join(ids)}): give each level its own")
+        # KATO keeps one knowledge base per kb id, and several node ids map to one (protocol §5.10).
+        seen: dict[str, tuple[int, str]] = {}
+        for level, node_id in enumerate(ids):
+            kb = kb_id(node_id)
+            if kb in seen:
+                other_level, other = seen[kb]
+                raise HierarchyError(
+                    f"node ids {other!r} (level {other_level}) and {node_id!r} (level {level}) are one knowledge base "
+                    f"for KATO ({kb!r}: it turns / \\ . \" $ * < > : | ? - and spaces into _): give the levels node ids "
+                    "that differ in letters or digits"
+                )
+            seen[kb] = (level, node_id)
 
     @classmethod
     def from_chunk_sizes(cls, chunk_sizes: list[int], metadata_levels: set[int] = frozenset(),  # type: ignore[assignment]

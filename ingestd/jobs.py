@@ -67,6 +67,8 @@ class JobSpec(BaseModel):
     tokenizer: str = "gpt2"
     skip: int = Field(default=0, ge=0)
     max_samples: int | None = Field(default=None, ge=0)
+    min_chars: int = Field(default=11, ge=0, description="Shorter samples (stripped) are filtered; 0 keeps all.")
+    allow_mixed_kb: bool = Field(default=False, description="Feed nodes another level, chunk size or tokenizer fed.")
 
     @field_validator("kato_url")
     @classmethod
@@ -80,19 +82,22 @@ class JobSpec(BaseModel):
 
     def hierarchy(self) -> Hierarchy:
         try:
-            return Hierarchy.from_chunk_sizes(self.chunk_sizes, set(self.metadata_levels), self.node_ids)
+            hierarchy = Hierarchy.from_chunk_sizes(self.chunk_sizes, set(self.metadata_levels), self.node_ids)
+            hierarchy.validate_usable(self.run_id)
         except HierarchyError as error:
             raise ValueError(str(error)) from None
+        return hierarchy
 
     def run_config(self, state_dir: Path, job_id: str, *, retry_failed: bool, drain_timeout: float) -> RunConfig:
         hierarchy = self.hierarchy()
         source = SourceSpec(source=self.source, text_field=self.text_field, hub_config=self.hub_config,
                             split=self.split, txt_mode=self.txt_mode, metadata_fields=tuple(self.metadata_fields),
-                            label=self.label)  # fmt: skip
+                            label=self.label, min_chars=self.min_chars)  # fmt: skip
         return RunConfig(source=source, hierarchy=hierarchy, tokenizer=self.tokenizer, workers=self.workers,
                          kato_url=self.kato_url, data_dir=state_dir / "kato-data", run_id=self.run_id,
                          skip=self.skip, max_samples=self.max_samples, run_dir=state_dir / "runs" / job_id,
-                         retry_failed=retry_failed, drain_timeout=drain_timeout)  # fmt: skip
+                         retry_failed=retry_failed, drain_timeout=drain_timeout, allow_mixed_kb=self.allow_mixed_kb,
+                         node_registry=state_dir / "kato-nodes.sqlite3")  # fmt: skip
 
 
 class JobManager:

@@ -22,14 +22,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ingestd import metrics
 from ingestd.backend import EmbeddedKato, HttpKato, KatoBackend, check_kato_url
 from ingestd.engine import EngineSettings
-from ingestd.errors import KatoRejected
+from ingestd.errors import IngestError, KatoRejected, Transient
 from ingestd.hierarchy import Hierarchy
+from ingestd.nodes import NodeRegistry
 from ingestd.plan import SamplePlan, plan_levels
 from ingestd.progress import Progress, fingerprint
+from ingestd.resume import check_store_file, prepare
 from ingestd.retry import RetryPolicy, ServerWatch
 from ingestd.source import BadRecord, Filtered, Sample, Source, SourceEvent, SourceSpec
 from ingestd.tokenize import Tokenizer, load_tokenizer
-from ingestd.worker import Worker, level_setups
+from ingestd.worker import SampleOutcome, Worker, level_setups
 
 log = structlog.get_logger("ingestd.pipeline")
 
@@ -58,11 +60,26 @@ class RunConfig(BaseModel):
     run_dir: Path | None = Field(default=None, description="Progress and dead letters; default under runs/.")
     retry_failed: bool = Field(default=False, description="Only redo the samples this run recorded as failed.")
     drain_timeout: float = Field(default=30.0, gt=0, description="After SIGINT/SIGTERM, seconds for in-flight samples.")
+    allow_mixed_kb: bool = Field(default=False, description="Feed nodes that another level, chunk size or "
+                                 "tokenizer fed (refused otherwise).")  # fmt: skip
+    node_registry: Path | None = Field(default=None, description="Where ingestd records what fed a KATO server's "
+                                       "nodes; default ingestd-runs/kato-nodes.sqlite3.")  # fmt: skip
 
     @field_validator("kato_url")
     @classmethod
     def _kato_url(cls, url: str | None) -> str | None:
         return None if url is None else check_kato_url(url)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, source: SourceSpec) -> SourceSpec:
+        return source.resolved()  # the same file is the same run, however its path is spelled
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, tokenizer: str) -> str:
+        path = Path(tokenizer).expanduser()
+        return str(path.resolve()) if tokenizer != "gpt2" and path.exists() else tokenizer
 
     def node_ids(self) -> list[str]:
         return self.hierarchy.node_ids(self.run_id)
@@ -89,7 +106,8 @@ class RunStats:
     samples_filtered: int = 0
     samples_failed: int = 0
     tokens: int = 0
-    patterns_per_level: list[int] = field(default_factory=list)
+    patterns_per_level: list[int] = field(default_factory=list)  # learns this run applied
+    replayed_per_level: list[int] = field(default_factory=list)  # chunks found stored already (resent, resumed)
     failures: list[dict[str, Any]] = field(default_factory=list)
     requests: int = 0
     skipped: int = 0  # learned by an earlier run (or, with --retry-failed, not among its failures)
@@ -103,6 +121,15 @@ class RunStats:
 
     def __post_init__(self) -> None:
         self.patterns_per_level = [0] * self.levels
+        self.replayed_per_level = [0] * self.levels
+
+    def learned(self, outcome: SampleOutcome) -> None:
+        """Count what one sample stored (also when it failed part-way)."""
+        for level, (applied, replayed) in enumerate(zip(outcome.applied, outcome.replayed, strict=True)):
+            self.patterns_per_level[level] += applied
+            self.replayed_per_level[level] += replayed
+            if applied:
+                metrics.PATTERNS.labels(str(level)).inc(applied)
 
     @property
     def unfinished(self) -> int:
@@ -161,6 +188,7 @@ class RunSummary:
                          "possible_duplicate_samples": stats.possible_duplicates[:1000]},
             "tokens": stats.tokens,
             "patterns_per_level": stats.patterns_per_level,
+            "replayed_per_level": stats.replayed_per_level,
             "requests": stats.requests,
             "requests_per_sample": round(stats.requests / stats.samples_learned, 3) if stats.samples_learned else None,
             "wall_seconds": round(elapsed, 3),
@@ -174,8 +202,16 @@ class RunSummary:
 def make_backend(config: RunConfig) -> KatoBackend:
     if config.kato_url:
         connections = config.workers * max(1, len(config.hierarchy.levels))
-        return HttpKato(config.kato_url, connections=connections, timeout=config.retry.request_timeout)
+        registry = NodeRegistry(config.node_registry or Path("ingestd-runs") / "kato-nodes.sqlite3")
+        return HttpKato(config.kato_url, connections=connections, timeout=config.retry.request_timeout, registry=registry)
     return EmbeddedKato(EngineSettings(data_dir=config.data_dir, durability=config.durability))
+
+
+class RunOptionsError(IngestError):
+    """Options of a run that cannot go together."""
+
+
+_FORGET_BATCH = 1024  # done samples whose ledger records are dropped in one call
 
 
 def _take(events: Iterator[SourceEvent], count: int) -> list[SourceEvent]:
@@ -199,7 +235,10 @@ def _plan_batch(samples: list[Sample], tokenizer: Tokenizer, chunk_sizes: list[i
 class Pipeline:
     def __init__(self, config: RunConfig, *, on_progress: Callable[[RunStats], None] | None = None,
                  progress_interval: float = 0.5, handle_signals: bool = False) -> None:  # fmt: skip
-        config.hierarchy.validate_usable()
+        config.hierarchy.validate_usable(config.run_id)
+        if config.retry_failed and config.fresh:
+            raise RunOptionsError("--retry-failed redoes the failed samples of a run, and --fresh starts the run over "
+                                  "(clearing its nodes): give one of them")  # fmt: skip
         self.config = config
         self.stats = RunStats(levels=len(config.hierarchy.levels))
         self.on_progress = on_progress
@@ -209,6 +248,7 @@ class Pipeline:
         self._intake = anyio.CancelScope()  # the producer: cancelled when a signal says stop
         self._workers = anyio.CancelScope()  # the workers: cancelled after the drain timeout
         self._queued = 0  # plans in the queue, for the queue-depth gauge
+        self._settled: list[int] = []  # done samples whose ledger records can go
 
     def describe(self) -> dict[str, Any]:
         config = self.config
@@ -225,16 +265,23 @@ class Pipeline:
         tokenizer = await anyio.to_thread.run_sync(load_tokenizer, config.tokenizer)
         progress = Progress(config.resolved_run_dir(), config.identity(), source.label)
         progress.open(fresh=config.fresh)
+        try:
+            check_store_file(config, progress)
+            await self._learn(source, tokenizer, progress)
+        finally:
+            progress.close()
+        if self.on_progress is not None:
+            self.on_progress(self.stats)
+        return self.summary()
+
+    async def _learn(self, source: Source, tokenizer: Tokenizer, progress: Progress) -> None:
+        config = self.config
         backend = make_backend(config)
+        finished = False
         try:
             await backend.start()
             node_ids = config.node_ids()
-            if config.fresh:
-                for node_id in node_ids:
-                    await backend.clear_all(node_id)
-            if progress.interrupted:
-                log.warning("resuming: samples were in flight when the last run stopped; they are redone",
-                            samples=progress.interrupted[:100], count=len(progress.interrupted))  # fmt: skip
+            resume_points = await prepare(config, progress, backend, node_ids, self.stats)
             setups = level_setups(config.hierarchy, node_ids, batching=config.batching)
             watch = ServerWatch(backend.healthy, backend.description, config.retry, self.stats.server_outage)
             queue_size = config.queue_size or 4 * config.workers
@@ -246,27 +293,33 @@ class Pipeline:
                     group.start_soon(self._watch_signals)
                 with self._workers:
                     async with anyio.create_task_group() as pipeline:
-                        pipeline.start_soon(self._produce, source, tokenizer, progress, send)
+                        pipeline.start_soon(self._produce, source, tokenizer, progress, resume_points, send)
                         for number in range(config.workers):
                             worker = Worker(number, backend, setups, config.batch_chunks, policy=config.retry,
-                                            watch=watch, recovery=self.stats, key_prefix=progress.fingerprint[:16])  # fmt: skip
-                            pipeline.start_soon(self._work, worker, progress, receive.clone())
+                                            watch=watch, recovery=self.stats, run_key=progress.run_key)  # fmt: skip
+                            pipeline.start_soon(self._work, worker, progress, backend, receive.clone())
                         receive.close()
                 group.cancel_scope.cancel()
-            if progress.interrupted and not backend.exactly_once:
-                for index in progress.interrupted:
-                    self.stats.possible_duplicate(index, "(interrupted run)")
+            finished = True
         finally:
             metrics.QUEUE_DEPTH.dec(self._queued)  # left in the queue by an early stop
             self._queued = 0
-            self.stats.requests = backend.requests
-            self.stats.finished = time.perf_counter()
             with anyio.CancelScope(shield=True):
+                if finished and backend.ledger:
+                    await self._forget_settled(backend, progress)
+                self.stats.requests = backend.requests
+                self.stats.finished = time.perf_counter()
                 await backend.aclose()
-            progress.close()
-        if self.on_progress is not None:
-            self.on_progress(self.stats)
-        return self.summary()
+
+    async def _forget_settled(self, backend: KatoBackend, progress: Progress) -> None:
+        """Drop the ledger records of every sample of this run but the ones in flight or failed: a later run
+        may need those, and only those."""
+        try:
+            with anyio.fail_after(60):
+                await backend.ledger_forget(progress.run_key, keep=progress.unsettled())
+        except (Transient, KatoRejected, TimeoutError) as failure:
+            log.warning("could not drop the run's ledger records (they only take space; the next run of this "
+                        "directory drops them)", reason=str(failure) or type(failure).__name__)  # fmt: skip
 
     def summary(self) -> RunSummary:
         """What the run has done so far (the final summary once ``run`` returned)."""
@@ -298,7 +351,7 @@ class Pipeline:
             self.on_progress(self.stats)
             await anyio.sleep(self.progress_interval)
 
-    async def _produce(self, source: Source, tokenizer: Tokenizer, progress: Progress,
+    async def _produce(self, source: Source, tokenizer: Tokenizer, progress: Progress, resume_points: dict[int, list[int]],
                        send: MemoryObjectSendStream[SamplePlan]) -> None:  # fmt: skip
         config = self.config
         stats = self.stats
@@ -328,11 +381,13 @@ class Pipeline:
                             progress.fail(event.index, event.reason)
                     plans = await anyio.to_thread.run_sync(_plan_batch, samples, tokenizer, chunk_sizes, source.label)
                     for plan in plans:
+                        plan.start = resume_points.get(plan.index, plan.start)
                         await send.send(plan)
                         self._queued += 1
                         metrics.QUEUE_DEPTH.inc()
 
-    async def _work(self, worker: Worker, progress: Progress, receive: MemoryObjectReceiveStream[SamplePlan]) -> None:
+    async def _work(self, worker: Worker, progress: Progress, backend: KatoBackend,
+                    receive: MemoryObjectReceiveStream[SamplePlan]) -> None:  # fmt: skip
         stats = self.stats
         structlog.contextvars.bind_contextvars(worker=worker.number)  # this task's events, and its level tasks'
         try:
@@ -344,29 +399,37 @@ class Pipeline:
                     if self.stopping:
                         return  # queued, not started: left for the next run
                     progress.started(plan.index)
-                    rejection = None
                     started = time.perf_counter()
-                    try:
-                        with metrics.IN_FLIGHT.track_inprogress(), metrics.WORKERS_BUSY.track_inprogress():
-                            await worker.learn(plan)
-                    except* KatoRejected as rejected:
-                        rejection = str(rejected.exceptions[0])
-                    if rejection is not None:
-                        stats.fail(plan.index, rejection)
-                        progress.fail(plan.index, rejection)
+                    with metrics.IN_FLIGHT.track_inprogress(), metrics.WORKERS_BUSY.track_inprogress():
+                        outcome = await worker.learn(plan)
+                    stats.learned(outcome)
+                    confirmed = [stored - plan.first_chunk(level) for level, stored in enumerate(outcome.stored)]
+                    if outcome.rejection is not None:
+                        stats.fail(plan.index, outcome.rejection)
+                        progress.fail(plan.index, outcome.rejection, outcome.stored, confirmed)
                         continue
-                    progress.finished(plan.index)
+                    progress.finished(plan.index, confirmed)
                     metrics.SAMPLE_SECONDS.observe(time.perf_counter() - started)
                     stats.samples_learned += 1
                     stats.tokens += plan.token_count
                     metrics.SAMPLES_LEARNED.inc()
                     metrics.TOKENS.inc(plan.token_count)
-                    for level, level_plan in enumerate(plan.levels):
-                        stats.patterns_per_level[level] += len(level_plan.names)
-                        metrics.PATTERNS.labels(str(level)).inc(len(level_plan.names))
+                    if backend.ledger:
+                        self._settled.append(plan.index)
+                        if len(self._settled) >= _FORGET_BATCH:
+                            await self._forget_done(backend, progress.run_key)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await worker.close()
+
+    async def _forget_done(self, backend: KatoBackend, run_key: str) -> None:
+        """Drop the ledger records of samples recorded as done (they are never sent again); keeps a long
+        run's ledger small. A failure only leaves them for the end of the run."""
+        settled, self._settled = self._settled, []
+        try:
+            await backend.ledger_forget(run_key, samples=settled)
+        except (Transient, KatoRejected) as failure:
+            log.warning("could not drop ledger records; retried at the end of the run", reason=str(failure))
 
 
 async def run_async(config: RunConfig, *, on_progress: Callable[[RunStats], None] | None = None,

@@ -28,6 +28,11 @@ class SamplePlan:
     token_count: int
     levels: list[LevelPlan]
     metadata: dict[str, Any] = field(default_factory=dict)
+    start: list[int] = field(default_factory=list)
+    """Per level, how many of its chunks are stored already (a resumed or retried sample); empty = none."""
+
+    def first_chunk(self, level: int) -> int:
+        return self.start[level] if self.start else 0
 
     @property
     def pattern_count(self) -> int:
@@ -52,7 +57,7 @@ def plan_levels(tokens: Sequence[str], chunk_sizes: Sequence[int]) -> list[Level
     return levels
 
 
-def batches(level: LevelPlan, batch_chunks: int) -> list[tuple[list[list[str]], list[str]]]:
-    """A level's chunks in groups of at most ``batch_chunks``, aligned to chunk boundaries."""
-    return [(level.chunks[start : start + batch_chunks], level.names[start : start + batch_chunks])
-            for start in range(0, len(level.chunks), batch_chunks)]  # fmt: skip
+def batches(level: LevelPlan, batch_chunks: int, first: int = 0) -> list[tuple[int, list[list[str]], list[str]]]:
+    """A level's chunks from ``first`` on, in groups of at most ``batch_chunks``: (first chunk, chunks, names)."""
+    return [(start, level.chunks[start : start + batch_chunks], level.names[start : start + batch_chunks])
+            for start in range(first, len(level.chunks), batch_chunks)]  # fmt: skip

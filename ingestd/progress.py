@@ -1,24 +1,36 @@
-"""A run's durable record: which samples are done, which were in flight, which failed.
+"""A run's durable record: its run key, which samples are done, which were in flight, which failed.
 
 ``<run dir>/progress.sqlite3`` (WAL, committed per sample; it survives ``kill -9`` of ingestd) and
 ``<run dir>/failed.jsonl`` (the dead letters: one line per failed sample, for people and scripts).
 
-* A sample is *done* only when every level has learned it; resume skips exactly the done ones, whatever
-  order the workers finished them in.
+* The **run key** is random, made when the run directory is first used (and again by ``--fresh``). Every
+  learn of the run carries it (:mod:`ingestd.engine.ledger`), so two runs never take each other's learns
+  for their own, while a resumed run is recognised as the same run.
+* A sample is *done* only when every level has stored all its chunks; resume skips exactly the done
+  ones, whatever order the workers finished them in.
 * A sample is *in flight* from its first request until it is done or failed. Rows still there when a
-  run starts belong to a run that was killed: against a server that honours idempotency keys they are
-  redone exactly once; otherwise each is reported as a possible duplicate.
+  run starts belong to a run that was killed: they are redone from what the run ledger says is stored
+  (or, against a server without one, from the start, and reported as possible duplicates).
+* A *failed* sample records how many chunks each level stored before it failed, so ``--retry-failed``
+  learns exactly the rest.
+* Per level, the chunks whose storing was confirmed: a resumed run checks that the knowledge base holds
+  at least that many (:mod:`ingestd.resume`).
 * The run's configuration (source, tokenizer, hierarchy) is fingerprinted; a run directory refuses a
   different one.
+* One process at a time: the directory is locked while a run uses it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
+import secrets
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -33,7 +45,7 @@ CREATE TABLE IF NOT EXISTS failed (sample_index INTEGER PRIMARY KEY, reason TEXT
 
 
 class ProgressError(IngestError):
-    """The run directory cannot be used (unwritable, full, or holding another run)."""
+    """The run directory cannot be used (unwritable, full, in use, or holding another run)."""
 
 
 class ConfigChanged(ProgressError):
@@ -42,9 +54,19 @@ class ConfigChanged(ProgressError):
     exit_code = 4
 
 
+class RunInUse(ProgressError):
+    """Another process is using the run directory."""
+
+
 def fingerprint(identity: dict[str, Any]) -> str:
     """A stable hash of what decides the knowledge base: source, tokenizer, hierarchy."""
     return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+@dataclass(frozen=True)
+class FailedSample:
+    reason: str
+    stored: list[int]  # chunks stored per level before it failed (empty: nothing was sent)
 
 
 class Progress:
@@ -55,43 +77,91 @@ class Progress:
         self.identity = identity
         self.fingerprint = fingerprint(identity)
         self.source_label = source_label
+        self.run_key = ""
+        self.previous_run_key: str | None = None  # replaced by --fresh: its ledger records can go
         self.done: set[int] = set()
         self.interrupted: list[int] = []  # in flight when an earlier run stopped
-        self.failed: dict[int, str] = {}
+        self.failed: dict[int, FailedSample] = {}
+        self.confirmed: list[int] = []  # per level, chunks whose storing was confirmed
+        self.ledger_covers_interrupted = True
         self._connection: sqlite3.Connection | None = None
+        self._lock: IO[str] | None = None
+
+    @property
+    def learned_before(self) -> bool:
+        """Whether an earlier run of this directory stored anything it knows of."""
+        return any(self.confirmed)
 
     def open(self, *, fresh: bool = False) -> None:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._take_lock()
             connection = self._connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")  # survives kill -9; one fsync per checkpoint
             connection.executescript(_SCHEMA)
+            if "stored" not in {row[1] for row in connection.execute("PRAGMA table_info(failed)")}:
+                connection.execute("ALTER TABLE failed ADD COLUMN stored TEXT")  # made by ingestd <= 0.1.0
+            stored = dict(connection.execute("SELECT key, value FROM run").fetchall())
             if fresh:
+                previous = stored.get("run_key")
+                self.previous_run_key = previous.decode() if previous else None
                 connection.executescript("DELETE FROM run; DELETE FROM done; DELETE FROM inflight; DELETE FROM failed;")
                 self.dead_letters.unlink(missing_ok=True)
-            row = connection.execute("SELECT value FROM run WHERE key = 'fingerprint'").fetchone()
+                stored = {}
+        except ProgressError:
+            self.close()
+            raise
         except (OSError, sqlite3.Error) as error:
+            self.close()
             raise ProgressError(
                 f"cannot keep progress in {self.run_dir} ({error}): give a writable directory with --run-dir"
             ) from None
-        if row is not None and row[0].decode() != self.fingerprint:
-            stored = connection.execute("SELECT value FROM run WHERE key = 'identity'").fetchone()
+        if "fingerprint" in stored and stored["fingerprint"].decode() != self.fingerprint:
+            self.close()
             raise ConfigChanged(
-                f"{self.run_dir} holds a run with another configuration ({_difference(stored, self.identity)}): "
+                f"{self.run_dir} holds a run with another configuration ({_difference(stored.get('identity'), self.identity)}): "
                 "resume it with the same source, tokenizer and hierarchy, or use another --run-id / --run-dir, "
                 "or --fresh to start it over"
             )
+        # A run directory made before run keys (ingestd <= 0.1.0) has none: what its interrupted samples
+        # stored is not in any ledger under the new key.
+        self.ledger_covers_interrupted = "run_key" in stored or "fingerprint" not in stored
+        self.run_key = stored["run_key"].decode() if "run_key" in stored else secrets.token_hex(8)
+        self.confirmed = orjson.loads(stored["confirmed"]) if "confirmed" in stored else []
         self._commit(lambda c: c.executemany("INSERT OR REPLACE INTO run VALUES (?, ?)", [
-            ("fingerprint", self.fingerprint.encode()), ("identity", orjson.dumps(self.identity))]))  # fmt: skip
+            ("fingerprint", self.fingerprint.encode()), ("identity", orjson.dumps(self.identity)),
+            ("run_key", self.run_key.encode())]))  # fmt: skip
         self.done = {index for (index,) in connection.execute("SELECT sample_index FROM done")}
         self.interrupted = [index for (index,) in connection.execute("SELECT sample_index FROM inflight ORDER BY 1")]
-        self.failed = dict(connection.execute("SELECT sample_index, reason FROM failed").fetchall())
+        self.failed = {index: FailedSample(reason, orjson.loads(chunks) if chunks else [])
+                       for index, reason, chunks in connection.execute("SELECT sample_index, reason, stored FROM failed")}  # fmt: skip
+
+    def _take_lock(self) -> None:
+        lock = (self.run_dir / "lock").open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise RunInUse(
+                f"{self.run_dir} is in use by another ingestd (pid {holder}): wait for it to finish, or give this "
+                "run its own --run-id or --run-dir"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock = lock
 
     def close(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+            self._lock = None
 
     def _commit(self, change: Any) -> None:
         assert self._connection is not None
@@ -103,43 +173,73 @@ class Progress:
                 "every sample recorded as done so far stays done, and the run resumes from there"
             ) from None
 
+    def _add_confirmed(self, connection: sqlite3.Connection, confirmed: list[int]) -> None:
+        if not any(confirmed):
+            return
+        if len(self.confirmed) < len(confirmed):
+            self.confirmed += [0] * (len(confirmed) - len(self.confirmed))
+        for level, chunks in enumerate(confirmed):
+            self.confirmed[level] += chunks
+        connection.execute("INSERT OR REPLACE INTO run VALUES ('confirmed', ?)", (orjson.dumps(self.confirmed),))
+
+    def unsettled(self) -> list[int]:
+        """Samples in flight or failed: the ones whose ledger records a later run may still need."""
+        assert self._connection is not None
+        rows = self._connection.execute("SELECT sample_index FROM inflight UNION SELECT sample_index FROM failed")
+        return [index for (index,) in rows]
+
     def started(self, index: int) -> None:
         self._commit(lambda c: c.execute("INSERT OR IGNORE INTO inflight VALUES (?)", (index,)))
 
-    def finished(self, index: int) -> None:
+    def finished(self, index: int, confirmed: list[int]) -> None:
+        """Sample ``index`` is stored whole; ``confirmed`` = chunks per level this run saw stored."""
+
         def change(connection: sqlite3.Connection) -> None:
             connection.execute("BEGIN")
-            connection.execute("INSERT OR IGNORE INTO done VALUES (?)", (index,))
-            connection.execute("DELETE FROM inflight WHERE sample_index = ?", (index,))
-            connection.execute("DELETE FROM failed WHERE sample_index = ?", (index,))
-            connection.execute("COMMIT")
+            try:
+                connection.execute("INSERT OR IGNORE INTO done VALUES (?)", (index,))
+                connection.execute("DELETE FROM inflight WHERE sample_index = ?", (index,))
+                connection.execute("DELETE FROM failed WHERE sample_index = ?", (index,))
+                self._add_confirmed(connection, confirmed)
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
 
         self._commit(change)
         self.done.add(index)
         self.failed.pop(index, None)
 
-    def fail(self, index: int, reason: str) -> None:
+    def fail(self, index: int, reason: str, stored: list[int] | None = None, confirmed: list[int] | None = None) -> None:
+        """Sample ``index`` failed after its levels stored ``stored`` chunks (``confirmed`` of them seen by this run)."""
         now = time.time()
+        stored = stored or []
 
         def change(connection: sqlite3.Connection) -> None:
             connection.execute("BEGIN")
-            connection.execute("INSERT OR REPLACE INTO failed VALUES (?, ?, ?)", (index, reason, now))
-            connection.execute("DELETE FROM inflight WHERE sample_index = ?", (index,))
-            connection.execute("COMMIT")
+            try:
+                connection.execute("INSERT OR REPLACE INTO failed VALUES (?, ?, ?, ?)",
+                                   (index, reason, now, orjson.dumps(stored).decode()))  # fmt: skip
+                connection.execute("DELETE FROM inflight WHERE sample_index = ?", (index,))
+                self._add_confirmed(connection, confirmed or [])
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
 
         self._commit(change)
-        self.failed[index] = reason
+        self.failed[index] = FailedSample(reason, stored)
         try:
             with self.dead_letters.open("ab") as letters:
                 letters.write(orjson.dumps({"sample_index": index, "source": self.source_label, "reason": reason,
-                                            "failed_at": now}) + b"\n")  # fmt: skip
+                                            "stored_chunks_per_level": stored, "failed_at": now}) + b"\n")  # fmt: skip
         except OSError as error:
             raise ProgressError(f"cannot append to {self.dead_letters} ({error}): free space or fix its permissions") from None
 
 
-def _difference(stored: tuple[bytes] | None, identity: dict[str, Any]) -> str:
+def _difference(stored: bytes | None, identity: dict[str, Any]) -> str:
     if stored is None:
         return "unknown"
-    before = orjson.loads(stored[0])
+    before = orjson.loads(stored)
     changed = [key for key in sorted(set(before) | set(identity)) if before.get(key) != identity.get(key)]
     return "; ".join(f"{key}: {before.get(key)!r} then, {identity.get(key)!r} now" for key in changed) or "unknown"

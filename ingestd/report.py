@@ -66,11 +66,13 @@ def summary_table(summary: dict[str, Any]) -> Table:
     rows = [
         ("samples read", f"{samples['read']:,}"),
         ("  learned", f"{samples['learned']:,}"),
-        ("  filtered (≤ 10 chars)", f"{samples['filtered']:,}"),
+        ("  filtered (too short)", f"{samples['filtered']:,}"),
         ("  failed (see failed.jsonl)", f"{samples['failed']:,}"),
         ("  skipped (done before)", f"{samples['skipped']:,}"),
         ("tokens", f"{summary['tokens']:,}"),
         *((f"patterns learned, level {level}", f"{count:,}") for level, count in enumerate(summary["patterns_per_level"])),
+        *((f"already stored, level {level}", f"{count:,}")
+          for level, count in enumerate(summary["replayed_per_level"]) if count),
         ("requests", f"{summary['requests']:,}"),
         ("requests per sample", f"{summary['requests_per_sample'] or 0:.2f}"),
         ("wall time", f"{summary['wall_seconds']:.2f} s"),

@@ -1,10 +1,10 @@
 """Source: a corpus as a stream of samples (Hugging Face hub datasets, or local files).
 
 Every record read is accounted for: it becomes a :class:`Sample`, is
-:class:`Filtered` (stripped text of 10 characters or fewer, as the notebooks
-filter), or is a :class:`BadRecord` (not a string, undecodable, malformed),
-which the pipeline counts as failed and goes on. ``sample_index`` is the
-position in the filtered stream, so it is the same on every run.
+:class:`Filtered` (stripped text shorter than ``min_chars``, 11 by default: the
+notebooks' filter), or is a :class:`BadRecord` (not a string, undecodable,
+malformed), which the pipeline counts as failed and goes on. ``sample_index`` is
+the position in the filtered stream, so it is the same on every run.
 
 Local txt and jsonl files are read line by line here rather than with
 ``datasets``: its readers fail a whole file on one bad line, and one bad line
@@ -15,7 +15,7 @@ with ``datasets``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,10 +23,10 @@ import orjson
 
 from ingestd.errors import IngestError
 
-MIN_TEXT_CHARS = 10
+MIN_CHARS = 11
+"""Default ``--min-chars``: samples whose stripped text is shorter are filtered out (0 keeps every sample)."""
 MAX_TEXT_CHARS = 1_000_000
 """Default limit on one sample's text: ~250k GPT-2 tokens; a longer record fails alone (``--max-sample-chars``)."""
-"""Samples whose stripped text has this many characters or fewer are filtered out."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,11 @@ class SourceSpec:
     metadata_fields: tuple[str, ...] = ()
     label: str | None = None
     max_chars: int = MAX_TEXT_CHARS
+    min_chars: int = MIN_CHARS
+
+    def __post_init__(self) -> None:
+        if self.min_chars < 0:
+            raise ValueError(f"min_chars {self.min_chars}: give 0 or more (0 keeps every sample)")
 
     @property
     def source_label(self) -> str:
@@ -99,11 +104,25 @@ class SourceSpec:
         path = Path(self.source)
         return path.stem if path.suffix.lower() in LOCAL_FORMATS else self.source
 
+    @property
+    def is_local(self) -> bool:
+        """A local file (else a dataset key or a hub dataset name)."""
+        path = Path(self.source).expanduser()
+        if self.source in HUB_DATASETS and not path.exists():
+            return False
+        return bool(path.suffix.lower() in LOCAL_FORMATS or path.exists() or self.source.startswith((".", "/", "~")))
+
+    def resolved(self) -> SourceSpec:
+        """This spec with a local file's path made absolute (symlinks resolved): one file, one identity."""
+        if not self.is_local:
+            return self
+        return replace(self, source=str(Path(self.source).expanduser().resolve()))
+
     def describe(self) -> dict[str, Any]:
         """What identifies this source (used in the run's fingerprint and summary)."""
         return {"source": self.source, "text_field": self.text_field, "hub_config": self.hub_config,
                 "split": self.split, "txt_mode": self.txt_mode, "metadata_fields": list(self.metadata_fields),
-                "label": self.source_label}  # fmt: skip
+                "label": self.source_label, "min_chars": self.min_chars}  # fmt: skip
 
 
 # -- raw records ---------------------------------------------------------------------------
@@ -234,10 +253,10 @@ class Source:
         spec = self.spec
         path = Path(spec.source).expanduser()
         local_format = LOCAL_FORMATS.get(path.suffix.lower())
-        if spec.source in HUB_DATASETS and not path.exists():
-            self._open_hub()
-        elif local_format or path.exists() or spec.source.startswith((".", "/", "~")):
+        if spec.is_local:
             self._open_local(path, local_format)
+        elif spec.source in HUB_DATASETS:
+            self._open_hub()
         elif self._looks_like_hub_name(spec.source):
             self._open_hub()
         else:
@@ -340,7 +359,7 @@ class Source:
                     taken += 1
                 index += 1
                 continue
-            if len(text.strip()) <= MIN_TEXT_CHARS:
+            if len(text.strip()) < self.spec.min_chars:
                 if index >= skip:
                     yield Filtered()
                 continue

@@ -4,19 +4,25 @@ Every level of a sample is sent at once (each on its own session, so there is
 never more than one request in flight per session); the plan already knows
 every name, so a level need not wait for the one below. Each name the server
 returns is checked against the plan.
+
+Each call carries its place in the run (run key, sample, first chunk, chunks), so a backend with the
+run ledger stores every chunk of a run once, whatever is resent. A level the server refuses (a 4xx)
+stops there while the sample's other levels finish: the outcome says how many chunks each level
+stored, so the sample can be retried from exactly there.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import anyio
 import structlog
 
 from ingestd.backend import KatoBackend
+from ingestd.engine import Place
 from ingestd.errors import KatoRejected, PlanMismatch, ServerDown, SessionLost, Transient
 from ingestd.hierarchy import Hierarchy
 from ingestd.plan import LevelPlan, SamplePlan, batches
@@ -52,6 +58,20 @@ def level_setups(hierarchy: Hierarchy, node_ids: list[str], *, batching: bool) -
     return setups
 
 
+@dataclass
+class SampleOutcome:
+    """What learning one sample did, level by level."""
+
+    stored: list[int]  # chunks stored once its calls are through (all of them, unless refused)
+    applied: list[int] = field(default_factory=list)  # patterns this run stored (learns applied)
+    replayed: list[int] = field(default_factory=list)  # chunks found already stored (resent or resumed calls)
+    rejection: str | None = None  # the first refusal (the sample failed)
+
+    def __post_init__(self) -> None:
+        self.applied = self.applied or [0] * len(self.stored)
+        self.replayed = self.replayed or [0] * len(self.stored)
+
+
 class Recovery(Protocol):
     """Where a worker reports what it had to do to get its calls through (the run's stats)."""
 
@@ -68,7 +88,7 @@ class Worker:
     """
 
     def __init__(self, number: int, backend: KatoBackend, levels: list[LevelSetup], batch_chunks: int, *, policy: RetryPolicy,
-                 watch: ServerWatch, recovery: Recovery, key_prefix: str) -> None:  # fmt: skip
+                 watch: ServerWatch, recovery: Recovery, run_key: str) -> None:  # fmt: skip
         self.number = number
         self.backend = backend
         self.levels = levels
@@ -76,10 +96,11 @@ class Worker:
         self.policy = policy
         self.watch = watch
         self.recovery = recovery
-        self.key_prefix = key_prefix
+        self.run_key = run_key
         self.sessions: list[str] = []
         self._nonce = secrets.token_hex(8)  # session keys are this process's own
         self._created = 0
+        self._unclean: set[int] = set()  # metadata levels whose session may still hold a sample's metadata
 
     async def open(self) -> None:
         for level in self.levels:
@@ -106,38 +127,64 @@ class Worker:
         # A key per creation: if the answer is lost and the call resent, a server that honours it (the
         # embedded engine) returns the session it already created instead of leaking a second one.
         self._created += 1
-        key = f"{self.key_prefix}:session:{self._nonce}:{self._created}"
+        key = f"{self.run_key}:session:{self._nonce}:{self._created}"
         with structlog.contextvars.bound_contextvars(hierarchy_level=level.index, node_id=level.node_id):
             session_id, _ = await send(lambda: self.backend.create_session(level.node_id, level.session_config, key=key),
                                        self.policy, on_retry=self._recover_server)  # fmt: skip
         return session_id
 
-    async def learn(self, plan: SamplePlan) -> None:
-        """Learn every level of one sample; returns when all of it is stored."""
+    async def learn(self, plan: SamplePlan) -> SampleOutcome:
+        """Learn what is not yet stored of every level of one sample; returns when each level is through
+        (stored, or refused by the server: see ``rejection``)."""
+        outcome = SampleOutcome([plan.first_chunk(level) for level in range(len(self.levels))])
         async with anyio.create_task_group() as group:
             for level, level_plan in zip(self.levels, plan.levels, strict=True):
-                if level_plan.chunks:
-                    group.start_soon(self._learn_level, level, level_plan, plan)
+                if len(level_plan.chunks) > outcome.stored[level.index]:
+                    group.start_soon(self._learn_level, level, level_plan, plan, outcome)
+        return outcome
 
-    async def _learn_level(self, level: LevelSetup, level_plan: LevelPlan, plan: SamplePlan) -> None:
+    async def _learn_level(self, level: LevelSetup, level_plan: LevelPlan, plan: SamplePlan, outcome: SampleOutcome) -> None:
         # This level task's own context: every event it logs names the level, its node and the sample.
         structlog.contextvars.bind_contextvars(hierarchy_level=level.index, node_id=level.node_id, sample_index=plan.index)
         metadata = plan.metadata if level.capture_metadata else None
+        try:
+            if metadata:
+                await self._clean(level, plan.index)
+                self._unclean.add(level.index)
+            await self._learn_chunks(level, level_plan, plan, metadata, outcome)
+            if metadata:
+                await self._clean(level, plan.index)
+        except KatoRejected as rejected:
+            if outcome.rejection is None:
+                outcome.rejection = f"level {level.index} (node {level.node_id}): {rejected}"
+
+    async def _learn_chunks(self, level: LevelSetup, level_plan: LevelPlan, plan: SamplePlan,
+                            metadata: dict[str, Any] | None, outcome: SampleOutcome) -> None:  # fmt: skip
         # One call is the unit of resending: a batch of whole chunks, or (without auto-learn) one chunk.
         size = self.batch_chunks if level.batched else 1
-        for number, (chunks, planned) in enumerate(batches(level_plan, size)):
-            key = f"{self.key_prefix}:{plan.index}:{level.index}:{number}"
+        for first, chunks, planned in batches(level_plan, size, outcome.stored[level.index]):
+            place = Place(self.run_key, plan.index, first, len(chunks))
             learned = await self._send(
                 level, plan.index,
-                lambda session_id, chunks=chunks, key=key: self.backend.learn(
-                    session_id, chunks, metadata=metadata, auto_learn=level.batched, key=key),
+                lambda session_id, chunks=chunks, place=place: self.backend.learn(
+                    session_id, chunks, metadata=metadata, auto_learn=level.batched, place=place),
                 resend_may_duplicate=True,
             )  # fmt: skip
-            if learned != planned:
-                raise PlanMismatch(_mismatch(self.backend.description, level.node_id, plan.index, chunks, learned, planned))
-        if metadata:
-            # Learn keeps accumulated metadata; clear it so the next sample's patterns get only theirs.
-            await self._send(level, plan.index, self.backend.clear_stm, resend_may_duplicate=False)
+            if learned.names != planned:
+                raise PlanMismatch(_mismatch(self.backend.description, level.node_id, plan.index, chunks,
+                                             learned.names, planned))  # fmt: skip
+            outcome.stored[level.index] = first + len(chunks)
+            if learned.replayed:
+                outcome.replayed[level.index] += len(chunks)
+            else:
+                outcome.applied[level.index] += len(planned)
+
+    async def _clean(self, level: LevelSetup, sample_index: int) -> None:
+        """Clear a metadata level's session if it may hold metadata: learn keeps accumulated metadata, so
+        without this the next sample's patterns would get this one's too (also after a refusal)."""
+        if level.index in self._unclean:
+            await self._send(level, sample_index, self.backend.clear_stm, resend_may_duplicate=False)
+            self._unclean.discard(level.index)
 
     async def _send(self, level: LevelSetup, sample_index: int, call: Callable[[str], Awaitable[T]], *,
                     resend_may_duplicate: bool) -> T:  # fmt: skip
@@ -149,7 +196,7 @@ class Worker:
                 await self.watch.wait_until_up(str(failure))
 
         result, ambiguous = await send(lambda: call(self.sessions[level.index]), self.policy, on_retry=on_retry)
-        if ambiguous and resend_may_duplicate and not self.backend.exactly_once:
+        if ambiguous and resend_may_duplicate and not self.backend.ledger:
             self.recovery.possible_duplicate(sample_index, level.node_id)
         return result
 
