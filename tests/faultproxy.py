@@ -16,6 +16,10 @@ the first that fires handles the request, and the faults after it do not count i
 
 If the upstream cannot be reached or fails mid-response, the client connection is
 closed without a response.
+
+With ``plain_kato`` the proxy makes an ingestd engine look like KATO 3.10.1 to ingestd: requests lose
+their ``Idempotency-Key`` and ``ingestd-ledger`` headers (KATO ignores both) and ``/ingestd`` paths get
+404 (KATO has none), so nothing is applied once and nothing says so.
 """
 
 from __future__ import annotations
@@ -98,6 +102,14 @@ def _json_response(status: int, payload: object) -> bytes:
     return head.encode() + body
 
 
+def _without_headers(message: _Message, names: tuple[str, ...]) -> _Message:
+    """The message with the named headers left out of its raw bytes."""
+    head, separator, body = message.raw.partition(b"\r\n\r\n")
+    lines = [line for line in head.split(b"\r\n") if line.split(b":", 1)[0].strip().lower().decode("latin-1") not in names]
+    headers = {name: value for name, value in message.headers.items() if name not in names}
+    return _Message(message.start, headers, b"\r\n".join(lines) + separator + body, message.until_close)
+
+
 def _session_of(target: str) -> str | None:
     """The id in a ``/sessions/{id}/...`` target, else ``None``."""
     parts = target.split("?", 1)[0].split("/")
@@ -164,9 +176,10 @@ _FORWARD = _Fault("forward", None)  # what _decide answers when no fault fires
 class FaultProxy:
     """A reverse proxy to ``127.0.0.1:upstream_port`` that injects faults, run on a background event loop."""
 
-    def __init__(self, upstream_port: int, *, seed: int = 0) -> None:
+    def __init__(self, upstream_port: int, *, seed: int = 0, plain_kato: bool = False) -> None:
         self.upstream_port = upstream_port
         self.seed = seed
+        self.plain_kato = plain_kato
         self.port = 0
         self._lock = threading.Lock()
         self._faults: dict[str, _Fault] = {}
@@ -338,6 +351,12 @@ class FaultProxy:
 
     async def _handle(self, request: _Message, client: asyncio.StreamWriter, upstream: _Upstream) -> bool:
         """Answer one request, faulted or forwarded; whether the client connection stays open."""
+        if self.plain_kato:
+            if request.start[1].split("?")[0].rstrip("/") == "/ingestd" or request.start[1].startswith("/ingestd/"):
+                client.write(_json_response(404, {"detail": "Not Found"}))
+                await client.drain()
+                return request.keep_alive
+            request = _without_headers(request, ("idempotency-key", "ingestd-ledger"))
         fault = self._decide(request.start[1])
         if fault.kind == "drop_every":
             return False

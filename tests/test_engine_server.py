@@ -358,3 +358,92 @@ def test_a_keyed_call_is_applied_once_even_across_restarts(fresh_server: EngineS
         unkeyed = client.post(f"/sessions/{other}/observe-sequence", json=body)
         assert unkeyed.json()["final_learned_pattern"] == name
         assert frequency(client, "keyed", name) == 2
+
+
+def _sequence(chunks: list[list[str]]) -> dict[str, object]:
+    return {"observations": [{"strings": [symbol]} for chunk in chunks for symbol in chunk], "learn_at_end": True}
+
+
+def test_the_run_ledger_stores_each_chunk_of_a_run_once(fresh_server: EngineServer) -> None:
+    """ingestd's ledger extension: a chunk range of a run is applied once, whichever session, grouping or
+    restart resends it; a gap or an overlap is refused whole; status, forget and clear-all."""
+    node_id = "ledgered"
+    chunks = [["a", "b"], ["c", "d"], ["e", "f"], ["g", "h"]]
+    names = [chunk_name(chunk) for chunk in chunks]
+    auto = {"process_predictions": False, "max_pattern_length": 2, "stm_mode": "CLEAR"}
+    with httpx.Client(base_url=fresh_server.url, timeout=30.0) as client:
+        assert client.get("/ingestd").json()["extensions"]["ledger"] == 1
+        session = create(client, node_id, config=auto)
+        first = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[:2]),
+                            headers={"ingestd-ledger": "run1:7:0:2"})  # fmt: skip
+        assert first.headers["ingestd-ledger"] == "run1:7:0:2" and "idempotent_replay" not in first.json()
+        assert first.json()["auto_learned_patterns"] == names[:2]
+        # The same range again, and a part of it alone: answered with the same names, stored nothing.
+        again = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[:2]),
+                            headers={"ingestd-ledger": "run1:7:0:2"})  # fmt: skip
+        assert again.json()["idempotent_replay"] is True and again.json()["auto_learned_patterns"] == names[:2]
+        part = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[1:2]),
+                           headers={"ingestd-ledger": "run1:7:1:1"})  # fmt: skip
+        assert part.json()["idempotent_replay"] is True
+        # A gap (chunk 3 before chunk 2) and an overlap (chunks 1..2) are refused, and store nothing.
+        gap = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[3:]),
+                          headers={"ingestd-ledger": "run1:7:3:1"})  # fmt: skip
+        overlap = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[1:3]),
+                              headers={"ingestd-ledger": "run1:7:1:2"})  # fmt: skip
+        assert gap.status_code == overlap.status_code == 409 and "recorded as stored" in gap.json()["detail"]
+        # Another run's key is another run: it learns the same chunks again.
+        other = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[:1]),
+                            headers={"ingestd-ledger": "run2:7:0:1"})  # fmt: skip
+        assert "idempotent_replay" not in other.json()
+        bad = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[:1]),
+                          headers={"ingestd-ledger": "run1:seven"})  # fmt: skip
+        assert bad.status_code == 400 and "ingestd-ledger" in bad.json()["detail"]
+        assert [frequency(client, node_id, name) for name in names] == [2, 1, 0, 0]
+    fresh_server.stop()
+    fresh_server.start()
+    with httpx.Client(base_url=fresh_server.url, timeout=30.0) as client:
+        plain = create(client, node_id)  # after a restart, on a plain session, one chunk per call
+        resent = client.post(f"/sessions/{plain}/observe-sequence", json=_sequence(chunks[1:2]),
+                             headers={"ingestd-ledger": "run1:7:1:1"})  # fmt: skip
+        assert resent.json()["idempotent_replay"] is True and resent.json()["final_learned_pattern"] == names[1]
+        rest = client.post(f"/sessions/{plain}/observe-sequence", json=_sequence(chunks[2:3]),
+                           headers={"ingestd-ledger": "run1:7:2:1"})  # fmt: skip
+        assert "idempotent_replay" not in rest.json()
+        status = client.post("/ingestd/ledger/run1", json={"node_ids": [node_id, "elsewhere"], "samples": [7, 8]}).json()
+        assert status == {"totals": {node_id: 3, "elsewhere": 0},
+                          "samples": {"7": {node_id: 3, "elsewhere": 0}, "8": {node_id: 0, "elsewhere": 0}}}
+        assert client.post("/ingestd/ledger/run1/forget", json={"samples": [7]}).json() == {"forgotten": 1}
+        after = client.post("/ingestd/ledger/run1", json={"node_ids": [node_id], "samples": [7]}).json()
+        assert after == {"totals": {node_id: 3}, "samples": {"7": {node_id: 0}}}  # totals stay
+        session = create(client, node_id)
+        assert client.post(f"/sessions/{session}/clear-all").status_code == 200
+        cleared = client.post("/ingestd/ledger/run2", json={"node_ids": [node_id]}).json()
+        assert cleared["totals"] == {node_id: 0}  # a cleared knowledge base holds nothing of any run
+        assert client.post("/ingestd/ledger/bad key", json={"node_ids": [node_id]}).status_code == 400
+
+
+def test_nodes_are_claimed_by_what_feeds_them(engine_server: EngineServer) -> None:
+    """ingestd's feeders extension: another level, chunk size or tokenizer in a non-empty KB conflicts."""
+    node_id = node("claimed")
+
+    def claim(level: int, chunk_size: int, *, allow_mixed: bool = False) -> dict[str, object]:
+        body = {"claims": [{"node_id": node_id, "tokenizer": "gpt2", "level": level, "chunk_size": chunk_size}],
+                "allow_mixed": allow_mixed}  # fmt: skip
+        answer = engine_server_client.post("/ingestd/nodes/claim", json=body)
+        assert answer.status_code == 200, answer.text
+        conflicts: dict[str, object] = answer.json()["conflicts"]
+        return conflicts
+
+    with httpx.Client(base_url=engine_server.url, timeout=30.0) as engine_server_client:
+        assert claim(0, 8) == {}
+        assert claim(0, 4) == {}  # still empty: a new claim replaces the old one
+        session = create(engine_server_client, node_id)
+        learn_chunk(engine_server_client, session, ["a", "b"])
+        assert claim(0, 4) == {}  # the same feeder again
+        assert claim(1, 8) == {node_id: [{"tokenizer": "gpt2", "level": 0, "chunk_size": 4}]}
+        assert claim(1, 8, allow_mixed=True) == {node_id: [{"tokenizer": "gpt2", "level": 0, "chunk_size": 4}]}
+        assert len(claim(0, 4)[node_id]) == 1  # mixed now: the level-1 feeder is recorded too
+        assert engine_server_client.post(f"/sessions/{session}/clear-all").status_code == 200
+        assert claim(2, 6) == {}  # a cleared node takes any feeder
+        invalid = engine_server_client.post("/ingestd/nodes/claim", json={"claims": []})
+        assert invalid.status_code == 422

@@ -242,3 +242,20 @@ def test_stop_closes_open_connections_quickly(fresh_server: EngineServer) -> Non
     with pytest.raises(httpx.ConnectError):
         idle.get("/health")
     idle.close()
+
+
+def test_plain_kato_drops_ingestds_headers_and_routes(fresh_server: EngineServer) -> None:
+    """Through a plain_kato proxy the engine is KATO to ingestd: no extensions, keys and ledger places ignored."""
+    body = {"observations": [{"strings": ["p"]}, {"strings": ["q"]}], "learn_at_end": True}
+    with FaultProxy(fresh_server.port, plain_kato=True) as proxy, httpx.Client(base_url=proxy.url, timeout=10.0) as client:
+        assert client.get("/ingestd").status_code == 404
+        assert client.post("/ingestd/ledger/run", json={"node_ids": ["n"]}).status_code == 404
+        session = create(client, "plain-kato")
+        for _ in range(2):
+            answer = client.post(f"/sessions/{session}/observe-sequence", json=body,
+                                 headers={"ingestd-ledger": "run:0:0:1", "idempotency-key": "k"})  # fmt: skip
+            assert answer.status_code == 200 and "ingestd-ledger" not in answer.headers
+            assert "idempotency-key" not in answer.headers and "idempotent_replay" not in answer.json()
+        assert client.get("/health").status_code == 200
+    with httpx.Client(base_url=fresh_server.url, timeout=10.0) as direct:
+        assert frequency(direct, "plain-kato", answer.json()["final_learned_pattern"]) == 2
