@@ -113,10 +113,12 @@ class SourceSpec:
         return bool(path.suffix.lower() in LOCAL_FORMATS or path.exists() or self.source.startswith((".", "/", "~")))
 
     def resolved(self) -> SourceSpec:
-        """This spec with a local file's path made absolute (symlinks resolved): one file, one identity."""
-        if not self.is_local:
+        """This spec with a local file's path made absolute (symlinks resolved): one file, one identity.
+        A path that does not exist is left as given, for the error to name it."""
+        path = Path(self.source).expanduser()
+        if not self.is_local or not path.exists():
             return self
-        return replace(self, source=str(Path(self.source).expanduser().resolve()))
+        return replace(self, source=str(path.resolve(strict=True)))
 
     def describe(self) -> dict[str, Any]:
         """What identifies this source (used in the run's fingerprint and summary)."""

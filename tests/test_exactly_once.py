@@ -1,0 +1,403 @@
+"""Exactly-once in ordinary use: the second run, two at once, resumes with other options, late resumes,
+other spellings, shared nodes. Each test is one finding of issue 11, with real processes and real files.
+
+The reference is always an uninterrupted run on an empty data directory; "twice" means every frequency
+doubled and metadata united (here: equal, since both runs give every pattern the same sample indexes).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ingestd.tokenize import load_tokenizer
+
+from .conftest import CORPUS, EngineServer, free_port
+from .faultproxy import FaultProxy
+from .golden import SequentialClient, kb_dump
+from .test_daemon import TOKEN, Daemon, wait_for
+
+LEVELS = ["--chunk-sizes", "4,4,4", "--metadata-levels", "1,2"]
+NODES = ["node0", "node1", "node2"]
+
+
+def ingestd(*arguments: str, cwd: Path | None = None, timeout: float = 300) -> tuple[subprocess.CompletedProcess[str], dict[str, Any] | None]:
+    """``ingestd run ARGUMENTS`` as a real process; its result and its JSON summary (None if it wrote none)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        summary = Path(scratch) / "summary.json"
+        result = subprocess.run([sys.executable, "-m", "ingestd", "run", *arguments, "--no-progress", "--log-format",
+                                 "json", "--summary-json", str(summary)], capture_output=True, text=True, cwd=cwd,
+                                timeout=timeout)  # fmt: skip
+        return result, json.loads(summary.read_text()) if summary.exists() else None
+
+
+def ok(*arguments: str, cwd: Path | None = None) -> dict[str, Any]:
+    result, summary = ingestd(*arguments, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert summary is not None
+    return summary
+
+
+def start(*arguments: str, cwd: Path | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "ingestd", "run", *arguments, "--no-progress", "--log-format", "json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd)  # fmt: skip
+
+
+def done(run_dir: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{run_dir / 'progress.sqlite3'}?mode=ro", uri=True, timeout=5) as connection:
+            return connection.execute("SELECT count(*) FROM done").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def kill_after(process: subprocess.Popen[str], run_dir: Path, samples: int) -> int:
+    """kill -9 once ``samples`` are recorded done; returns how many were."""
+    deadline = time.monotonic() + 120
+    while done(run_dir) < samples:
+        assert process.poll() is None, f"ingestd ended early: {process.stderr.read() if process.stderr else ''}"
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    return done(run_dir)
+
+
+def doubled(kb: list[dict[str, dict[str, Any]]]) -> list[dict[str, dict[str, Any]]]:
+    return [{name: {**pattern, "frequency": 2 * pattern["frequency"]} for name, pattern in level.items()} for level in kb]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1,500 paragraphs of tinyshakespeare: long enough to stop a run in the middle."""
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+    paragraphs = CORPUS.read_text(encoding="utf-8").split("\n\n")[:1500]
+    path.write_text("\n\n".join(paragraphs), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def clean(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    data = tmp_path_factory.mktemp("clean")
+    summary = ok(str(corpus), *LEVELS, "--data", str(data))
+    kb = kb_dump(data / "kato.sqlite3", NODES)
+    assert all(kb) and summary["samples"]["learned"] > 1000
+    return kb, summary
+
+
+def test_the_readme_command_twice_leaves_one_clean_run(corpus: Path, clean: Any, tmp_path: Path) -> None:
+    """--fresh twice (the README's own command, typed twice, in the same directory): the KB of one clean run."""
+    clean_kb, clean_summary = clean
+    summaries = []
+    for _ in range(2):
+        summaries.append(ok(str(corpus), *LEVELS, "--fresh", cwd=tmp_path))
+        assert kb_dump(tmp_path / "kato-data" / "kato.sqlite3", NODES) == clean_kb
+    for summary in summaries:
+        assert summary["patterns_per_level"] == clean_summary["patterns_per_level"]
+        assert summary["replayed_per_level"] == [0, 0, 0]
+
+
+def test_fresh_twice_over_http(corpus: Path, clean: Any, fresh_server: EngineServer, tmp_path: Path) -> None:
+    clean_kb, _ = clean
+    for _ in range(2):
+        ok(str(corpus), *LEVELS, "--fresh", "--kato", fresh_server.url, cwd=tmp_path)
+    assert kb_dump(fresh_server.data_dir / "kato.sqlite3", NODES) == clean_kb
+
+
+def test_a_second_run_under_another_run_id_doubles_every_frequency(corpus: Path, clean: Any, tmp_path: Path) -> None:
+    clean_kb, clean_summary = clean
+    data = str(tmp_path / "kb")
+    ok(str(corpus), *LEVELS, "--data", data, "--run-id", "first")
+    second = ok(str(corpus), *LEVELS, "--data", data, "--run-id", "second")
+    assert second["samples"]["learned"] == clean_summary["samples"]["learned"]  # a new run learns everything again
+    assert second["patterns_per_level"] == clean_summary["patterns_per_level"]
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == doubled(clean_kb)
+    again = ok(str(corpus), *LEVELS, "--data", data, "--run-id", "second")  # the same run again: a resume, done
+    assert again["samples"]["learned"] == 0 and again["patterns_per_level"] == [0, 0, 0]
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == doubled(clean_kb)
+
+
+def test_two_processes_at_once_add_up_and_cannot_share_a_run_directory(corpus: Path, clean: Any, tmp_path: Path) -> None:
+    clean_kb, _ = clean
+    data = str(tmp_path / "kb")
+    first = start(str(corpus), *LEVELS, "--data", data, "--run-id", "a")
+    second = start(str(corpus), *LEVELS, "--data", data, "--run-id", "b")
+    run_a = tmp_path / "kb" / "runs" / "a"
+    deadline = time.monotonic() + 60
+    while done(run_a) < 10:  # "a" is running: a third process on its run directory is refused
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.01)
+    intruder, _ = ingestd(str(corpus), *LEVELS, "--data", data, "--run-id", "a")
+    assert first.wait(timeout=300) == 0, first.stderr.read() if first.stderr else ""
+    assert second.wait(timeout=300) == 0, second.stderr.read() if second.stderr else ""
+    assert intruder.returncode == 2 and "in use by another ingestd" in intruder.stderr and "--run-id" in intruder.stderr
+    assert "Traceback" not in intruder.stderr
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == doubled(clean_kb)
+
+
+def test_two_identical_daemon_jobs_at_once_learn_twice(corpus: Path, clean: Any, tmp_path: Path) -> None:
+    clean_kb, clean_summary = clean
+    daemon = Daemon(tmp_path / "state", INGESTD_MAX_JOBS="2").start()
+    try:
+        spec = {"source": str(corpus), "chunk_sizes": [4, 4, 4], "metadata_levels": [1, 2]}
+        with daemon.client() as client:
+            jobs = [client.post("/jobs", json=spec).json()["id"] for _ in range(2)]
+            wait_for(client, jobs[1], {"running", "succeeded"})
+            ended = [wait_for(client, job, {"succeeded", "failed"}, timeout=300) for job in jobs]
+            assert [job["state"] for job in ended] == ["succeeded", "succeeded"], ended
+            for job in ended:
+                assert job["progress"]["patterns_per_level"] == clean_summary["patterns_per_level"]
+            # The same job a third time, later: it learns everything once more.
+            third = wait_for(client, client.post("/jobs", json=spec).json()["id"], {"succeeded", "failed"}, timeout=300)
+            assert third["state"] == "succeeded" and third["progress"]["samples"]["learned"] == clean_summary["samples"]["learned"]
+    finally:
+        daemon.stop()
+    tripled = [{name: {**pattern, "frequency": 3 * pattern["frequency"]} for name, pattern in level.items()}
+               for level in clean_kb]  # fmt: skip
+    assert kb_dump(tmp_path / "state" / "kato-data" / "kato.sqlite3", NODES) == tripled
+
+
+def test_a_killed_run_resumes_exactly_with_other_batch_sizes_workers_and_without_batching(
+    corpus: Path, clean: Any, tmp_path: Path
+) -> None:  # fmt: skip
+    clean_kb, clean_summary = clean
+    base = [str(corpus), *LEVELS, "--data", str(tmp_path / "kb"), "--run-dir", str(tmp_path / "run")]
+    kill_after(start(*base), tmp_path / "run", 300)
+    kill_after(start(*base, "--batch-chunks", "3", "--workers", "3"), tmp_path / "run", 700)
+    kill_after(start(*base, "--no-batching", "--workers", "16"), tmp_path / "run", 1000)
+    resumed = ok(*base, "--batch-chunks", "1000")
+    assert resumed["recovery"]["possible_duplicates"] == 0
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == clean_kb
+    learned_once = [a + b for a, b in zip(resumed["patterns_per_level"], resumed["replayed_per_level"], strict=True)]
+    assert all(count <= total for count, total in zip(learned_once, clean_summary["patterns_per_level"], strict=True))
+
+
+def test_a_resume_after_the_key_lifetime_is_still_exact(corpus: Path, clean: Any, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The engine server forgets Idempotency-Keys after INGESTD_SERVER__IDEMPOTENCY_TTL (here 0.2 s, swept
+    every 0.1 s); a run's ledger is not a key and does not expire."""
+    clean_kb, _ = clean
+    monkeypatch.setenv("INGESTD_SERVER__IDEMPOTENCY_TTL", "0.2")
+    monkeypatch.setenv("INGESTD_SERVER__SWEEP_INTERVAL", "0.1")
+    server = EngineServer(tmp_path / "kb", free_port()).start()
+    try:
+        base = [str(corpus), *LEVELS, "--kato", server.url, "--run-dir", str(tmp_path / "run")]
+        kill_after(start(*base), tmp_path / "run", 400)
+        time.sleep(1.5)  # many times the key lifetime, and many sweeps
+        resumed = ok(*base)
+        assert resumed["recovery"]["possible_duplicates"] == 0
+    finally:
+        server.stop()
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == clean_kb
+
+
+def test_three_spellings_of_one_file_are_one_run(corpus: Path, clean: Any, tmp_path: Path) -> None:
+    clean_kb, clean_summary = clean
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "shakespeare.txt").symlink_to(corpus)
+    data = ["--data", str(tmp_path / "kb")]
+    first = ok("shakespeare.txt", *LEVELS, *data, "--max-samples", "200", cwd=tmp_path / "work")
+    second = ok("./shakespeare.txt", *LEVELS, *data, "--max-samples", "700", cwd=tmp_path / "work")
+    third = ok(str(corpus), *LEVELS, *data)
+    fourth = ok("../work/./shakespeare.txt", *LEVELS, *data, cwd=tmp_path / "work")
+    assert [first["samples"]["learned"], second["samples"]["skipped"], second["samples"]["learned"]] == [200, 200, 500]
+    assert third["samples"]["skipped"] == 700 and fourth["samples"]["learned"] == 0
+    assert third["samples"]["learned"] + 700 == clean_summary["samples"]["learned"]
+    assert len(list((tmp_path / "kb" / "runs").iterdir())) == 1
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == clean_kb
+
+
+def test_node_ids_that_are_one_kato_kb_are_refused(corpus: Path, tmp_path: Path) -> None:
+    hierarchy = tmp_path / "hierarchy.toml"
+    hierarchy.write_text('[[levels]]\nchunk_size = 4\nnode_id = "corpus-a"\n[[levels]]\nchunk_size = 4\nnode_id = "corpus_a"\n')
+    result, _ = ingestd(str(corpus), "--hierarchy", str(hierarchy), "--data", str(tmp_path / "kb"))
+    assert result.returncode == 2 and "'corpus-a' (level 0) and 'corpus_a' (level 1)" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "kb").exists()
+    template = ok(str(corpus), "--chunk-sizes", "4,4", "--node-ids", "corpus.{level}", "--max-samples", "5",
+                  "--data", str(tmp_path / "kb"))  # fmt: skip
+    assert template["samples"]["learned"] == 5
+
+
+def test_min_chars_0_learns_every_sample_as_a_plain_client_does(fresh_server: EngineServer, tmp_path: Path) -> None:
+    texts = ["", " ", "\n\n", "a", "ab", "Hi!", "\t  x ", "A b c", "To be", "or not to be, that is the question",
+             "   padded   ", "'s", "é", "Sit."] * 3  # fmt: skip
+    source = tmp_path / "tiny.jsonl"
+    source.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    sizes, metadata_levels = [2, 2, 2], [False, True, False]
+    summary = ok(str(source), "--chunk-sizes", "2,2,2", "--metadata-levels", "1", "--min-chars", "0",
+                 "--data", str(tmp_path / "kb"))  # fmt: skip
+    assert summary["samples"] == {"read": len(texts), "learned": len(texts), "filtered": 0, "failed": 0, "skipped": 0,
+                                  "unfinished": 0}  # fmt: skip
+    tokenizer = load_tokenizer("gpt2")
+    with httpx.Client(base_url=fresh_server.url, timeout=30) as client:
+        reference = SequentialClient(client, NODES, sizes, metadata_levels, "tiny")
+        for index, text in enumerate(texts):
+            reference.learn_sample(index, tokenizer.tokenize_batch([text])[0])
+        reference.close()
+    expected = kb_dump(fresh_server.data_dir / "kato.sqlite3", NODES)
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == expected and all(expected[:2])
+    default = ok(str(source), "--chunk-sizes", "2,2,2", "--metadata-levels", "1", "--data", str(tmp_path / "other"))
+    assert default["samples"]["filtered"] == 3 * sum(len(text.strip()) < 11 for text in texts[:14])
+
+
+def test_a_node_fed_by_another_chunk_size_is_refused_before_learning(corpus: Path, tmp_path: Path) -> None:
+    data = ["--data", str(tmp_path / "kb")]
+    ok(str(corpus), "--chunk-sizes", "8,8,8,8", *data, "--run-id", "eights", "--max-samples", "50")
+    before = kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES)
+    refused, _ = ingestd(str(corpus), "--chunk-sizes", "4,4", *data, "--run-id", "fours")
+    assert refused.returncode == 4 and "Traceback" not in refused.stderr
+    assert "node node0" in refused.stderr and "chunk size 8" in refused.stderr and "chunk size 4" in refused.stderr
+    assert "--allow-mixed-kb" in refused.stderr and "--fresh" in refused.stderr
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == before
+    elsewhere, _ = ingestd(str(corpus), "--chunk-sizes", "8,8,8,8", *data, "--node-ids", "x{level}", "--max-samples", "5")
+    assert elsewhere.returncode == 0  # other nodes: nothing to mix
+    shifted, _ = ingestd(str(corpus), "--hierarchy", str(_levels(tmp_path, ["x1", "x2"], 8)), *data)
+    assert shifted.returncode == 4 and "node x1" in shifted.stderr and "level 1" in shifted.stderr
+    mixed = ok(str(corpus), "--chunk-sizes", "4,4", *data, "--run-id", "fours", "--allow-mixed-kb", "--max-samples", "50")
+    assert mixed["samples"]["learned"] == 50
+    assert ok(str(corpus), "--chunk-sizes", "4,4", *data, "--run-id", "fresh-fours", "--fresh",
+              "--max-samples", "5")["samples"]["learned"] == 5  # fmt: skip
+
+
+def _levels(tmp_path: Path, node_ids: list[str], chunk_size: int) -> Path:
+    path = tmp_path / "levels.toml"
+    path.write_text("".join(f'[[levels]]\nchunk_size = {chunk_size}\nnode_id = "{node_id}"\n' for node_id in node_ids))
+    return path
+
+
+def test_a_kato_servers_nodes_are_claimed_in_ingestds_own_record(corpus: Path, fresh_server: EngineServer,
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    """Against a server that cannot record what fed its nodes (KATO), ingestd's registry refuses the same way."""
+    with FaultProxy(fresh_server.port, plain_kato=True) as kato:
+        common = [str(corpus), "--kato", kato.url, "--max-samples", "20"]
+        ok(*common, "--chunk-sizes", "8,8", "--run-id", "eights", cwd=tmp_path)
+        refused, _ = ingestd(*common, "--chunk-sizes", "4,4", "--run-id", "fours", cwd=tmp_path)
+        assert refused.returncode == 4 and "node node0" in refused.stderr and "chunk size 8" in refused.stderr
+        assert (tmp_path / "ingestd-runs" / "kato-nodes.sqlite3").exists()
+        ok(*common, "--chunk-sizes", "4,4", "--run-id", "fours", "--fresh", cwd=tmp_path)  # cleared: fed anew
+
+
+def test_retry_failed_with_fresh_is_refused(corpus: Path, tmp_path: Path) -> None:
+    data = ["--data", str(tmp_path / "kb"), "--max-samples", "30"]
+    ok(str(corpus), *LEVELS, *data)
+    before = kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES)
+    refused, summary = ingestd(str(corpus), *LEVELS, *data, "--retry-failed", "--fresh")
+    assert refused.returncode == 2 and "--retry-failed" in refused.stderr and "--fresh" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_missing_or_truncated_kb_under_a_complete_progress_stops_the_run(corpus: Path, tmp_path: Path,
+                                                                           damage: str) -> None:  # fmt: skip
+    data = ["--data", str(tmp_path / "kb"), "--max-samples", "100"]
+    ok(str(corpus), *LEVELS, *data)
+    store = tmp_path / "kb" / "kato.sqlite3"
+    if damage == "truncated":
+        store.write_bytes(b"")
+    else:
+        store.unlink()
+    for leftover in ("kato.sqlite3-wal", "kato.sqlite3-shm"):
+        (tmp_path / "kb" / leftover).unlink(missing_ok=True)
+    refused, _ = ingestd(str(corpus), *LEVELS, *data)
+    assert refused.returncode == 4, refused.stderr[-2000:]
+    assert str(store) in refused.stderr and "progress.sqlite3" in refused.stderr and "--fresh" in refused.stderr
+    assert ("empty" if damage == "truncated" else "missing") in refused.stderr and "Traceback" not in refused.stderr
+    assert ok(str(corpus), *LEVELS, *data, "--fresh")["samples"]["learned"] == 100
+
+
+def test_a_kb_cleared_behind_the_runs_back_stops_its_resume(corpus: Path, fresh_server: EngineServer, tmp_path: Path) -> None:
+    base = [str(corpus), *LEVELS, "--kato", fresh_server.url, "--run-dir", str(tmp_path / "run")]
+    kill_after(start(*base), tmp_path / "run", 200)
+    with httpx.Client(base_url=fresh_server.url, timeout=30) as client:
+        session = client.post("/sessions", json={"node_id": "node1", "config": {"process_predictions": False}}).json()
+        client.post(f"/sessions/{session['session_id']}/clear-all").raise_for_status()
+    refused, _ = ingestd(*base)
+    assert refused.returncode == 4 and "node node1 (level 1)" in refused.stderr and "cleared" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+@pytest.fixture
+def metadata_corpus(tmp_path: Path) -> Path:
+    """40 records of ~150 tokens with a url; record 5's url is 20 kB, too large for a small body limit."""
+    lines = CORPUS.read_text(encoding="utf-8").split("\n")
+    records = [{"text": "\n".join(lines[i * 20 : i * 20 + 20]), "url": f"https://example.org/{i}"} for i in range(40)]
+    records[5]["url"] = "https://example.org/" + "x" * 20_000
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+@pytest.mark.parametrize("server_kind", ["engine", "plain KATO"])
+def test_a_sample_failing_on_its_metadata_level_is_retried_exactly(metadata_corpus: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch, server_kind: str) -> None:  # fmt: skip
+    """Sample 5 fails on its metadata levels (413) after level 0 stored its patterns; with a larger limit,
+    --retry-failed learns exactly the rest: the KB equals a run where it never failed."""
+    options = [str(metadata_corpus), *LEVELS, "--metadata-fields", "url"]
+    reference = ok(*options, "--data", str(tmp_path / "reference"))
+    expected = kb_dump(tmp_path / "reference" / "kato.sqlite3", NODES)
+    monkeypatch.setenv("INGESTD_SERVER__MAX_BODY_BYTES", "8000")
+    server = EngineServer(tmp_path / "kb", free_port()).start()
+    port = server.port
+    proxy = FaultProxy(port, plain_kato=server_kind == "plain KATO").start()
+    base = [*options, "--kato", proxy.url, "--run-dir", str(tmp_path / "run")]
+    try:
+        first = ok(*base, cwd=tmp_path)
+        reason = first["failures"][0]["reason"]
+        assert first["samples"]["failed"] == 1 and first["failures"][0]["sample_index"] == 5
+        assert "413" in reason and ("level 1" in reason or "level 2" in reason)
+        assert first["patterns_per_level"][0] == reference["patterns_per_level"][0]  # sample 5's level 0 is counted
+        letter = json.loads((tmp_path / "run" / "failed.jsonl").read_text().splitlines()[0])
+        assert letter["stored_chunks_per_level"][0] > 0 and letter["stored_chunks_per_level"][1:] == [0, 0]
+        server.stop()
+        monkeypatch.setenv("INGESTD_SERVER__MAX_BODY_BYTES", "1000000")
+        server = EngineServer(tmp_path / "kb", port).start()
+        retried = ok(*base, "--retry-failed", cwd=tmp_path)
+        assert retried["samples"]["learned"] == 1 and retried["patterns_per_level"][0] == 0
+        assert retried["recovery"]["possible_duplicates"] == 0
+    finally:
+        proxy.stop()
+        server.stop()
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == expected
+
+
+def test_a_signal_stop_keeps_no_ledger_records_of_done_samples(corpus: Path, tmp_path: Path) -> None:
+    """The ledger only holds what a later run may need: after a run ends, nothing of its done samples."""
+    base = [str(corpus), *LEVELS, "--data", str(tmp_path / "kb"), "--run-dir", str(tmp_path / "run")]
+    process = start(*base)
+    deadline = time.monotonic() + 60
+    while done(tmp_path / "run") < 300:
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    with sqlite3.connect(tmp_path / "kb" / "kato.sqlite3") as connection:
+        assert connection.execute("SELECT count(*) FROM ledger").fetchone()[0] == 0
+        assert connection.execute("SELECT count(*) FROM ledger_totals").fetchone()[0] == 3
+    ok(*base)
+    with sqlite3.connect(tmp_path / "kb" / "kato.sqlite3") as connection:
+        assert connection.execute("SELECT count(*) FROM ledger").fetchone()[0] == 0
+
+
+def test_the_daemon_takes_the_same_options(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "state").start()
+    try:
+        with daemon.client() as client:
+            answer = client.post("/jobs", json={"source": "x.txt", "chunk_sizes": [4, 4], "min_chars": -1})
+            assert answer.status_code == 422 and "min_chars" in answer.text
+            fine = client.post("/jobs", json={"source": "x.txt", "chunk_sizes": [4, 4], "min_chars": 0,
+                                              "allow_mixed_kb": True})  # fmt: skip
+            assert fine.status_code == 201 and fine.json()["spec"]["min_chars"] == 0
+    finally:
+        daemon.stop()
+    assert TOKEN not in daemon.logs
