@@ -26,7 +26,7 @@ _SOURCE_OPTIONS = ("text_field", "hub_config", "split", "txt_mode", "metadata_fi
 def build_config(source: str | SourceSpec, hierarchy: Hierarchy, **options: Any) -> RunConfig:
     """A :class:`RunConfig` from a source, a hierarchy and keyword options (source options included)."""
     if not isinstance(source, SourceSpec):
-        source_options = {key: options.pop(key) for key in _SOURCE_OPTIONS if key in options}
+        source_options = {**hierarchy.run_options, **{key: options.pop(key) for key in _SOURCE_OPTIONS if key in options}}
         if "metadata_fields" in source_options:
             source_options["metadata_fields"] = tuple(source_options["metadata_fields"])
         source = SourceSpec(source=str(source), **source_options)

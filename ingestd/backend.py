@@ -24,12 +24,13 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import quote, urlsplit
 
 import aiohttp
+import anyio
 import orjson
 
 from ingestd import metrics
 from ingestd.engine import Engine, EngineSettings, Feeder, KatoError, Learned, Place, SessionNotFound
 from ingestd.engine.ledger import HEADER as LEDGER_HEADER
-from ingestd.errors import Ambiguous, KatoRejected, KatoUnavailable, ServerDown, SessionLost
+from ingestd.errors import Ambiguous, KatoRejected, KatoUnavailable, ServerDown, SessionLost, ledger_out_of_step
 from ingestd.nodes import NodeRegistry
 
 T = TypeVar("T")
@@ -206,6 +207,13 @@ class HttpKato:
         text = raw[:500].decode("utf-8", "replace")
         if status == 404 and b"SESSION_NOT_FOUND" in raw[:200]:
             raise SessionLost(path.split("/")[2])
+        if status == 409 and b"LEDGER_CONFLICT" in raw[:200]:
+            try:
+                conflict = ledger_out_of_step(orjson.loads(raw).get("detail"))
+            except (orjson.JSONDecodeError, AttributeError):
+                conflict = None
+            if conflict is not None:
+                raise conflict
         if 400 <= status < 500:
             raise KatoRejected(status, text)
         raise Ambiguous(f"{method} {path} answered {status}: {text}")
@@ -252,7 +260,7 @@ class HttpKato:
         await self._call("POST", f"/sessions/{session_id}/clear-all")
         await self.delete_session(session_id)
         if not self.extensions and self.registry is not None:
-            self.registry.forget(self.url, node_id)
+            await anyio.to_thread.run_sync(self.registry.forget, self.url, node_id)
 
     async def get_pattern(self, node_id: str, name: str) -> dict[str, Any] | None:
         body = (await self._call("GET", f"/pattern/{name.replace('|', '%7C')}?node_id={quote(node_id)}"))["pattern"]
@@ -278,7 +286,10 @@ class HttpKato:
 
     async def claim_nodes(self, claims: Sequence[tuple[str, Feeder]], *, allow_mixed: bool) -> dict[str, list[Feeder]]:
         if not self.extensions:
-            return {} if self.registry is None else self.registry.claim(self.url, claims, allow_mixed=allow_mixed)
+            if self.registry is None:
+                return {}
+            registry = self.registry  # SQLite, which may wait for a lock: off the event loop
+            return await anyio.to_thread.run_sync(lambda: registry.claim(self.url, claims, allow_mixed=allow_mixed))
         body = await self._call("POST", "/ingestd/nodes/claim", {
             "claims": [{"node_id": node_id, **feeder.as_dict()} for node_id, feeder in claims],
             "allow_mixed": allow_mixed}, endpoint="claim-nodes")  # fmt: skip
@@ -324,6 +335,9 @@ class EmbeddedKato:
             raise SessionLost(lost.session_id) from None
         except KatoError as error:
             status = error.status
+            conflict = ledger_out_of_step(error.detail) if error.status == 409 else None
+            if conflict is not None:
+                raise conflict from None
             if 400 <= error.status < 500:
                 raise KatoRejected(error.status, str(error.detail)) from None
             raise

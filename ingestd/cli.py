@@ -139,7 +139,7 @@ def run_command(
     max_samples: Annotated[Optional[int], typer.Option(min=0, help="Stop after this many samples.")] = None,
     skip: Annotated[int, typer.Option(min=0, help="Skip this many samples of the filtered stream first.")] = 0,
     max_sample_chars: Annotated[int, typer.Option(min=1, help="Longer samples fail alone (to failed.jsonl) instead of being learned.")] = 1_000_000,
-    min_chars: Annotated[int, typer.Option(min=0, help="Samples whose stripped text is shorter are filtered (counted, not learned); 0 keeps every sample.")] = 11,
+    min_chars: Annotated[Optional[int], typer.Option(min=0, help="Samples whose stripped text is shorter are filtered (counted, not learned); 0 keeps every sample. Default 11, or the hierarchy file's [run] min_chars.", show_default=False)] = None,
     allow_mixed_kb: Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed (refused otherwise).")] = False,
     workers: Annotated[int, typer.Option(min=1, help="Concurrent workers, each with one session per node.")] = 8,
     batch_chunks: Annotated[int, typer.Option(min=1, help="Chunks per observe-sequence on batched levels.")] = 64,
@@ -165,7 +165,7 @@ def run_command(
     from ingestd.report import ProgressBar, ProgressLog, summary_table
     from ingestd.retry import RetryPolicy
     from ingestd.runtime import loop_options, throughput_gc
-    from ingestd.source import SourceSpec
+    from ingestd.source import MIN_CHARS, SourceSpec
 
     _settings(log_format=log_format, log_level=log_level)
     console = Console()
@@ -183,7 +183,8 @@ def run_command(
         spec = SourceSpec(source=source, text_field=text_field, hub_config=hub_config, split=split,
                           txt_mode=txt_mode,  # type: ignore[arg-type]
                           metadata_fields=tuple(f.strip() for f in (metadata_fields or "").split(",") if f.strip()),
-                          label=source_label, max_chars=max_sample_chars, min_chars=min_chars)
+                          label=source_label, max_chars=max_sample_chars,
+                          min_chars=min_chars if min_chars is not None else hierarchy.run_options.get("min_chars", MIN_CHARS))
         config = RunConfig(source=spec, hierarchy=hierarchy, tokenizer=tokenizer, workers=workers,
                            batch_chunks=batch_chunks, batching=batching, kato_url=kato, data_dir=data,
                            durability=durability, run_id=run_id, fresh=fresh, skip=skip,  # type: ignore[arg-type]
@@ -212,7 +213,7 @@ def run_command(
     console.print(summary_table(result))
     samples = result["samples"]
     if samples["read"] and samples["filtered"] == samples["read"]:
-        typer.echo(f"ingestd: warning: every record of {source} was shorter than {min_chars} characters after stripping, "
+        typer.echo(f"ingestd: warning: every record of {source} was shorter than {spec.min_chars} characters after stripping, "
                    "so nothing was learned: check --text-field, --txt-mode and --min-chars", err=True)  # fmt: skip
     if summary_json is not None:
         summary_json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

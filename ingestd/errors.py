@@ -40,6 +40,22 @@ class KatoRejected(Exception):
         self.status = status
 
 
+class LedgerOutOfStep(KatoRejected):
+    """409 LEDGER_CONFLICT: the run ledger holds another number of a sample's chunks than the call assumed
+    (a killed run's last request was applied late). Nothing was stored; go on from ``stored``."""
+
+    def __init__(self, stored: int, message: str) -> None:
+        super().__init__(409, message)
+        self.stored = stored
+
+
+def ledger_out_of_step(detail: object) -> LedgerOutOfStep | None:
+    """The conflict a 409's ``detail`` describes, if it is the run ledger's."""
+    if isinstance(detail, dict) and detail.get("error") == "LEDGER_CONFLICT" and isinstance(detail.get("stored_chunks"), int):
+        return LedgerOutOfStep(detail["stored_chunks"], str(detail.get("message", "")))
+    return None
+
+
 class Transient(Exception):
     """A failed KATO call that is worth sending again; ``cause`` names the kind for metrics and logs."""
 

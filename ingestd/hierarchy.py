@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from ingestd.engine.rules import kb_id
 from ingestd.errors import IngestError
@@ -27,6 +27,15 @@ class Level(BaseModel):
     session_config: dict[str, Any] = Field(default_factory=dict, description="Extra KATO session config.")
 
 
+class FileRunOptions(BaseModel):
+    """Run options a hierarchy file may carry in its ``[run]`` table, by the names of ``ingestd run``'s options
+    (flags given on the command line win)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_chars: int | None = Field(default=None, ge=0, description="Shorter samples (stripped) are filtered.")
+
+
 class Hierarchy(BaseModel):
     """Levels from node0 up. Build it in code, from a TOML/YAML file, or from chunk sizes::
 
@@ -39,6 +48,13 @@ class Hierarchy(BaseModel):
     node_id_template: str = Field(
         default="node{level}", description="Node ids of levels without one; {level} and {run_id} are filled in."
     )
+
+    _run_options: FileRunOptions = PrivateAttr(default_factory=FileRunOptions)
+
+    @property
+    def run_options(self) -> dict[str, Any]:
+        """The options of its file's ``[run]`` table that were set."""
+        return self._run_options.model_dump(exclude_none=True)
 
     @field_validator("node_id_template")
     @classmethod
@@ -128,9 +144,11 @@ class Hierarchy(BaseModel):
             raise HierarchyError(f"hierarchy file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise HierarchyError(f"hierarchy file {path} must hold a table with a 'levels' list")
+        run = data.pop("run", None) or {}
         data = data.get("hierarchy", data)
         try:
             hierarchy = cls.model_validate(data)
+            hierarchy._run_options = FileRunOptions.model_validate(run)
         except ValidationError as error:
             raise HierarchyError(f"hierarchy file {path}: {_first_error(error)}") from None
         hierarchy.validate_usable()

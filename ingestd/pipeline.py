@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 import structlog
@@ -22,18 +22,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ingestd import metrics
 from ingestd.backend import EmbeddedKato, HttpKato, KatoBackend, check_kato_url
 from ingestd.engine import EngineSettings
-from ingestd.errors import IngestError, KatoRejected, Transient
+from ingestd.errors import IngestError, KatoRejected, ServerDown, Transient
 from ingestd.hierarchy import Hierarchy
 from ingestd.nodes import NodeRegistry
 from ingestd.plan import SamplePlan, plan_levels
 from ingestd.progress import Progress, fingerprint
 from ingestd.resume import check_store_file, prepare
 from ingestd.retry import RetryPolicy, ServerWatch
+from ingestd.retry import send as send_call
 from ingestd.source import BadRecord, Filtered, Sample, Source, SourceEvent, SourceSpec
 from ingestd.tokenize import Tokenizer, load_tokenizer
 from ingestd.worker import SampleOutcome, Worker, level_setups
 
 log = structlog.get_logger("ingestd.pipeline")
+T = TypeVar("T")
 
 
 class RunConfig(BaseModel):
@@ -249,6 +251,7 @@ class Pipeline:
         self._workers = anyio.CancelScope()  # the workers: cancelled after the drain timeout
         self._queued = 0  # plans in the queue, for the queue-depth gauge
         self._settled: list[int] = []  # done samples whose ledger records can go
+        self._watch: ServerWatch | None = None
 
     def describe(self) -> dict[str, Any]:
         config = self.config
@@ -281,9 +284,9 @@ class Pipeline:
         try:
             await backend.start()
             node_ids = config.node_ids()
-            resume_points = await prepare(config, progress, backend, node_ids, self.stats)
+            watch = self._watch = ServerWatch(backend.healthy, backend.description, config.retry, self.stats.server_outage)
+            resume_points = await prepare(config, progress, backend, node_ids, self.stats, self._reliably)
             setups = level_setups(config.hierarchy, node_ids, batching=config.batching)
-            watch = ServerWatch(backend.healthy, backend.description, config.retry, self.stats.server_outage)
             queue_size = config.queue_size or 4 * config.workers
             send, receive = anyio.create_memory_object_stream[SamplePlan](max_buffer_size=queue_size)
             async with anyio.create_task_group() as group:
@@ -310,6 +313,17 @@ class Pipeline:
                 self.stats.requests = backend.requests
                 self.stats.finished = time.perf_counter()
                 await backend.aclose()
+
+    async def _reliably(self, call: Callable[[], Awaitable[T]]) -> T:
+        """A call outside the workers (before learning), through outages and resends as theirs are."""
+
+        async def recover(failure: Transient) -> None:
+            self.stats.retried(failure.cause, str(failure))
+            if isinstance(failure, ServerDown) and self._watch is not None:
+                await self._watch.wait_until_up(str(failure))
+
+        result, _ = await send_call(call, self.config.retry, on_retry=recover)
+        return result
 
     async def _forget_settled(self, backend: KatoBackend, progress: Progress) -> None:
         """Drop the ledger records of every sample of this run but the ones in flight or failed: a later run
@@ -403,7 +417,7 @@ class Pipeline:
                     with metrics.IN_FLIGHT.track_inprogress(), metrics.WORKERS_BUSY.track_inprogress():
                         outcome = await worker.learn(plan)
                     stats.learned(outcome)
-                    confirmed = [stored - plan.first_chunk(level) for level, stored in enumerate(outcome.stored)]
+                    confirmed = [max(0, stored - plan.first_chunk(level)) for level, stored in enumerate(outcome.stored)]
                     if outcome.rejection is not None:
                         stats.fail(plan.index, outcome.rejection)
                         progress.fail(plan.index, outcome.rejection, outcome.stored, confirmed)

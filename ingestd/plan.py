@@ -55,9 +55,3 @@ def plan_levels(tokens: Sequence[str], chunk_sizes: Sequence[int]) -> list[Level
         levels.append(LevelPlan(chunks, names))
         symbols = names
     return levels
-
-
-def batches(level: LevelPlan, batch_chunks: int, first: int = 0) -> list[tuple[int, list[list[str]], list[str]]]:
-    """A level's chunks from ``first`` on, in groups of at most ``batch_chunks``: (first chunk, chunks, names)."""
-    return [(start, level.chunks[start : start + batch_chunks], level.names[start : start + batch_chunks])
-            for start in range(first, len(level.chunks), batch_chunks)]  # fmt: skip

@@ -16,8 +16,9 @@ Everything here happens before the first learn, so a refusal loses nothing:
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -52,25 +53,29 @@ def check_store_file(config: RunConfig, progress: Progress) -> None:
         )
 
 
+Reliably = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
+"""Sends a backend call through outages and resends, as the workers' calls are (see :mod:`ingestd.retry`)."""
+
+
 async def prepare(config: RunConfig, progress: Progress, backend: KatoBackend, node_ids: list[str],
-                  stats: RunStats) -> dict[int, list[int]]:  # fmt: skip
+                  stats: RunStats, reliably: Reliably) -> dict[int, list[int]]:  # fmt: skip
     """Do the checks above; returns, per sample to resume part-way, the chunks stored per level."""
     if config.fresh:
         for node_id in node_ids:
-            await backend.clear_all(node_id)
+            await reliably(lambda node_id=node_id: backend.clear_all(node_id))
         if progress.previous_run_key and backend.ledger:
-            await backend.ledger_forget(progress.previous_run_key, everything=True)
-    await _claim(config, backend, node_ids)
+            await reliably(lambda: backend.ledger_forget(progress.previous_run_key, everything=True))
+    await _claim(config, backend, node_ids, reliably)
     if not config.fresh and progress.learned_before and backend.ledger:
-        totals = (await backend.ledger_status(progress.run_key, node_ids))["totals"]
+        totals = (await reliably(lambda: backend.ledger_status(progress.run_key, node_ids)))["totals"]
         _check_totals(progress, backend, node_ids, totals)
-    return await _resume_points(config, progress, backend, node_ids, stats)
+    return await _resume_points(config, progress, backend, node_ids, stats, reliably)
 
 
-async def _claim(config: RunConfig, backend: KatoBackend, node_ids: list[str]) -> None:
+async def _claim(config: RunConfig, backend: KatoBackend, node_ids: list[str], reliably: Reliably) -> None:
     claims = {node_id: Feeder(config.tokenizer, level, size)
               for level, (node_id, size) in enumerate(zip(node_ids, config.hierarchy.chunk_sizes, strict=True))}  # fmt: skip
-    conflicts = await backend.claim_nodes(list(claims.items()), allow_mixed=config.allow_mixed_kb)
+    conflicts = await reliably(lambda: backend.claim_nodes(list(claims.items()), allow_mixed=config.allow_mixed_kb))
     if not conflicts:
         return
     message = conflict_message(conflicts, claims, backend.description)
@@ -91,7 +96,7 @@ def _check_totals(progress: Progress, backend: KatoBackend, node_ids: list[str],
 
 
 async def _resume_points(config: RunConfig, progress: Progress, backend: KatoBackend, node_ids: list[str],
-                         stats: RunStats) -> dict[int, list[int]]:  # fmt: skip
+                         stats: RunStats, reliably: Reliably) -> dict[int, list[int]]:  # fmt: skip
     # --retry-failed redoes the failed samples only; a plain resume redoes the interrupted ones (and the rest).
     retried = sorted(progress.failed) if config.retry_failed else []
     interrupted = [] if config.retry_failed else progress.interrupted
@@ -102,7 +107,7 @@ async def _resume_points(config: RunConfig, progress: Progress, backend: KatoBac
         return {}
     if backend.ledger and progress.ledger_covers_interrupted:
         samples = retried + interrupted
-        found = (await backend.ledger_status(progress.run_key, node_ids, samples))["samples"]
+        found = (await reliably(lambda: backend.ledger_status(progress.run_key, node_ids, samples)))["samples"]
         points = {sample: [found[sample][node_id] for node_id in node_ids] for sample in samples}
     else:
         points = {sample: _padded(progress.failed[sample].stored, len(node_ids)) for sample in retried}

@@ -23,9 +23,9 @@ import structlog
 
 from ingestd.backend import KatoBackend
 from ingestd.engine import Place
-from ingestd.errors import KatoRejected, PlanMismatch, ServerDown, SessionLost, Transient
+from ingestd.errors import KatoRejected, LedgerOutOfStep, PlanMismatch, ServerDown, SessionLost, Transient
 from ingestd.hierarchy import Hierarchy
-from ingestd.plan import LevelPlan, SamplePlan, batches
+from ingestd.plan import LevelPlan, SamplePlan
 from ingestd.retry import RetryPolicy, ServerWatch, send
 
 T = TypeVar("T")
@@ -162,18 +162,31 @@ class Worker:
                             metadata: dict[str, Any] | None, outcome: SampleOutcome) -> None:  # fmt: skip
         # One call is the unit of resending: a batch of whole chunks, or (without auto-learn) one chunk.
         size = self.batch_chunks if level.batched else 1
-        for first, chunks, planned in batches(level_plan, size, outcome.stored[level.index]):
+        first, total, resyncs = outcome.stored[level.index], len(level_plan.chunks), 0
+        while first < total:
+            chunks, planned = level_plan.chunks[first : first + size], level_plan.names[first : first + size]
             place = Place(self.run_key, plan.index, first, len(chunks))
-            learned = await self._send(
-                level, plan.index,
-                lambda session_id, chunks=chunks, place=place: self.backend.learn(
-                    session_id, chunks, metadata=metadata, auto_learn=level.batched, place=place),
-                resend_may_duplicate=True,
-            )  # fmt: skip
+            try:
+                learned = await self._send(
+                    level, plan.index,
+                    lambda session_id, chunks=chunks, place=place: self.backend.learn(
+                        session_id, chunks, metadata=metadata, auto_learn=level.batched, place=place),
+                    resend_may_duplicate=True,
+                )  # fmt: skip
+            except LedgerOutOfStep as step:
+                # The ledger moved since this sample's resume point was read (a killed run's last request,
+                # applied late): go on from what it records. More than twice would be a bug; fail the level.
+                resyncs += 1
+                if resyncs > 2 or not 0 <= step.stored <= total:
+                    raise
+                log.warning("the run ledger records another position; going on from it", stored_chunks=step.stored,
+                            first_chunk=first)  # fmt: skip
+                first = outcome.stored[level.index] = step.stored
+                continue
             if learned.names != planned:
                 raise PlanMismatch(_mismatch(self.backend.description, level.node_id, plan.index, chunks,
                                              learned.names, planned))  # fmt: skip
-            outcome.stored[level.index] = first + len(chunks)
+            first = outcome.stored[level.index] = first + len(chunks)
             if learned.replayed:
                 outcome.replayed[level.index] += len(chunks)
             else:

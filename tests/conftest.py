@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -28,12 +30,18 @@ def free_port() -> int:
 
 @dataclass
 class EngineServer:
-    """``ingestd kato serve`` running in a subprocess on loopback."""
+    """``ingestd kato serve`` running in a subprocess on loopback.
+
+    With ``port`` 0 the server binds a port the system chooses (read from the line it prints once bound),
+    and restarts keep it. Nothing is taken for started before this process says it is listening, so a
+    port that another process holds cannot pass for this server.
+    """
 
     data_dir: Path
-    port: int
+    port: int = 0
     extra_args: tuple[str, ...] = ()
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[str] | None = None
+    output: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -42,11 +50,27 @@ class EngineServer:
     def start(self, timeout: float = 30.0) -> EngineServer:
         command = [sys.executable, "-m", "ingestd", "kato", "serve", "--port", str(self.port),
                    "--data", str(self.data_dir), *self.extra_args]  # fmt: skip
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        listening = threading.Event()
+        lines = self.output = []
+
+        def drain() -> None:  # also keeps a chatty server from blocking on a full pipe
+            assert process.stderr is not None
+            for line in process.stderr:
+                lines.append(line)
+                if not listening.is_set() and (found := re.search(r"API on http://[^ ]+:(\d+) ", line)):
+                    self.port = int(found.group(1))
+                    listening.set()
+
+        threading.Thread(target=drain, daemon=True).start()
         deadline = time.monotonic() + timeout
+        while not listening.wait(0.02):
+            if process.poll() is not None or time.monotonic() > deadline:
+                time.sleep(0.2)  # the rest of its output
+                raise RuntimeError(f"engine server did not start (exit code {process.poll()}): {''.join(lines)[-3000:]}")
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"engine server exited: {self.process.stderr.read().decode()}")
+            if process.poll() is not None:
+                raise RuntimeError(f"engine server exited: {''.join(lines)[-3000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
                     return self
@@ -73,7 +97,7 @@ class EngineServer:
 @pytest.fixture(scope="session")
 def engine_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineServer]:
     """One engine server shared by the tests that only need 'a KATO'."""
-    server = EngineServer(tmp_path_factory.mktemp("kato-data"), free_port()).start()
+    server = EngineServer(tmp_path_factory.mktemp("kato-data")).start()
     yield server
     server.stop()
 
@@ -81,7 +105,7 @@ def engine_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineSe
 @pytest.fixture
 def fresh_server(tmp_path: Path) -> Iterator[EngineServer]:
     """A server of the test's own, on an empty data directory."""
-    server = EngineServer(tmp_path / "kato-data", free_port()).start()
+    server = EngineServer(tmp_path / "kato-data").start()
     yield server
     server.stop()
 

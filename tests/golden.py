@@ -164,3 +164,25 @@ def run_cli(*arguments: str, timeout: float = 300, events: list[dict[str, Any]] 
         if events is not None:
             events.extend(json.loads(line) for line in result.stderr.splitlines() if line.startswith("{"))
         return json.loads(summary_path.read_text(encoding="utf-8"))
+
+
+def samples_done(run_dir: Path) -> int:
+    """How many samples a run directory records as done (0 while it does not exist yet)."""
+    try:
+        with sqlite3.connect(f"file:{run_dir / 'progress.sqlite3'}?mode=ro", uri=True, timeout=5) as connection:
+            return connection.execute("SELECT count(*) FROM done").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def wait_for_samples(process: Any, run_dir: Path, samples: int, timeout: float = 120) -> None:
+    """Until ``run_dir`` records ``samples`` done; fails if the ``ingestd run`` process ends first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while samples_done(run_dir) < samples:
+        if process.poll() is not None:
+            error = process.stderr.read() if getattr(process, "stderr", None) else ""
+            raise AssertionError(f"ingestd ended before {samples} samples were done: {error[-3000:]}")
+        assert time.monotonic() < deadline, "no progress recorded"
+        time.sleep(0.005)

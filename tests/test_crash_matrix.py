@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from .conftest import CORPUS, EngineServer, free_port
-from .golden import kb_dump
-from .test_exactly_once import LEVELS, NODES, done, ok
+from .conftest import CORPUS, EngineServer
+from .golden import kb_dump, samples_done, wait_for_samples
+from .test_exactly_once import LEVELS, NODES, ok
 
 SEED = int(os.environ.get("INGESTD_CRASH_SEED", "20261129"))
 
@@ -56,9 +56,9 @@ def _moment(draw: random.Random, run_dir: Path, *alive: subprocess.Popen[bytes])
         pause = draw.uniform(0.0, 1.5)
         time.sleep(pause)
         return f"{pause:.2f} s after start"
-    target = done(run_dir) + draw.randint(1, 150)
+    target = samples_done(run_dir) + draw.randint(1, 150)
     deadline = time.monotonic() + 120
-    while done(run_dir) < target and time.monotonic() < deadline and all(p.poll() is None for p in alive):
+    while samples_done(run_dir) < target and time.monotonic() < deadline and all(p.poll() is None for p in alive):
         time.sleep(0.005)
     time.sleep(draw.uniform(0.0, 0.05))
     return f"{target} samples done"
@@ -82,9 +82,9 @@ def test_kill_9_of_ingestd_at_random_moments_in_process(corpus: Path, clean: Any
         options = _options(draw)
         process = _client(corpus, ["--data", str(data)], run_dir, options)
         moment = _moment(draw, run_dir, process)
-        history.append((options, moment, _kill(process), done(run_dir)))
+        history.append((options, moment, _kill(process), samples_done(run_dir)))
     kills = sum(killed for _, _, killed, _ in history)
-    assert kills >= 15 and done(run_dir) < total, history  # the kills fell while there was work left
+    assert kills >= 15 and samples_done(run_dir) < total, history  # the kills fell while there was work left
     final = ok(str(corpus), *LEVELS, "--data", str(data), "--run-dir", str(run_dir), *_options(draw))
     assert final["recovery"]["possible_duplicates"] == 0
     assert kb_dump(data / "kato.sqlite3", NODES) == clean_kb, f"seed {SEED}: {history}"
@@ -93,7 +93,7 @@ def test_kill_9_of_ingestd_at_random_moments_in_process(corpus: Path, clean: Any
 def test_kill_9_of_ingestd_the_engine_server_or_both_over_http(corpus: Path, clean: Any, tmp_path: Path) -> None:
     clean_kb, total = clean
     draw = random.Random(SEED + 1)
-    server = EngineServer(tmp_path / "kb", free_port())
+    server = EngineServer(tmp_path / "kb")
     server.start()
     run_dir = tmp_path / "run"
     backend = ["--kato", server.url]
@@ -113,9 +113,9 @@ def test_kill_9_of_ingestd_the_engine_server_or_both_over_http(corpus: Path, cle
             if victim in ("server", "both"):
                 killed.append(_kill(server.process))
                 time.sleep(draw.uniform(0.0, 1.0))  # down for a while; a client still running waits for it
-            history.append((victim, moment, killed, done(run_dir)))
+            history.append((victim, moment, killed, samples_done(run_dir)))
         kills = sum(sum(killed) for _, _, killed, _ in history)
-        assert kills >= 15 and done(run_dir) < total, history
+        assert kills >= 15 and samples_done(run_dir) < total, history
         if server.process is None or server.process.poll() is not None:
             server.start()
         if client is not None and client.poll() is None:
@@ -137,7 +137,7 @@ def test_a_run_resumes_across_in_process_and_http_on_one_data_directory(corpus: 
     in_process = ["--data", str(data)]
     for round_ in range(3):
         _moment_kill(_client(corpus, in_process, run_dir, _options(draw)), run_dir, 300 * (2 * round_ + 1))
-        server = EngineServer(data, free_port()).start()
+        server = EngineServer(data).start()
         try:
             _moment_kill(_client(corpus, ["--kato", server.url], run_dir, _options(draw)), run_dir, 300 * (2 * round_ + 2))
         finally:
@@ -148,8 +148,5 @@ def test_a_run_resumes_across_in_process_and_http_on_one_data_directory(corpus: 
 
 
 def _moment_kill(process: subprocess.Popen[bytes], run_dir: Path, samples: int) -> None:
-    deadline = time.monotonic() + 120
-    while done(run_dir) < samples:
-        assert process.poll() is None and time.monotonic() < deadline, "ingestd ended before the kill"
-        time.sleep(0.005)
+    wait_for_samples(process, run_dir, samples)
     assert _kill(process)

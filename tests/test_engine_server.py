@@ -14,7 +14,7 @@ import pytest
 
 from ingestd.engine.rules import chunk_name
 
-from .conftest import EngineServer, free_port
+from .conftest import EngineServer
 
 
 def node(name: str) -> str:
@@ -171,7 +171,7 @@ def test_bad_requests_get_katos_status_and_shape(
 
 
 def test_oversized_bodies_are_refused_and_the_server_stays_up(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    server = EngineServer(tmp_path / "data", free_port()).start()
+    server = EngineServer(tmp_path / "data").start()
     try:
         with httpx.Client(base_url=server.url, timeout=60.0) as client:
             session = create(client, "big")
@@ -390,7 +390,8 @@ def test_the_run_ledger_stores_each_chunk_of_a_run_once(fresh_server: EngineServ
                           headers={"ingestd-ledger": "run1:7:3:1"})  # fmt: skip
         overlap = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[1:3]),
                               headers={"ingestd-ledger": "run1:7:1:2"})  # fmt: skip
-        assert gap.status_code == overlap.status_code == 409 and "recorded as stored" in gap.json()["detail"]
+        assert gap.status_code == overlap.status_code == 409
+        assert gap.json()["detail"]["error"] == "LEDGER_CONFLICT" and gap.json()["detail"]["stored_chunks"] == 2
         # Another run's key is another run: it learns the same chunks again.
         other = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[:1]),
                             headers={"ingestd-ledger": "run2:7:0:1"})  # fmt: skip
@@ -423,7 +424,7 @@ def test_the_run_ledger_stores_each_chunk_of_a_run_once(fresh_server: EngineServ
 
 
 def test_nodes_are_claimed_by_what_feeds_them(engine_server: EngineServer) -> None:
-    """ingestd's feeders extension: another level, chunk size or tokenizer in a non-empty KB conflicts."""
+    """ingestd's feeders extension: another level, chunk size or tokenizer conflicts until the node is cleared."""
     node_id = node("claimed")
 
     def claim(level: int, chunk_size: int, *, allow_mixed: bool = False) -> dict[str, object]:
@@ -435,8 +436,8 @@ def test_nodes_are_claimed_by_what_feeds_them(engine_server: EngineServer) -> No
         return conflicts
 
     with httpx.Client(base_url=engine_server.url, timeout=30.0) as engine_server_client:
-        assert claim(0, 8) == {}
-        assert claim(0, 4) == {}  # still empty: a new claim replaces the old one
+        assert claim(0, 4) == {}
+        assert claim(0, 8) == {node_id: [{"tokenizer": "gpt2", "level": 0, "chunk_size": 4}]}  # claimed, even empty
         session = create(engine_server_client, node_id)
         learn_chunk(engine_server_client, session, ["a", "b"])
         assert claim(0, 4) == {}  # the same feeder again

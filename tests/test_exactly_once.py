@@ -22,9 +22,9 @@ import pytest
 
 from ingestd.tokenize import load_tokenizer
 
-from .conftest import CORPUS, EngineServer, free_port
+from .conftest import CORPUS, EngineServer
 from .faultproxy import FaultProxy
-from .golden import SequentialClient, kb_dump
+from .golden import SequentialClient, kb_dump, samples_done, wait_for_samples
 from .test_daemon import TOKEN, Daemon, wait_for
 
 LEVELS = ["--chunk-sizes", "4,4,4", "--metadata-levels", "1,2"]
@@ -37,7 +37,7 @@ def ingestd(*arguments: str, cwd: Path | None = None, timeout: float = 300) -> t
         summary = Path(scratch) / "summary.json"
         result = subprocess.run([sys.executable, "-m", "ingestd", "run", *arguments, "--no-progress", "--log-format",
                                  "json", "--summary-json", str(summary)], capture_output=True, text=True, cwd=cwd,
-                                timeout=timeout)  # fmt: skip
+                                timeout=timeout, check=False)  # fmt: skip
         return result, json.loads(summary.read_text()) if summary.exists() else None
 
 
@@ -53,24 +53,12 @@ def start(*arguments: str, cwd: Path | None = None) -> subprocess.Popen[str]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd)  # fmt: skip
 
 
-def done(run_dir: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{run_dir / 'progress.sqlite3'}?mode=ro", uri=True, timeout=5) as connection:
-            return connection.execute("SELECT count(*) FROM done").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 def kill_after(process: subprocess.Popen[str], run_dir: Path, samples: int) -> int:
     """kill -9 once ``samples`` are recorded done; returns how many were."""
-    deadline = time.monotonic() + 120
-    while done(run_dir) < samples:
-        assert process.poll() is None, f"ingestd ended early: {process.stderr.read() if process.stderr else ''}"
-        assert time.monotonic() < deadline, "no progress"
-        time.sleep(0.01)
+    wait_for_samples(process, run_dir, samples)
     process.kill()
     process.wait()
-    return done(run_dir)
+    return samples_done(run_dir)
 
 
 def doubled(kb: list[dict[str, dict[str, Any]]]) -> list[dict[str, dict[str, Any]]]:
@@ -127,22 +115,25 @@ def test_a_second_run_under_another_run_id_doubles_every_frequency(corpus: Path,
     assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == doubled(clean_kb)
 
 
-def test_two_processes_at_once_add_up_and_cannot_share_a_run_directory(corpus: Path, clean: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["in-process", "http"])
+def test_two_processes_at_once_add_up_and_cannot_share_a_run_directory(corpus: Path, clean: Any, tmp_path: Path,
+                                                                        fresh_server: EngineServer, backend: str) -> None:  # fmt: skip
     clean_kb, _ = clean
-    data = str(tmp_path / "kb")
-    first = start(str(corpus), *LEVELS, "--data", data, "--run-id", "a")
-    second = start(str(corpus), *LEVELS, "--data", data, "--run-id", "b")
-    run_a = tmp_path / "kb" / "runs" / "a"
+    where = ["--data", str(tmp_path / "kb")] if backend == "in-process" else ["--kato", fresh_server.url]
+    store = tmp_path / "kb" / "kato.sqlite3" if backend == "in-process" else fresh_server.data_dir / "kato.sqlite3"
+    run_a, run_b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    first = start(str(corpus), *LEVELS, *where, "--run-dir", str(run_a))
+    second = start(str(corpus), *LEVELS, *where, "--run-dir", str(run_b))
     deadline = time.monotonic() + 60
-    while done(run_a) < 10:  # "a" is running: a third process on its run directory is refused
+    while samples_done(run_a) < 10:  # "a" is running: a third process on its run directory is refused
         assert time.monotonic() < deadline and first.poll() is None
         time.sleep(0.01)
-    intruder, _ = ingestd(str(corpus), *LEVELS, "--data", data, "--run-id", "a")
+    intruder, _ = ingestd(str(corpus), *LEVELS, *where, "--run-dir", str(run_a))
     assert first.wait(timeout=300) == 0, first.stderr.read() if first.stderr else ""
     assert second.wait(timeout=300) == 0, second.stderr.read() if second.stderr else ""
     assert intruder.returncode == 2 and "in use by another ingestd" in intruder.stderr and "--run-id" in intruder.stderr
     assert "Traceback" not in intruder.stderr
-    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == doubled(clean_kb)
+    assert kb_dump(store, NODES) == doubled(clean_kb)
 
 
 def test_two_identical_daemon_jobs_at_once_learn_twice(corpus: Path, clean: Any, tmp_path: Path) -> None:
@@ -189,7 +180,7 @@ def test_a_resume_after_the_key_lifetime_is_still_exact(corpus: Path, clean: Any
     clean_kb, _ = clean
     monkeypatch.setenv("INGESTD_SERVER__IDEMPOTENCY_TTL", "0.2")
     monkeypatch.setenv("INGESTD_SERVER__SWEEP_INTERVAL", "0.1")
-    server = EngineServer(tmp_path / "kb", free_port()).start()
+    server = EngineServer(tmp_path / "kb").start()
     try:
         base = [str(corpus), *LEVELS, "--kato", server.url, "--run-dir", str(tmp_path / "run")]
         kill_after(start(*base), tmp_path / "run", 400)
@@ -250,6 +241,34 @@ def test_min_chars_0_learns_every_sample_as_a_plain_client_does(fresh_server: En
     assert default["samples"]["filtered"] == 3 * sum(len(text.strip()) < 11 for text in texts[:14])
 
 
+def test_min_chars_is_one_option_in_every_interface(tmp_path: Path) -> None:
+    """--min-chars, the hierarchy file's [run] min_chars (a flag wins), the Python API's min_chars; and the
+    daemon's (test_the_daemon_takes_the_same_options). It is part of the run's identity."""
+    from ingestd import Hierarchy
+    from ingestd import run as run_in_python
+
+    source = tmp_path / "lines.txt"
+    source.write_text("short\n\na much longer line of text\n\nx\n")
+    hierarchy = tmp_path / "h.toml"
+    hierarchy.write_text("[run]\nmin_chars = 0\n[[levels]]\nchunk_size = 2\n")
+    data = ["--data", str(tmp_path / "kb")]
+    from_file = ok(str(source), "--hierarchy", str(hierarchy), *data, "--run-id", "file")
+    assert from_file["samples"]["filtered"] == 0 and from_file["config"]["source"]["min_chars"] == 0
+    flag_wins = ok(str(source), "--hierarchy", str(hierarchy), "--min-chars", "6", *data, "--run-id", "flag")
+    assert flag_wins["samples"]["filtered"] == 2
+    default = ok(str(source), "--chunk-sizes", "2", *data, "--run-id", "default")
+    assert default["samples"]["filtered"] == 2 and default["config"]["source"]["min_chars"] == 11
+    python = run_in_python(str(source), Hierarchy().add_layer(chunk_size=2), min_chars=0, data_dir=tmp_path / "kb",
+                           run_id="python")  # fmt: skip
+    assert python.as_dict()["samples"]["filtered"] == 0
+    hierarchy.write_text("[run]\nmin_chars = 0\nfresh = true\n[[levels]]\nchunk_size = 2\n")
+    unknown, _ = ingestd(str(source), "--hierarchy", str(hierarchy), *data)
+    assert unknown.returncode == 2 and "fresh" in unknown.stderr and "Traceback" not in unknown.stderr
+    # The same run directory with another --min-chars is another configuration: refused, as for the source.
+    changed, _ = ingestd(str(source), "--chunk-sizes", "2", *data, "--run-id", "default", "--min-chars", "0")
+    assert changed.returncode == 4 and "min_chars" in changed.stderr
+
+
 def test_a_node_fed_by_another_chunk_size_is_refused_before_learning(corpus: Path, tmp_path: Path) -> None:
     data = ["--data", str(tmp_path / "kb")]
     ok(str(corpus), "--chunk-sizes", "8,8,8,8", *data, "--run-id", "eights", "--max-samples", "50")
@@ -291,7 +310,7 @@ def test_retry_failed_with_fresh_is_refused(corpus: Path, tmp_path: Path) -> Non
     data = ["--data", str(tmp_path / "kb"), "--max-samples", "30"]
     ok(str(corpus), *LEVELS, *data)
     before = kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES)
-    refused, summary = ingestd(str(corpus), *LEVELS, *data, "--retry-failed", "--fresh")
+    refused, _ = ingestd(str(corpus), *LEVELS, *data, "--retry-failed", "--fresh")
     assert refused.returncode == 2 and "--retry-failed" in refused.stderr and "--fresh" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == before
@@ -347,7 +366,7 @@ def test_a_sample_failing_on_its_metadata_level_is_retried_exactly(metadata_corp
     reference = ok(*options, "--data", str(tmp_path / "reference"))
     expected = kb_dump(tmp_path / "reference" / "kato.sqlite3", NODES)
     monkeypatch.setenv("INGESTD_SERVER__MAX_BODY_BYTES", "8000")
-    server = EngineServer(tmp_path / "kb", free_port()).start()
+    server = EngineServer(tmp_path / "kb").start()
     port = server.port
     proxy = FaultProxy(port, plain_kato=server_kind == "plain KATO").start()
     base = [*options, "--kato", proxy.url, "--run-dir", str(tmp_path / "run")]
@@ -376,7 +395,7 @@ def test_a_signal_stop_keeps_no_ledger_records_of_done_samples(corpus: Path, tmp
     base = [str(corpus), *LEVELS, "--data", str(tmp_path / "kb"), "--run-dir", str(tmp_path / "run")]
     process = start(*base)
     deadline = time.monotonic() + 60
-    while done(tmp_path / "run") < 300:
+    while samples_done(tmp_path / "run") < 300:
         assert time.monotonic() < deadline and process.poll() is None
         time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
@@ -401,3 +420,46 @@ def test_the_daemon_takes_the_same_options(tmp_path: Path) -> None:
     finally:
         daemon.stop()
     assert TOKEN not in daemon.logs
+
+
+def test_a_worker_goes_on_from_where_the_ledger_is_when_a_late_request_moved_it(tmp_path: Path) -> None:
+    """A killed run's last request can be applied after its successor read the sample's resume point: the
+    next call then overlaps what is stored, is refused (409 LEDGER_CONFLICT, stored nothing) and the worker
+    goes on from the stored position. Every chunk is stored once."""
+    import anyio
+
+    from ingestd.backend import EmbeddedKato
+    from ingestd.engine import EngineSettings, Place
+    from ingestd.hierarchy import Hierarchy
+    from ingestd.plan import SamplePlan, plan_levels
+    from ingestd.retry import RetryPolicy, ServerWatch
+    from ingestd.worker import Worker, level_setups
+
+    tokens = [f"Ġt{i}" for i in range(40)]
+    levels = plan_levels(tokens, [4])
+
+    class Counted:
+        def retried(self, cause: str, detail: str) -> None: ...
+        def session_recreated(self, node_id: str) -> None: ...
+        def possible_duplicate(self, sample_index: int, node_id: str) -> None: ...
+
+    async def main() -> tuple[list[int], list[dict[str, Any]]]:
+        backend = EmbeddedKato(EngineSettings(data_dir=tmp_path / "kb"))
+        await backend.start()
+        try:
+            setups = level_setups(Hierarchy().add_layer(chunk_size=4), ["late"], batching=True)
+            late = await backend.create_session("late", setups[0].session_config)
+            await backend.learn(late, levels[0].chunks[:3], metadata=None, auto_learn=True, place=Place("run", 0, 0, 3))
+            policy = RetryPolicy()
+            worker = Worker(0, backend, setups, 5, policy=policy, watch=ServerWatch(backend.healthy, "", policy, lambda: None),
+                            recovery=Counted(), run_key="run")  # fmt: skip
+            await worker.open()
+            outcome = await worker.learn(SamplePlan(0, len(tokens), levels, start=[0]))  # thinks nothing is stored
+            await worker.close()
+            assert outcome.rejection is None and outcome.stored == [10]
+            return outcome.applied, await backend.engine.patterns("late")
+        finally:
+            await backend.aclose()
+
+    applied, patterns = anyio.run(main)
+    assert applied == [7] and len(patterns) == 10 and all(pattern["frequency"] == 1 for pattern in patterns)

@@ -31,7 +31,7 @@ import pytest
 
 from ingestd.engine.rules import kb_id
 
-from .conftest import EngineServer, free_port
+from .conftest import EngineServer
 from .faultproxy import FaultProxy, _json_response, _Message, _Upstream
 from .golden import kb_dump, run_cli
 
@@ -91,7 +91,7 @@ def stored_kb_ids(database: Path) -> set[str]:
 def clean(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The clean reference: the same corpus straight to an engine server, no proxy, run id 'clean'."""
     folder = tmp_path_factory.mktemp("faults-clean")
-    server = EngineServer(folder / "kato-data", free_port()).start()
+    server = EngineServer(folder / "kato-data").start()
     try:
         summary = run_cli(*run_arguments(corpus, server.url, "clean", folder / "run"), timeout=120)
         assert session_count(server.url) == 0
@@ -136,7 +136,7 @@ def assert_same_kb(server: EngineServer, run_id: str, clean_kb: list[dict[str, d
 @pytest.fixture
 def upstream(tmp_path: Path) -> Iterator[EngineServer]:
     """An engine server of the test's own (idempotency keys and KBs of one test never meet another's)."""
-    server = EngineServer(tmp_path / "kato-data", free_port()).start()
+    server = EngineServer(tmp_path / "kato-data").start()
     yield server
     server.stop()
 

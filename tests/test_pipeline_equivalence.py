@@ -56,9 +56,9 @@ def _node_ids(prefix: str) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """The knowledge base a notebook-style client builds: one call per chunk, one sample at a time."""
-    from .conftest import EngineServer, free_port
+    from .conftest import EngineServer
 
-    server = EngineServer(tmp_path_factory.mktemp("reference"), free_port()).start()
+    server = EngineServer(tmp_path_factory.mktemp("reference")).start()
     try:
         records = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines()]
         kept = [record for record in records if len(record["text"].strip()) > 10]

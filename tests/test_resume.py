@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,18 +17,10 @@ from typing import Any
 import pytest
 
 from .conftest import CORPUS
-from .golden import kb_dump, run_cli
+from .golden import kb_dump, run_cli, samples_done, wait_for_samples
 
 NODES = [f"node{level}" for level in range(4)]
 COMMON = ["--chunk-sizes", "8,8,8,8", "--metadata-levels", "2,3", "--no-progress"]
-
-
-def _done(run_dir: Path) -> int:
-    try:
-        with sqlite3.connect(f"file:{run_dir / 'progress.sqlite3'}?mode=ro", uri=True) as connection:
-            return connection.execute("SELECT count(*) FROM done").fetchone()[0]
-    except sqlite3.Error:
-        return 0
 
 
 def _start(data: Path, run_dir: Path, summary: Path) -> subprocess.Popen[str]:
@@ -38,14 +29,6 @@ def _start(data: Path, run_dir: Path, summary: Path) -> subprocess.Popen[str]:
          "--summary-json", str(summary)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-
-
-def _wait_for_progress(process: subprocess.Popen[str], run_dir: Path, samples: int) -> None:
-    deadline = time.monotonic() + 120
-    while _done(run_dir) < samples:
-        assert process.poll() is None, f"ingestd exited early: {process.stderr.read() if process.stderr else ''}"
-        assert time.monotonic() < deadline, "no progress recorded"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +49,7 @@ def test_stopped_then_resumed_equals_uninterrupted(tmp_path: Path, uninterrupted
     clean_kb, clean_summary = uninterrupted
     data, run_dir, first = tmp_path / "kb", tmp_path / "run", tmp_path / "first.json"
     process = _start(data, run_dir, first)
-    _wait_for_progress(process, run_dir, 1500)
+    wait_for_samples(process, run_dir, 1500)
     process.send_signal(getattr(signal, stop.split()[0]))
     if stop == "SIGTERM twice":  # the second one stops at once, cancelling in-flight samples
         time.sleep(0.05)
@@ -79,10 +62,10 @@ def test_stopped_then_resumed_equals_uninterrupted(tmp_path: Path, uninterrupted
         stopped = json.loads(first.read_text())
         assert stopped["stopped_early"] is True and _balanced(stopped)
         assert 0 < stopped["samples"]["learned"] < clean_summary["samples"]["learned"]
-        assert stopped["samples"]["learned"] == _done(run_dir)  # every finished sample was recorded
+        assert stopped["samples"]["learned"] == samples_done(run_dir)  # every finished sample was recorded
     else:
         assert process.returncode == -signal.SIGKILL
-    done_before = _done(run_dir)
+    done_before = samples_done(run_dir)
 
     resumed = run_cli(str(CORPUS), *COMMON, "--data", str(data), "--run-dir", str(run_dir))
     assert _balanced(resumed)
@@ -164,7 +147,7 @@ def test_full_disk_for_progress_stops_with_a_clear_error_and_loses_nothing(tmp_p
                             text=True, timeout=120, preexec_fn=limit_file_size)  # fmt: skip
     assert capped.returncode == 2, capped.stderr[-2000:]
     assert "ingestd: error: cannot record progress" in capped.stderr and "free space" in capped.stderr
-    recorded = _done(tmp_path / "full")
+    recorded = samples_done(tmp_path / "full")
     assert 0 < recorded < 400
     resumed = _run(*arguments("full"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]

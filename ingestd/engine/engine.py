@@ -199,7 +199,7 @@ class Engine:
         try:
             stored: bool = await self._run(job)
         except LedgerConflict as conflict:
-            raise KatoError(409, str(conflict)) from None
+            raise KatoError(409, conflict.body()) from None
         if stored and draft.session_id in self._sessions:  # not deleted while we were writing
             self._sessions[draft.session_id] = draft
         return stored

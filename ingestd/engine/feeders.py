@@ -2,9 +2,10 @@
 
 Patterns of a level-0 node with 8-token chunks and of one with 4-token chunks mixed in one knowledge
 base make both useless, and nothing in the patterns themselves tells them apart. So before learning, an
-ingestd run *claims* each of its nodes with what it will feed it; the claim is refused if the knowledge
-base holds patterns and was fed by something else, unless mixing is asked for. A cleared (or never
-filled) knowledge base takes any claim. ``clear-all`` forgets a knowledge base's feeders.
+ingestd run *claims* each of its nodes with what it will feed it; the claim is refused if something else
+fed the knowledge base (or claimed it: two runs starting at once on an empty node must not both win),
+unless mixing is asked for. ``clear-all`` forgets a knowledge base's feeders, so a cleared knowledge
+base takes any claim.
 """
 
 from __future__ import annotations
@@ -51,28 +52,20 @@ class Claim:
 
 
 def claim(connection: sqlite3.Connection, claims: Sequence[Claim], *, allow_mixed: bool) -> dict[str, list[Feeder]]:
-    """Inside one transaction: per node id, the other feeders of its (non-empty) knowledge base.
+    """Inside one transaction: per node id, the other feeders of its knowledge base.
 
-    Without ``allow_mixed``, nothing is recorded if any node has other feeders; otherwise every claim is
-    recorded (a knowledge base found empty forgets its old feeders first).
+    Without ``allow_mixed``, nothing is recorded if any node has other feeders; otherwise every claim is recorded.
     """
     conflicts: dict[str, list[Feeder]] = {}
-    empty: set[str] = set()
     for one in claims:
         rows = connection.execute("SELECT tokenizer, level, chunk_size FROM feeders WHERE kb_id = ?", (one.kb_id,))
         others = [feeder for row in rows if (feeder := Feeder(*row)) != one.feeder]
-        if not others:
-            continue
-        if connection.execute("SELECT 1 FROM patterns WHERE kb_id = ? LIMIT 1", (one.kb_id,)).fetchone() is None:
-            empty.add(one.kb_id)
-        else:
+        if others:
             conflicts[one.node_id] = others
     if conflicts and not allow_mixed:
         return conflicts
     now = time.time()
     for one in claims:
-        if one.kb_id in empty:
-            connection.execute("DELETE FROM feeders WHERE kb_id = ?", (one.kb_id,))
         connection.execute("INSERT OR IGNORE INTO feeders VALUES (?, ?, ?, ?, ?, ?)",
                            (one.kb_id, one.feeder.tokenizer, one.feeder.level, one.feeder.chunk_size, one.node_id, now))  # fmt: skip
     return conflicts

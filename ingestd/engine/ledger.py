@@ -9,7 +9,9 @@ transaction as the patterns**:
 * a call that ends at or before the record's end was applied already (a resend after a lost answer,
   or a resumed run redoing a sample that was in flight): it is answered without storing anything again
   (a *replay*);
-* any other call (a gap or an overlap) is refused with 409: the call and the record disagree.
+* any other call (a gap or an overlap) is refused with 409 and the number of chunks the record holds
+  (``{"detail": {"error": "LEDGER_CONFLICT", "stored_chunks": n, ...}}``), for the client to go on from
+  there: a killed client's last request may have been applied after its successor asked the ledger.
 
 Chunks, not calls, are counted, so the record does not depend on how chunks were grouped into calls: a
 run resumed with another batch size, or without batching, picks up at the exact chunk. Nothing here
@@ -52,7 +54,15 @@ CREATE TABLE IF NOT EXISTS ledger_totals (
 
 
 class LedgerConflict(Exception):
-    """A call's place disagrees with the record (a gap or an overlap): nothing was stored."""
+    """A call's place disagrees with the record (a gap or an overlap): nothing was stored. ``stored`` is
+    what the record holds, for the caller to go on from (KATO-style body: see :meth:`body`)."""
+
+    def __init__(self, message: str, stored: int) -> None:
+        super().__init__(message)
+        self.stored = stored
+
+    def body(self) -> dict[str, Any]:
+        return {"error": "LEDGER_CONFLICT", "message": str(self), "stored_chunks": self.stored}
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +112,8 @@ def record(connection: sqlite3.Connection, place: Place, kb_id: str) -> bool:
         raise LedgerConflict(
             f"run {place.run_key}, sample {place.sample_index}: the call carries chunks {place.first_chunk}.."
             f"{end - 1} of {kb_id}, but {stored} chunk(s) are recorded as stored; is another process using "
-            "this run's key?"
+            "this run's key?",
+            stored,
         )
     connection.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?)", (place.run_key, place.sample_index, kb_id, end))
     connection.execute(

@@ -25,14 +25,16 @@ def serve(settings: ServerSettings) -> None:
         timeout_keep_alive=5,  # as KATO's image
     )
     server = uvicorn.Server(config)
+    listening = config.bind_socket()  # exits with uvicorn's message if the address is taken
+    host, port = listening.getsockname()[:2]  # --port 0: the port the system chose
     print(
-        f"ingestd kato: KATO 3.10.1 API on http://{settings.host}:{settings.port} "
+        f"ingestd kato: KATO 3.10.1 API on http://{host}:{port} "
         f"(data: {settings.data_dir.resolve()}, durability: {settings.durability})",
         file=sys.stderr,
         flush=True,
     )
     with throughput_gc():
-        server.run()
+        server.run(sockets=[listening])
 
 
 class ServerProcess:
