@@ -17,6 +17,7 @@ ledger (the embedded engine, in-process or served) applies each chunk of a run o
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Awaitable, Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ class KatoBackend(Protocol):
     requests: int
     description: str
     ledger: bool  # keeps the run ledger: a chunk of a run is stored once, whatever is resent (known after start)
+    store: str  # which knowledge store this is (after start): an engine's store id, or a KATO server's address
 
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
@@ -123,6 +125,7 @@ class HttpKato:
         self.requests = 0
         self.extensions = False  # the server is ingestd's engine (GET /ingestd): run ledger, feeders
         self.ledger = False  # ... and honours the ledger header (its answers echo it)
+        self.store = f"KATO at {self.url}"
         self.registry = registry  # what fed the nodes of a server without extensions
         self._connections = max(1, connections)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -154,20 +157,25 @@ class HttpKato:
                 f"{self.url} is not a KATO server (GET /health answered {status} "
                 f"{content_type or 'without a content type'}): check the --kato address"
             )
-        self.extensions = self.ledger = await self._has_extensions()
+        store_id = await self._engine_store_id()
+        self.extensions = self.ledger = store_id is not None
+        if store_id is not None:
+            self.store = store_id
 
-    async def _has_extensions(self) -> bool:
-        """Whether the server is ingestd's engine (KATO answers 404 to ``GET /ingestd``)."""
+    async def _engine_store_id(self) -> str | None:
+        """The store id if the server is ingestd's engine (KATO answers 404 to ``GET /ingestd``), else None."""
         try:
             async with self._client.get("/ingestd", timeout=aiohttp.ClientTimeout(total=10.0)) as answer:
                 status, raw = answer.status, await answer.read()
         except (aiohttp.ClientError, TimeoutError):
-            return False
+            return None
         try:
             body = orjson.loads(raw) if status == 200 else None
         except orjson.JSONDecodeError:
-            return False
-        return isinstance(body, dict) and isinstance(body.get("extensions"), dict) and body["extensions"].get("ledger") == 1
+            return None
+        if isinstance(body, dict) and isinstance(body.get("extensions"), dict) and body["extensions"].get("ledger") == 1:
+            return str(body.get("store_id") or self.url)
+        return None
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -309,8 +317,10 @@ class EmbeddedKato:
         self.description = f"embedded engine on {Path(settings.data_dir).resolve()}"
         self.requests = 0
         self.ledger = True
+        self.store = ""
 
     async def start(self) -> None:
+        store = Path(self.engine.settings.data_dir) / "kato.sqlite3"
         try:
             await self.engine.start()
         except OSError as error:
@@ -318,6 +328,15 @@ class EmbeddedKato:
                 f"the embedded engine cannot use {self.engine.settings.data_dir} ({error}): give a writable --data "
                 "directory"
             ) from None
+        except sqlite3.Error as error:
+            if "locked" in str(error):
+                hint = "another process holds it (a stopped or paused `ingestd kato serve` on it?): let it go on, or stop it"
+            elif store.is_dir():
+                hint = "it is a directory: move it away, or give another --data"
+            else:
+                hint = "it is damaged or not a knowledge store: give another --data, or move it away to start an empty one"
+            raise KatoUnavailable(f"the embedded engine cannot open {store} ({error}): {hint}") from None
+        self.store = self.engine.store_id
 
     async def aclose(self) -> None:
         await self.engine.aclose()

@@ -7,6 +7,7 @@ stays flat however large the corpus.
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -94,7 +95,10 @@ class RunConfig(BaseModel):
     def resolved_run_dir(self) -> Path:
         if self.run_dir is not None:
             return self.run_dir
-        base = self.data_dir / "runs" if self.kato_url is None else Path("ingestd-runs")
+        if self.kato_url is None:
+            base = self.data_dir / "runs"
+        else:  # one folder per server: the same command against another server is another run
+            base = Path("ingestd-runs") / re.sub(r"[^A-Za-z0-9.-]+", "_", self.kato_url.split("://", 1)[-1]).strip("_")
         return base / (self.run_id or fingerprint(self.identity())[:16])
 
 
@@ -417,7 +421,10 @@ class Pipeline:
                     with metrics.IN_FLIGHT.track_inprogress(), metrics.WORKERS_BUSY.track_inprogress():
                         outcome = await worker.learn(plan)
                     stats.learned(outcome)
-                    confirmed = [max(0, stored - plan.first_chunk(level)) for level, stored in enumerate(outcome.stored)]
+                    # Chunks progress learns of now: all stored, but what an earlier failure of it recorded.
+                    earlier = progress.failed[plan.index].stored if plan.index in progress.failed else []
+                    confirmed = [max(0, stored - (earlier[level] if level < len(earlier) else 0))
+                                 for level, stored in enumerate(outcome.stored)]  # fmt: skip
                     if outcome.rejection is not None:
                         stats.fail(plan.index, outcome.rejection)
                         progress.fail(plan.index, outcome.rejection, outcome.stored, confirmed)

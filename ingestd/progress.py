@@ -83,6 +83,7 @@ class Progress:
         self.interrupted: list[int] = []  # in flight when an earlier run stopped
         self.failed: dict[int, FailedSample] = {}
         self.confirmed: list[int] = []  # per level, chunks whose storing was confirmed
+        self.store: str | None = None  # the knowledge store it learns into (an engine's store id, or a KATO's URL)
         self.ledger_covers_interrupted = True
         self._connection: sqlite3.Connection | None = None
         self._lock: IO[str] | None = None
@@ -93,6 +94,8 @@ class Progress:
         return any(self.confirmed)
 
     def open(self, *, fresh: bool = False) -> None:
+        """Lock the directory and read the run. With ``fresh`` nothing is checked or changed yet: the run
+        starts over in :meth:`restart`, once its nodes are cleared (see :meth:`begin_fresh`)."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._take_lock()
@@ -103,12 +106,6 @@ class Progress:
             if "stored" not in {row[1] for row in connection.execute("PRAGMA table_info(failed)")}:
                 connection.execute("ALTER TABLE failed ADD COLUMN stored TEXT")  # made by ingestd <= 0.1.0
             stored = dict(connection.execute("SELECT key, value FROM run").fetchall())
-            if fresh:
-                previous = stored.get("run_key")
-                self.previous_run_key = previous.decode() if previous else None
-                connection.executescript("DELETE FROM run; DELETE FROM done; DELETE FROM inflight; DELETE FROM failed;")
-                self.dead_letters.unlink(missing_ok=True)
-                stored = {}
         except ProgressError:
             self.close()
             raise
@@ -117,6 +114,10 @@ class Progress:
             raise ProgressError(
                 f"cannot keep progress in {self.run_dir} ({error}): give a writable directory with --run-dir"
             ) from None
+        if fresh:
+            previous = stored.get("run_key")
+            self.previous_run_key = previous.decode() if previous else None
+            return
         if "fingerprint" in stored and stored["fingerprint"].decode() != self.fingerprint:
             self.close()
             raise ConfigChanged(
@@ -124,18 +125,60 @@ class Progress:
                 "resume it with the same source, tokenizer and hierarchy, or use another --run-id / --run-dir, "
                 "or --fresh to start it over"
             )
+        if "fresh_pending" in stored:
+            self.close()
+            raise ConfigChanged(
+                f"an earlier --fresh of the run in {self.run_dir} stopped before it finished: its nodes may be partly "
+                "cleared. Run the command again with --fresh"
+            )
         # A run directory made before run keys (ingestd <= 0.1.0) has none: what its interrupted samples
         # stored is not in any ledger under the new key.
         self.ledger_covers_interrupted = "run_key" in stored or "fingerprint" not in stored
         self.run_key = stored["run_key"].decode() if "run_key" in stored else secrets.token_hex(8)
         self.confirmed = orjson.loads(stored["confirmed"]) if "confirmed" in stored else []
-        self._commit(lambda c: c.executemany("INSERT OR REPLACE INTO run VALUES (?, ?)", [
-            ("fingerprint", self.fingerprint.encode()), ("identity", orjson.dumps(self.identity)),
-            ("run_key", self.run_key.encode())]))  # fmt: skip
+        self.store = stored["store"].decode() if "store" in stored else None
+        self._write_identity()
         self.done = {index for (index,) in connection.execute("SELECT sample_index FROM done")}
         self.interrupted = [index for (index,) in connection.execute("SELECT sample_index FROM inflight ORDER BY 1")]
         self.failed = {index: FailedSample(reason, orjson.loads(chunks) if chunks else [])
                        for index, reason, chunks in connection.execute("SELECT sample_index, reason, stored FROM failed")}  # fmt: skip
+
+    def _identity_rows(self) -> list[tuple[str, bytes]]:
+        return [("fingerprint", self.fingerprint.encode()), ("identity", orjson.dumps(self.identity)),
+                ("run_key", self.run_key.encode())]  # fmt: skip
+
+    def _write_identity(self) -> None:
+        self._commit(lambda c: c.executemany("INSERT OR REPLACE INTO run VALUES (?, ?)", self._identity_rows()))
+
+    def begin_fresh(self) -> None:
+        """Say, before the nodes are cleared, that the run is starting over: if it stops before
+        :meth:`restart`, the next run without --fresh is refused instead of resuming on half-cleared nodes."""
+        self._commit(lambda c: c.execute("INSERT OR REPLACE INTO run VALUES ('fresh_pending', x'31')"))
+
+    def restart(self) -> None:
+        """The nodes are cleared: forget the old run, and start this one with a new run key (one transaction)."""
+        self.run_key = secrets.token_hex(8)
+
+        def change(connection: sqlite3.Connection) -> None:
+            connection.execute("BEGIN")
+            try:
+                for table in ("run", "done", "inflight", "failed"):
+                    connection.execute(f"DELETE FROM {table}")
+                connection.executemany("INSERT INTO run VALUES (?, ?)", self._identity_rows())
+                connection.execute("COMMIT")
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+
+        self._commit(change)
+        self.dead_letters.unlink(missing_ok=True)
+        self.done, self.interrupted, self.failed, self.confirmed, self.store = set(), [], {}, [], None
+
+    def bind_store(self, store: str) -> None:
+        """Record which knowledge store this run learns into (see :mod:`ingestd.resume`)."""
+        if store != self.store:
+            self.store = store
+            self._commit(lambda c: c.execute("INSERT OR REPLACE INTO run VALUES ('store', ?)", (store.encode(),)))
 
     def _take_lock(self) -> None:
         lock = (self.run_dir / "lock").open("a+", encoding="utf-8")

@@ -9,9 +9,11 @@ Everything here happens before the first learn, so a refusal loses nothing:
 * a resumed run whose knowledge base holds fewer of its chunks than its progress confirms (the file is
   missing, empty, cleared or an older copy) stops: going on would leave samples recorded as done that
   the knowledge base does not have;
-* samples that were in flight when the run stopped, and failed samples being retried, resume at the
-  chunk the run ledger says is stored, level by level; without a ledger (KATO), retried samples resume
-  where their failure left them, and interrupted ones start over and are reported as possible duplicates.
+* the knowledge store must be the one the run learned into (an engine's store id is the same in-process
+  and served from the same data directory; a KATO server is known by its address);
+* samples that were in flight when the run stopped, and failed samples tried again, resume at the chunk
+  the run ledger says is stored, level by level; without a ledger (KATO), failed samples resume where
+  their failure left them, and interrupted ones start over and are reported as possible duplicates.
 """
 
 from __future__ import annotations
@@ -61,10 +63,19 @@ async def prepare(config: RunConfig, progress: Progress, backend: KatoBackend, n
                   stats: RunStats, reliably: Reliably) -> dict[int, list[int]]:  # fmt: skip
     """Do the checks above; returns, per sample to resume part-way, the chunks stored per level."""
     if config.fresh:
+        progress.begin_fresh()  # stopped from here on, the run is refused until --fresh runs again
         for node_id in node_ids:
             await reliably(lambda node_id=node_id: backend.clear_all(node_id))
         if progress.previous_run_key and backend.ledger:
             await reliably(lambda: backend.ledger_forget(progress.previous_run_key, everything=True))
+        progress.restart()
+    elif progress.learned_before and progress.store not in (None, backend.store):
+        raise KnowledgeBaseMismatch(
+            f"{progress.path} records samples learned into another knowledge store ({progress.store}) than "
+            f"{backend.description} ({backend.store}): point --data or --kato at the one this run learned into, "
+            "or give this run its own --run-id or --run-dir (a new run), or start it over with --fresh"
+        )
+    progress.bind_store(backend.store)
     await _claim(config, backend, node_ids, reliably)
     if not config.fresh and progress.learned_before and backend.ledger:
         totals = (await reliably(lambda: backend.ledger_status(progress.run_key, node_ids)))["totals"]
@@ -97,8 +108,9 @@ def _check_totals(progress: Progress, backend: KatoBackend, node_ids: list[str],
 
 async def _resume_points(config: RunConfig, progress: Progress, backend: KatoBackend, node_ids: list[str],
                          stats: RunStats, reliably: Reliably) -> dict[int, list[int]]:  # fmt: skip
-    # --retry-failed redoes the failed samples only; a plain resume redoes the interrupted ones (and the rest).
-    retried = sorted(progress.failed) if config.retry_failed else []
+    # Failed samples are tried again by any run (--retry-failed: only they), from what they stored; a plain
+    # resume also redoes the interrupted ones (and the rest).
+    retried = sorted(progress.failed)
     interrupted = [] if config.retry_failed else progress.interrupted
     if interrupted:
         log.warning("resuming: samples were in flight when the last run stopped; what they had not stored is redone",

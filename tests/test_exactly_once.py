@@ -8,6 +8,7 @@ doubled and metadata united (here: equal, since both runs give every pattern the
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -357,11 +358,13 @@ def metadata_corpus(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("server_kind", ["engine", "plain KATO"])
+@pytest.mark.parametrize(("server_kind", "again"), [("engine", "--retry-failed"), ("plain KATO", "--retry-failed"),
+                                                    ("plain KATO", "a plain resume")])  # fmt: skip
 def test_a_sample_failing_on_its_metadata_level_is_retried_exactly(metadata_corpus: Path, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch, server_kind: str) -> None:  # fmt: skip
+                                                                   monkeypatch: pytest.MonkeyPatch, server_kind: str,
+                                                                   again: str) -> None:  # fmt: skip
     """Sample 5 fails on its metadata levels (413) after level 0 stored its patterns; with a larger limit,
-    --retry-failed learns exactly the rest: the KB equals a run where it never failed."""
+    --retry-failed (or the same command again) learns exactly the rest: the KB equals a run where it never failed."""
     options = [str(metadata_corpus), *LEVELS, "--metadata-fields", "url"]
     reference = ok(*options, "--data", str(tmp_path / "reference"))
     expected = kb_dump(tmp_path / "reference" / "kato.sqlite3", NODES)
@@ -381,7 +384,7 @@ def test_a_sample_failing_on_its_metadata_level_is_retried_exactly(metadata_corp
         server.stop()
         monkeypatch.setenv("INGESTD_SERVER__MAX_BODY_BYTES", "1000000")
         server = EngineServer(tmp_path / "kb", port).start()
-        retried = ok(*base, "--retry-failed", cwd=tmp_path)
+        retried = ok(*base, *(["--retry-failed"] if again == "--retry-failed" else []), cwd=tmp_path)
         assert retried["samples"]["learned"] == 1 and retried["patterns_per_level"][0] == 0
         assert retried["recovery"]["possible_duplicates"] == 0
     finally:
@@ -463,3 +466,85 @@ def test_a_worker_goes_on_from_where_the_ledger_is_when_a_late_request_moved_it(
 
     applied, patterns = anyio.run(main)
     assert applied == [7] and len(patterns) == 10 and all(pattern["frequency"] == 1 for pattern in patterns)
+
+
+def test_a_fresh_that_stops_before_clearing_the_nodes_is_never_resumed_as_done(corpus: Path, clean: Any,
+                                                                             fresh_server: EngineServer, tmp_path: Path) -> None:  # fmt: skip
+    """--fresh while the server is unreachable leaves the run as it was; --fresh killed while it clears the
+    nodes leaves the run refused until --fresh runs again (never a plain resume that skips everything)."""
+    clean_kb, clean_summary = clean
+    with FaultProxy(fresh_server.port) as proxy:
+        base = [str(corpus), *LEVELS, "--kato", proxy.url, "--run-dir", str(tmp_path / "run")]
+        ok(*base)
+        proxy.refuse_for(60)
+        unreachable, _ = ingestd(*base, "--fresh")
+        assert unreachable.returncode == 2 and "cannot reach" in unreachable.stderr
+        proxy.clear()
+        proxy.refuse_for(0.01)
+        time.sleep(0.5)
+        resumed = ok(*base)  # nothing was started over: the run is still done
+        assert resumed["samples"]["skipped"] == clean_summary["samples"]["learned"]
+        proxy.delay_every(1, 30, only_paths="clear-all")  # hold the first clear-all's answer, and kill ingestd then
+        process = start(*base, "--fresh")
+        deadline = time.monotonic() + 60
+        while proxy.injected["delay_every"] < 1:
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.01)
+        process.kill()
+        process.wait()
+        proxy.clear()
+        refused, _ = ingestd(*base)
+        assert refused.returncode == 4 and "--fresh" in refused.stderr and "stopped before it finished" in refused.stderr
+        ok(*base, "--fresh")
+    assert kb_dump(fresh_server.data_dir / "kato.sqlite3", NODES) == clean_kb
+
+
+def test_an_older_copy_of_the_kb_is_refused_even_after_kills(corpus: Path, tmp_path: Path) -> None:
+    """A kill leaves chunks stored that progress never confirmed; once resumed they are confirmed, so an older
+    copy of kato.sqlite3 put back later is still caught."""
+    base = [str(corpus), *LEVELS, "--data", str(tmp_path / "kb"), "--run-dir", str(tmp_path / "run")]
+    kill_after(start(*base, "--max-samples", "600", "--no-batching", "--workers", "16"), tmp_path / "run", 300)
+    ok(*base, "--max-samples", "600")
+    store = tmp_path / "kb" / "kato.sqlite3"
+    with sqlite3.connect(tmp_path / "run" / "progress.sqlite3") as progress, sqlite3.connect(store) as kb:
+        confirmed = json.loads(progress.execute("SELECT value FROM run WHERE key = 'confirmed'").fetchone()[0])
+        totals = dict(kb.execute("SELECT kb_id, chunks FROM ledger_totals").fetchall())
+    assert confirmed == [totals[f"{node}_kato"] for node in NODES]  # every stored chunk is confirmed: no slack
+    backup = tmp_path / "backup.sqlite3"
+    backup.write_bytes(store.read_bytes())
+    ok(*base, "--max-samples", "601")  # one more sample
+    store.write_bytes(backup.read_bytes())
+    refused, _ = ingestd(*base)
+    assert refused.returncode == 4 and "restored from an older copy" in refused.stderr
+
+
+def test_another_server_is_another_run_and_a_run_directory_knows_its_store(corpus: Path, tmp_path: Path) -> None:
+    first, second = EngineServer(tmp_path / "a").start(), EngineServer(tmp_path / "b").start()
+    try:
+        options = [str(corpus), *LEVELS, "--max-samples", "50"]
+        assert ok(*options, "--kato", first.url, cwd=tmp_path)["samples"]["learned"] == 50
+        elsewhere = ok(*options, "--kato", second.url, cwd=tmp_path)  # the same command, another server
+        assert elsewhere["samples"]["learned"] == 50 and elsewhere["samples"]["skipped"] == 0
+        run_dir = ["--run-dir", str(tmp_path / "run")]
+        ok(*options, "--kato", first.url, *run_dir)
+        refused, _ = ingestd(*options, "--kato", second.url, *run_dir)
+        assert refused.returncode == 4 and "another knowledge store" in refused.stderr and "Traceback" not in refused.stderr
+    finally:
+        first.stop()
+        second.stop()
+    # In-process on the data directory the first server served: the same store, so the run resumes.
+    resumed = ok(str(corpus), *LEVELS, "--max-samples", "60", "--data", str(tmp_path / "a"), *run_dir)
+    assert resumed["samples"]["skipped"] == 50 and resumed["samples"]["learned"] == 10
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "a directory"])
+def test_a_damaged_kb_file_is_one_clear_line(corpus: Path, tmp_path: Path, damage: str) -> None:
+    store = tmp_path / "kb" / "kato.sqlite3"
+    store.parent.mkdir()
+    if damage == "random bytes":
+        store.write_bytes(os.urandom(5000))
+    else:
+        store.mkdir()
+    result, _ = ingestd(str(corpus), *LEVELS, "--data", str(tmp_path / "kb"), "--max-samples", "5")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"cannot open {store}" in result.stderr and ("directory" if damage == "a directory" else "damaged") in result.stderr

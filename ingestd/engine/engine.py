@@ -486,6 +486,11 @@ class Engine:
         return {"pattern": {"status": "okay", "pattern": pattern}, "node_id": kb}
 
     # -- ingestd's extensions: the run ledger and what fed each knowledge base -------------------------
+    @property
+    def store_id(self) -> str:
+        """A random id made with the data directory's store (once started): the same store in-process and served."""
+        return self.store.store_id
+
     async def ledger_status(self, run_key: str, node_ids: Sequence[str], samples: Sequence[int] = ()) -> dict[str, Any]:
         """Per node id, the chunks a run stored in its knowledge base; per asked sample, per node id, how many
         of that sample's chunks are stored (see :mod:`ingestd.engine.ledger`)."""

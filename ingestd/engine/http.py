@@ -328,7 +328,7 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
 
     # -- ingestd's extensions (KATO answers 404 to all of these) --------------------------------------------
     async def extensions(request: Request) -> Response:
-        return JSONResponse({"service": "ingestd engine", "kato_version": KATO_VERSION,
+        return JSONResponse({"service": "ingestd engine", "kato_version": KATO_VERSION, "store_id": engine.store_id,
                              "extensions": {"ledger": 1, "feeders": 1}})  # fmt: skip
 
     async def ledger_status(request: Request) -> Response:

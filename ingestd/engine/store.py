@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ CREATE TABLE IF NOT EXISTS applied (
     outcome BLOB NOT NULL,
     applied_at REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """ + ledger.SCHEMA + feeders.SCHEMA
 
 _EMPTY_LIST = b"[]"
@@ -80,6 +82,7 @@ class KnowledgeStore:
         self._idle: asyncio.Event | None = None
         self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
+        self.store_id = ""  # random, made with the file: tells one knowledge store from another
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:
@@ -96,6 +99,8 @@ class KnowledgeStore:
         connection.execute(f"PRAGMA synchronous={self.synchronous}")
         connection.execute("PRAGMA busy_timeout=10000")
         connection.executescript(_SCHEMA)
+        connection.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (secrets.token_hex(8),))
+        self.store_id = connection.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
         return connection
 
     async def aclose(self) -> None:
