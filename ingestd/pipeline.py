@@ -27,7 +27,7 @@ from ingestd.errors import IngestError, KatoRejected, ServerDown, Transient
 from ingestd.hierarchy import Hierarchy
 from ingestd.nodes import NodeRegistry
 from ingestd.plan import SamplePlan, plan_levels
-from ingestd.progress import Progress, fingerprint
+from ingestd.progress import Progress, SourceChanged, fingerprint
 from ingestd.resume import check_store_file, prepare
 from ingestd.retry import RetryPolicy, ServerWatch
 from ingestd.retry import send as send_call
@@ -233,9 +233,29 @@ def _plan_batch(samples: list[Sample], tokenizer: Tokenizer, chunk_sizes: list[i
     token_lists = tokenizer.tokenize_batch([sample.text for sample in samples])
     return [
         SamplePlan(sample.index, len(tokens), plan_levels(tokens, chunk_sizes),
-                   {"source": label, "sample_index": sample.index, **sample.fields})
+                   {"source": label, "sample_index": sample.index, **sample.fields}, digest=sample.digest)
         for sample, tokens in zip(samples, token_lists, strict=True)
     ]  # fmt: skip
+
+
+def _check_unchanged(batch: list[SourceEvent], seen: set[int], progress: Progress, label: str) -> None:
+    """Samples this run learned (or was learning) must be the same records at the same indices: an edit that
+    adds, removes or changes records before them shifts every later index, and resuming would then learn
+    some texts twice and others never."""
+    indices = [event.index for event in batch if not isinstance(event, Filtered) and event.index in seen]
+    if not indices:
+        return
+    recorded = progress.digests(indices)
+    for event in batch:
+        if isinstance(event, Filtered) or event.index not in recorded:
+            continue
+        now = event.digest if isinstance(event, Sample) else None
+        if recorded[event.index] is not None and now != recorded[event.index]:
+            raise SourceChanged(
+                f"sample {event.index} of {label} is not the record this run learned as sample {event.index}: the "
+                f"source changed since (records added, removed or edited before a sample shift its index). Learn it "
+                f"as a new run (another --run-id, or --fresh to start this one over), or restore the source"
+            )
 
 
 class Pipeline:
@@ -376,12 +396,14 @@ class Pipeline:
         chunk_sizes = config.hierarchy.chunk_sizes
         events = source.events(skip=config.skip, max_samples=config.max_samples)
         wanted = set(progress.failed) if config.retry_failed else None
+        seen = progress.done | set(progress.interrupted)  # their digests must still match
         with self._intake:
             async with send:
                 while True:
                     batch = await anyio.to_thread.run_sync(_take, events, config.read_batch)
                     if not batch:
                         return
+                    _check_unchanged(batch, seen, progress, source.label)
                     samples = []
                     metrics.SAMPLES_READ.inc(len(batch))
                     for event in batch:
@@ -416,7 +438,7 @@ class Pipeline:
                     metrics.QUEUE_DEPTH.dec()
                     if self.stopping:
                         return  # queued, not started: left for the next run
-                    progress.started(plan.index)
+                    progress.started(plan.index, plan.digest)
                     started = time.perf_counter()
                     with metrics.IN_FLIGHT.track_inprogress(), metrics.WORKERS_BUSY.track_inprogress():
                         outcome = await worker.learn(plan)
@@ -429,7 +451,7 @@ class Pipeline:
                         stats.fail(plan.index, outcome.rejection)
                         progress.fail(plan.index, outcome.rejection, outcome.stored, confirmed)
                         continue
-                    progress.finished(plan.index, confirmed)
+                    progress.finished(plan.index, plan.digest, confirmed)
                     metrics.SAMPLE_SECONDS.observe(time.perf_counter() - started)
                     stats.samples_learned += 1
                     stats.tokens += plan.token_count

@@ -30,6 +30,7 @@ class SamplePlan:
     metadata: dict[str, Any] = field(default_factory=dict)
     start: list[int] = field(default_factory=list)
     """Per level, how many of its chunks are stored already (a resumed or retried sample); empty = none."""
+    digest: int = 0  # of the sample's text and fields (see ingestd.source.sample_digest)
 
     def first_chunk(self, level: int) -> int:
         return self.start[level] if self.start else 0

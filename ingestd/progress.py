@@ -38,8 +38,8 @@ from ingestd.errors import IngestError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS done (sample_index INTEGER PRIMARY KEY);
-CREATE TABLE IF NOT EXISTS inflight (sample_index INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS done (sample_index INTEGER PRIMARY KEY, digest INTEGER);
+CREATE TABLE IF NOT EXISTS inflight (sample_index INTEGER PRIMARY KEY, digest INTEGER);
 CREATE TABLE IF NOT EXISTS failed (sample_index INTEGER PRIMARY KEY, reason TEXT NOT NULL, failed_at REAL NOT NULL);
 """
 
@@ -56,6 +56,12 @@ class ConfigChanged(ProgressError):
 
 class RunInUse(ProgressError):
     """Another process is using the run directory."""
+
+
+class SourceChanged(ProgressError):
+    """A sample the run learned (or was learning) is not the one the source now has at its index."""
+
+    exit_code = 4
 
 
 def fingerprint(identity: dict[str, Any]) -> str:
@@ -103,8 +109,9 @@ class Progress:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")  # survives kill -9; one fsync per checkpoint
             connection.executescript(_SCHEMA)
-            if "stored" not in {row[1] for row in connection.execute("PRAGMA table_info(failed)")}:
-                connection.execute("ALTER TABLE failed ADD COLUMN stored TEXT")  # made by ingestd <= 0.1.0
+            for table, column in (("failed", "stored TEXT"), ("done", "digest INTEGER"), ("inflight", "digest INTEGER")):
+                if column.split()[0] not in {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}:
+                    connection.execute(f"ALTER TABLE {table} ADD COLUMN {column}")  # made by ingestd <= 0.1.0
             stored = dict(connection.execute("SELECT key, value FROM run").fetchall())
         except ProgressError:
             self.close()
@@ -231,16 +238,26 @@ class Progress:
         rows = self._connection.execute("SELECT sample_index FROM inflight UNION SELECT sample_index FROM failed")
         return [index for (index,) in rows]
 
-    def started(self, index: int) -> None:
-        self._commit(lambda c: c.execute("INSERT OR IGNORE INTO inflight VALUES (?)", (index,)))
+    def digests(self, indices: list[int]) -> dict[int, int | None]:
+        """The digests recorded for these samples, done or in flight (None: recorded by ingestd <= 0.1.0)."""
+        assert self._connection is not None
+        wanted = orjson.dumps(indices).decode()
+        rows = self._connection.execute(
+            "SELECT sample_index, digest FROM done WHERE sample_index IN (SELECT value FROM json_each(?)) UNION ALL "
+            "SELECT sample_index, digest FROM inflight WHERE sample_index IN (SELECT value FROM json_each(?))",
+            (wanted, wanted))  # fmt: skip
+        return dict(rows.fetchall())
 
-    def finished(self, index: int, confirmed: list[int]) -> None:
+    def started(self, index: int, digest: int) -> None:
+        self._commit(lambda c: c.execute("INSERT OR REPLACE INTO inflight VALUES (?, ?)", (index, digest)))
+
+    def finished(self, index: int, digest: int, confirmed: list[int]) -> None:
         """Sample ``index`` is stored whole; ``confirmed`` = chunks per level this run saw stored."""
 
         def change(connection: sqlite3.Connection) -> None:
             connection.execute("BEGIN")
             try:
-                connection.execute("INSERT OR IGNORE INTO done VALUES (?)", (index,))
+                connection.execute("INSERT OR REPLACE INTO done VALUES (?, ?)", (index, digest))
                 connection.execute("DELETE FROM inflight WHERE sample_index = ?", (index,))
                 connection.execute("DELETE FROM failed WHERE sample_index = ?", (index,))
                 self._add_confirmed(connection, confirmed)

@@ -14,6 +14,7 @@ with ``datasets``.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,6 +64,15 @@ class Sample:
     index: int
     text: str
     fields: dict[str, Any] = field(default_factory=dict)
+    digest: int = 0  # of text and fields: a resumed run checks that sample ``index`` is still this one
+
+
+def sample_digest(text: str, fields: dict[str, Any]) -> int:
+    """A 64-bit digest of a sample's text and metadata fields (signed, as SQLite stores integers)."""
+    content = text.encode("utf-8", "surrogatepass")
+    if fields:
+        content += b"\0" + orjson.dumps(fields, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS, default=str)
+    return int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "big", signed=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,6 +376,6 @@ class Source:
                     yield Filtered()
                 continue
             if index >= skip:
-                yield Sample(index, text, fields)
+                yield Sample(index, text, fields, sample_digest(text, fields))
                 taken += 1
             index += 1

@@ -548,3 +548,33 @@ def test_a_damaged_kb_file_is_one_clear_line(corpus: Path, tmp_path: Path, damag
     result, _ = ingestd(str(corpus), *LEVELS, "--data", str(tmp_path / "kb"), "--max-samples", "5")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"cannot open {store}" in result.stderr and ("directory" if damage == "a directory" else "damaged") in result.stderr
+
+
+def test_a_source_edited_between_runs_is_refused_not_resumed(tmp_path: Path) -> None:
+    """Sample indexes are positions in the source: an edit before a learned sample shifts them. A resume that
+    finds a learned index holding another record stops before learning anything."""
+    source = tmp_path / "notes.txt"
+    paragraphs = [f"Paragraph {i} of the notes, long enough to be learned." for i in range(40)]
+    source.write_text("\n\n".join(paragraphs))
+    data = ["--chunk-sizes", "4,4", "--data", str(tmp_path / "kb")]
+    ok(str(source), *data, "--max-samples", "30")
+    before = kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES[:2])
+    source.write_text("\n\n".join(["A paragraph put in front of the others."] + paragraphs))
+    refused, _ = ingestd(str(source), *data)
+    assert refused.returncode == 4 and "sample 0 of notes is not the record this run learned" in refused.stderr
+    assert "Traceback" not in refused.stderr and kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES[:2]) == before
+    source.write_text("\n\n".join(paragraphs + ["A paragraph added at the end."]))  # appending shifts nothing
+    assert ok(str(source), *data)["samples"]["learned"] == 11
+
+    records = tmp_path / "records.jsonl"
+    texts: list[Any] = [f"Record number {i}, a good one." for i in range(8)]
+    texts[3] = 123  # fails: not a string
+    records.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    ok(str(records), *data)
+    texts[3] = "Ok."  # "fixed" into a record the filter drops: every later index shifts by one
+    records.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    shifted, _ = ingestd(str(records), *data, "--retry-failed")
+    assert shifted.returncode == 4 and "sample 4 of records is not the record" in shifted.stderr
+    texts[3] = "Record number 3, repaired."
+    records.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    assert ok(str(records), *data, "--retry-failed")["samples"]["learned"] == 1
