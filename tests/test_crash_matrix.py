@@ -1,5 +1,6 @@
 """The crash matrix: kill -9 at random moments, of ingestd, of the engine server, or both, each time resumed with
-other options; the knowledge base at the end is the uninterrupted run's, pattern for pattern.
+other options; the knowledge base at the end is the uninterrupted run's, pattern for pattern. At least 32 kills
+in all: 13 or more in-process, 15 or more over HTTP, 4 across in-process and HTTP.
 
 Moments are drawn from a seeded random generator (``INGESTD_CRASH_SEED`` to replay another draw): right after
 start (while loading, before or during the first learns), or once a random number of further samples is
@@ -28,7 +29,7 @@ SEED = int(os.environ.get("INGESTD_CRASH_SEED", "20261129"))
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("crash-corpus") / "shakespeare.txt"
-    path.write_text("\n\n".join(CORPUS.read_text(encoding="utf-8").split("\n\n")[:3000]), encoding="utf-8")
+    path.write_text("\n\n".join(CORPUS.read_text(encoding="utf-8").split("\n\n")[:2000]), encoding="utf-8")
     return path
 
 
@@ -78,13 +79,13 @@ def test_kill_9_of_ingestd_at_random_moments_in_process(corpus: Path, clean: Any
     draw = random.Random(SEED)
     data, run_dir = tmp_path / "kb", tmp_path / "run"
     history = []
-    for _ in range(16):
+    for _ in range(14):
         options = _options(draw)
         process = _client(corpus, ["--data", str(data)], run_dir, options)
         moment = _moment(draw, run_dir, process)
         history.append((options, moment, _kill(process), samples_done(run_dir)))
     kills = sum(killed for _, _, killed, _ in history)
-    assert kills >= 15 and samples_done(run_dir) < total, history  # the kills fell while there was work left
+    assert kills >= 13 and samples_done(run_dir) < total, history  # the kills fell while there was work left
     final = ok(str(corpus), *LEVELS, "--data", str(data), "--run-dir", str(run_dir), *_options(draw))
     assert final["recovery"]["possible_duplicates"] == 0
     assert kb_dump(data / "kato.sqlite3", NODES) == clean_kb, f"seed {SEED}: {history}"
@@ -100,7 +101,7 @@ def test_kill_9_of_ingestd_the_engine_server_or_both_over_http(corpus: Path, cle
     client: subprocess.Popen[bytes] | None = None
     history = []
     try:
-        for _ in range(18):
+        for _ in range(16):
             if server.process is None or server.process.poll() is not None:
                 server.start()
             if client is None or client.poll() is not None:
@@ -135,7 +136,7 @@ def test_a_run_resumes_across_in_process_and_http_on_one_data_directory(corpus: 
     draw = random.Random(SEED + 2)
     data, run_dir = tmp_path / "kb", tmp_path / "run"
     in_process = ["--data", str(data)]
-    for round_ in range(3):
+    for round_ in range(2):
         _moment_kill(_client(corpus, in_process, run_dir, _options(draw)), run_dir, 300 * (2 * round_ + 1))
         server = EngineServer(data).start()
         try:
