@@ -125,7 +125,7 @@ class HttpKato:
         self.requests = 0
         self.extensions = False  # the server is ingestd's engine (GET /ingestd): run ledger, feeders
         self.ledger = False  # ... and honours the ledger header (its answers echo it)
-        self.store = f"KATO at {self.url}"
+        self.store = self.url
         self.registry = registry  # what fed the nodes of a server without extensions
         self._connections = max(1, connections)
         self._timeout = aiohttp.ClientTimeout(total=timeout)

@@ -124,7 +124,7 @@ def run_command(
     node_ids: Annotated[str, typer.Option(help="Node id template; {level} and {run_id} are filled in.")] = "node{level}",
     run_id: Annotated[str, typer.Option(help="Run name, available to --node-ids as {run_id}.")] = "",
     fresh: Annotated[bool, typer.Option("--fresh", help="clear-all every node's knowledge base and the run's progress first.")] = False,
-    run_dir: Annotated[Optional[Path], typer.Option(help="Progress and failed.jsonl (default: <data>/runs/<run id>, or ingestd-runs/<server>/<run id> with --kato). A run resumes from it.")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Progress and failed.jsonl (default: <data>/runs/<run id>, or ingestd-runs/<store>/<run id> with --kato). A run resumes from it.")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Only redo the samples this run recorded as failed (failed.jsonl).")] = False,
     patience: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for a KATO that is down, per outage.")] = 600.0,
     request_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for one answer before resending.")] = 120.0,

@@ -92,14 +92,18 @@ class RunConfig(BaseModel):
         return {"source": self.source.describe(), "tokenizer": self.tokenizer,
                 "hierarchy": self.hierarchy.describe(self.run_id)}  # fmt: skip
 
-    def resolved_run_dir(self) -> Path:
+    def resolved_run_dir(self, store: str | None = None) -> Path:
+        """``run_dir``, or by default ``<data>/runs/<run id>`` in-process, and with a server
+        ``ingestd-runs/<its store>/<run id>``: the same command against another store is another run, and
+        against the same engine under another address the same run (``store`` is known once it answers)."""
         if self.run_dir is not None:
             return self.run_dir
+        run_id = self.run_id or fingerprint(self.identity())[:16]
         if self.kato_url is None:
-            base = self.data_dir / "runs"
-        else:  # one folder per server: the same command against another server is another run
-            base = Path("ingestd-runs") / re.sub(r"[^A-Za-z0-9.-]+", "_", self.kato_url.split("://", 1)[-1]).strip("_")
-        return base / (self.run_id or fingerprint(self.identity())[:16])
+            return self.data_dir / "runs" / run_id
+        where = store or self.kato_url
+        folder = re.sub(r"[^A-Za-z0-9.-]+", "_", where.split("://", 1)[1]).strip("_") if "://" in where else f"engine-{where}"
+        return Path("ingestd-runs") / folder / run_id
 
 
 @dataclass
@@ -239,9 +243,10 @@ def _plan_batch(samples: list[Sample], tokenizer: Tokenizer, chunk_sizes: list[i
 
 
 def _check_unchanged(batch: list[SourceEvent], seen: set[int], progress: Progress, label: str) -> None:
-    """Samples this run learned (or was learning) must be the same records at the same indices: an edit that
-    adds, removes or changes records before them shifts every later index, and resuming would then learn
-    some texts twice and others never."""
+    """Samples this run learned, was learning, or stored part of before failing must be the same records at
+    the same indices: an edit that adds, removes or changes records before them shifts every later index,
+    and resuming would then learn some texts twice and others never (a failed sample's stored part cannot
+    be taken back either, so its record must not change)."""
     indices = [event.index for event in batch if not isinstance(event, Filtered) and event.index in seen]
     if not indices:
         return
@@ -250,12 +255,19 @@ def _check_unchanged(batch: list[SourceEvent], seen: set[int], progress: Progres
         if isinstance(event, Filtered) or event.index not in recorded:
             continue
         now = event.digest if isinstance(event, Sample) else None
-        if recorded[event.index] is not None and now != recorded[event.index]:
+        if recorded[event.index] is None or now == recorded[event.index]:
+            continue
+        if event.index in progress.failed:
             raise SourceChanged(
-                f"sample {event.index} of {label} is not the record this run learned as sample {event.index}: the "
-                f"source changed since (records added, removed or edited before a sample shift its index). Learn it "
-                f"as a new run (another --run-id, or --fresh to start this one over), or restore the source"
+                f"sample {event.index} of {label} failed after storing part of it, and its record has changed since "
+                "(edited, or records added or removed before it): what it stored cannot be taken back. Restore the "
+                "record, or learn the source as a new run (another --run-id, or --fresh to start this one over)"
             )
+        raise SourceChanged(
+            f"sample {event.index} of {label} is not the record this run learned as sample {event.index}: the "
+            f"source changed since (records added, removed or edited before a sample shift its index). Learn it "
+            f"as a new run (another --run-id, or --fresh to start this one over), or restore the source"
+        )
 
 
 class Pipeline:
@@ -276,6 +288,7 @@ class Pipeline:
         self._queued = 0  # plans in the queue, for the queue-depth gauge
         self._settled: list[int] = []  # done samples whose ledger records can go
         self._watch: ServerWatch | None = None
+        self._run_dir: Path | None = None
 
     def describe(self) -> dict[str, Any]:
         config = self.config
@@ -283,30 +296,43 @@ class Pipeline:
                 "hierarchy": config.hierarchy.describe(config.run_id), "workers": config.workers,
                 "batching": config.batching, "batch_chunks": config.batch_chunks,
                 "backend": config.kato_url or f"embedded:{config.data_dir}",
-                "run_dir": str(config.resolved_run_dir())}  # fmt: skip
+                "run_dir": str(self._run_dir or config.resolved_run_dir())}  # fmt: skip
 
     async def run(self) -> RunSummary:
         """Validate everything that can be checked up front, then learn the whole source."""
         config = self.config
         source = await anyio.to_thread.run_sync(Source, config.source)
         tokenizer = await anyio.to_thread.run_sync(load_tokenizer, config.tokenizer)
-        progress = Progress(config.resolved_run_dir(), config.identity(), source.label)
-        progress.open(fresh=config.fresh)
+        backend = make_backend(config)
+        progress: Progress | None = None
         try:
-            check_store_file(config, progress)
-            await self._learn(source, tokenizer, progress)
+            if config.kato_url is None:
+                progress = self._open_progress(source, config.resolved_run_dir())
+                check_store_file(config, progress)  # before the engine would make an empty store
+                await backend.start()
+            else:  # a server's default run directory is named by its store, known once it answers
+                await backend.start()
+                progress = self._open_progress(source, config.resolved_run_dir(backend.store))
+            await self._learn(source, tokenizer, progress, backend)
         finally:
-            progress.close()
+            if progress is not None:
+                progress.close()
+            with anyio.CancelScope(shield=True):
+                await backend.aclose()
         if self.on_progress is not None:
             self.on_progress(self.stats)
         return self.summary()
 
-    async def _learn(self, source: Source, tokenizer: Tokenizer, progress: Progress) -> None:
+    def _open_progress(self, source: Source, run_dir: Path) -> Progress:
+        self._run_dir = run_dir
+        progress = Progress(run_dir, self.config.identity(), source.label)
+        progress.open(fresh=self.config.fresh)
+        return progress
+
+    async def _learn(self, source: Source, tokenizer: Tokenizer, progress: Progress, backend: KatoBackend) -> None:
         config = self.config
-        backend = make_backend(config)
         finished = False
         try:
-            await backend.start()
             node_ids = config.node_ids()
             watch = self._watch = ServerWatch(backend.healthy, backend.description, config.retry, self.stats.server_outage)
             resume_points = await prepare(config, progress, backend, node_ids, self.stats, self._reliably)
@@ -336,7 +362,6 @@ class Pipeline:
                     await self._forget_settled(backend, progress)
                 self.stats.requests = backend.requests
                 self.stats.finished = time.perf_counter()
-                await backend.aclose()
 
     async def _reliably(self, call: Callable[[], Awaitable[T]]) -> T:
         """A call outside the workers (before learning), through outages and resends as theirs are."""
@@ -396,7 +421,7 @@ class Pipeline:
         chunk_sizes = config.hierarchy.chunk_sizes
         events = source.events(skip=config.skip, max_samples=config.max_samples)
         wanted = set(progress.failed) if config.retry_failed else None
-        seen = progress.done | set(progress.interrupted)  # their digests must still match
+        seen = progress.done | set(progress.interrupted) | progress.partly_stored()  # their digests must still match
         with self._intake:
             async with send:
                 while True:
@@ -449,7 +474,7 @@ class Pipeline:
                                  for level, stored in enumerate(outcome.stored)]  # fmt: skip
                     if outcome.rejection is not None:
                         stats.fail(plan.index, outcome.rejection)
-                        progress.fail(plan.index, outcome.rejection, outcome.stored, confirmed)
+                        progress.fail(plan.index, outcome.rejection, outcome.stored, confirmed, plan.digest)
                         continue
                     progress.finished(plan.index, plan.digest, confirmed)
                     metrics.SAMPLE_SECONDS.observe(time.perf_counter() - started)

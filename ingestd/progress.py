@@ -109,7 +109,8 @@ class Progress:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.execute("PRAGMA synchronous=NORMAL")  # survives kill -9; one fsync per checkpoint
             connection.executescript(_SCHEMA)
-            for table, column in (("failed", "stored TEXT"), ("done", "digest INTEGER"), ("inflight", "digest INTEGER")):
+            for table, column in (("failed", "stored TEXT"), ("failed", "digest INTEGER"), ("done", "digest INTEGER"),
+                                  ("inflight", "digest INTEGER")):  # fmt: skip
                 if column.split()[0] not in {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}:
                     connection.execute(f"ALTER TABLE {table} ADD COLUMN {column}")  # made by ingestd <= 0.1.0
             stored = dict(connection.execute("SELECT key, value FROM run").fetchall())
@@ -238,14 +239,19 @@ class Progress:
         rows = self._connection.execute("SELECT sample_index FROM inflight UNION SELECT sample_index FROM failed")
         return [index for (index,) in rows]
 
+    def partly_stored(self) -> set[int]:
+        """Failed samples that stored some of their chunks: what is stored belongs to the record of that time."""
+        return {index for index, failure in self.failed.items() if any(failure.stored)}
+
     def digests(self, indices: list[int]) -> dict[int, int | None]:
-        """The digests recorded for these samples, done or in flight (None: recorded by ingestd <= 0.1.0)."""
+        """The digests recorded for these samples, done, in flight or failed part-way (None: not recorded)."""
         assert self._connection is not None
         wanted = orjson.dumps(indices).decode()
         rows = self._connection.execute(
-            "SELECT sample_index, digest FROM done WHERE sample_index IN (SELECT value FROM json_each(?)) UNION ALL "
-            "SELECT sample_index, digest FROM inflight WHERE sample_index IN (SELECT value FROM json_each(?))",
-            (wanted, wanted))  # fmt: skip
+            "SELECT sample_index, digest FROM done WHERE sample_index IN (SELECT value FROM json_each(?1)) UNION ALL "
+            "SELECT sample_index, digest FROM inflight WHERE sample_index IN (SELECT value FROM json_each(?1)) UNION ALL "
+            "SELECT sample_index, digest FROM failed WHERE sample_index IN (SELECT value FROM json_each(?1))",
+            (wanted,))  # fmt: skip
         return dict(rows.fetchall())
 
     def started(self, index: int, digest: int) -> None:
@@ -270,16 +276,18 @@ class Progress:
         self.done.add(index)
         self.failed.pop(index, None)
 
-    def fail(self, index: int, reason: str, stored: list[int] | None = None, confirmed: list[int] | None = None) -> None:
-        """Sample ``index`` failed after its levels stored ``stored`` chunks (``confirmed`` of them seen by this run)."""
+    def fail(self, index: int, reason: str, stored: list[int] | None = None, confirmed: list[int] | None = None,
+             digest: int | None = None) -> None:  # fmt: skip
+        """Sample ``index`` (of ``digest``) failed after its levels stored ``stored`` chunks (``confirmed`` of
+        them learned of now)."""
         now = time.time()
         stored = stored or []
 
         def change(connection: sqlite3.Connection) -> None:
             connection.execute("BEGIN")
             try:
-                connection.execute("INSERT OR REPLACE INTO failed VALUES (?, ?, ?, ?)",
-                                   (index, reason, now, orjson.dumps(stored).decode()))  # fmt: skip
+                connection.execute("INSERT OR REPLACE INTO failed (sample_index, reason, failed_at, stored, digest) "
+                                   "VALUES (?, ?, ?, ?, ?)", (index, reason, now, orjson.dumps(stored).decode(), digest))  # fmt: skip
                 connection.execute("DELETE FROM inflight WHERE sample_index = ?", (index,))
                 self._add_confirmed(connection, confirmed or [])
                 connection.execute("COMMIT")

@@ -448,3 +448,20 @@ def test_nodes_are_claimed_by_what_feeds_them(engine_server: EngineServer) -> No
         assert claim(2, 6) == {}  # a cleared node takes any feeder
         invalid = engine_server_client.post("/ingestd/nodes/claim", json={"claims": []})
         assert invalid.status_code == 422
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "a directory"])
+def test_serving_a_damaged_store_is_one_clear_line(tmp_path, damage: str) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import subprocess
+    import sys
+
+    store = tmp_path / "kato.sqlite3"
+    if damage == "random bytes":
+        store.write_bytes(os.urandom(5000))
+    else:
+        store.mkdir()
+    result = subprocess.run([sys.executable, "-m", "ingestd", "kato", "serve", "--port", "0", "--data", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "API on" not in result.stderr
+    assert result.stderr.startswith(f"ingestd kato: error: cannot open {store}") and result.stderr.count("\n") == 1

@@ -525,6 +525,8 @@ def test_another_server_is_another_run_and_a_run_directory_knows_its_store(corpu
         assert ok(*options, "--kato", first.url, cwd=tmp_path)["samples"]["learned"] == 50
         elsewhere = ok(*options, "--kato", second.url, cwd=tmp_path)  # the same command, another server
         assert elsewhere["samples"]["learned"] == 50 and elsewhere["samples"]["skipped"] == 0
+        same = ok(*options, "--kato", first.url.replace("127.0.0.1", "localhost"), cwd=tmp_path)  # another name
+        assert same["samples"]["skipped"] == 50 and same["samples"]["learned"] == 0
         run_dir = ["--run-dir", str(tmp_path / "run")]
         ok(*options, "--kato", first.url, *run_dir)
         refused, _ = ingestd(*options, "--kato", second.url, *run_dir)
@@ -578,3 +580,23 @@ def test_a_source_edited_between_runs_is_refused_not_resumed(tmp_path: Path) -> 
     texts[3] = "Record number 3, repaired."
     records.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
     assert ok(str(records), *data, "--retry-failed")["samples"]["learned"] == 1
+
+
+def test_a_failed_sample_that_stored_part_of_itself_keeps_its_record(metadata_corpus: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """What a failed sample stored stays in the KB: its record may not change before it is retried."""
+    monkeypatch.setenv("INGESTD_SERVER__MAX_BODY_BYTES", "8000")
+    server = EngineServer(tmp_path / "kb").start()
+    try:
+        base = [str(metadata_corpus), *LEVELS, "--metadata-fields", "url", "--kato", server.url,
+                "--run-dir", str(tmp_path / "run")]  # fmt: skip
+        assert ok(*base)["failures"][0]["sample_index"] == 5
+        records = metadata_corpus.read_text().splitlines()
+        edited = json.loads(records[5])
+        edited["text"] = "Another text, put in place of the failed one after it stored part of itself."
+        metadata_corpus.write_text("\n".join([*records[:5], json.dumps(edited), *records[6:]]) + "\n")
+        refused, _ = ingestd(*base)
+        assert refused.returncode == 4 and "sample 5 of records failed after storing part of it" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    finally:
+        server.stop()

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import importlib.util
+import sqlite3
 import sys
 
 import uvicorn
 
 from ingestd.engine.http import create_app
 from ingestd.engine.settings import ServerSettings
+from ingestd.engine.store import KnowledgeStore
 from ingestd.runtime import throughput_gc
 
 
 def serve(settings: ServerSettings) -> None:
+    store = KnowledgeStore(settings.data_dir)
+    try:
+        store.check()  # a damaged or locked store is one line here, not a traceback at startup
+    except (OSError, sqlite3.Error) as error:
+        print(f"ingestd kato: error: cannot open {store.path} ({error}): give another --data, or move the file "
+              "away (a locked one: stop the process that holds it)", file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(2)
     app = create_app(settings, max_body_bytes=settings.max_body_bytes)
     config = uvicorn.Config(
         app,

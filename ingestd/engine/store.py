@@ -93,6 +93,12 @@ class KnowledgeStore:
         if self.synchronous == "FULL":
             self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kato-sync")
 
+    def check(self) -> None:
+        """Open the file as :meth:`open` would, and close it: raises ``sqlite3.Error`` or ``OSError`` if it
+        cannot serve (damaged, locked by another process, a directory, not writable)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._connect().close()
+
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         connection.execute("PRAGMA journal_mode=WAL")
