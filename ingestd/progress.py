@@ -14,7 +14,9 @@
 * A *failed* sample records how many chunks each level stored before it failed, so ``--retry-failed``
   learns exactly the rest.
 * Per level, the chunks whose storing was confirmed: a resumed run checks that the knowledge base holds
-  at least that many (:mod:`ingestd.resume`).
+  at least that many (:mod:`ingestd.resume`); and the knowledge store it learns into.
+* Each done, in-flight or part-stored failed sample's digest (text and fields): a resume checks that the
+  source still has that record at that index.
 * The run's configuration (source, tokenizer, hierarchy) is fingerprinted; a run directory refuses a
   different one.
 * One process at a time: the directory is locked while a run uses it.
