@@ -31,7 +31,15 @@ import orjson
 from ingestd import metrics
 from ingestd.engine import Engine, EngineSettings, Feeder, KatoError, Learned, Place, SessionNotFound
 from ingestd.engine.ledger import HEADER as LEDGER_HEADER
-from ingestd.errors import Ambiguous, KatoRejected, KatoUnavailable, ServerDown, SessionLost, ledger_out_of_step
+from ingestd.errors import (
+    Ambiguous,
+    KatoRejected,
+    KatoUnavailable,
+    ServerDown,
+    SessionLost,
+    StoreUnusable,
+    ledger_out_of_step,
+)
 from ingestd.nodes import NodeRegistry
 
 T = TypeVar("T")
@@ -324,7 +332,7 @@ class EmbeddedKato:
         try:
             await self.engine.start()
         except OSError as error:
-            raise KatoUnavailable(
+            raise StoreUnusable(
                 f"the embedded engine cannot use {self.engine.settings.data_dir} ({error}): give a writable --data "
                 "directory"
             ) from None
@@ -335,7 +343,7 @@ class EmbeddedKato:
                 hint = "it is a directory: move it away, or give another --data"
             else:
                 hint = "it is damaged or not a knowledge store: give another --data, or move it away to start an empty one"
-            raise KatoUnavailable(f"the embedded engine cannot open {store} ({error}): {hint}") from None
+            raise StoreUnusable(f"the embedded engine cannot open {store} ({error}): {hint}") from None
         self.store = self.engine.store_id
 
     async def aclose(self) -> None:

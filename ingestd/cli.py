@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -160,8 +160,9 @@ def run_command(
     import anyio
     from rich.console import Console
 
+    from ingestd.errors import EXIT_SAMPLES_FAILED
     from ingestd.hierarchy import Hierarchy
-    from ingestd.pipeline import RunConfig, run_async
+    from ingestd.pipeline import Pipeline, RunConfig
     from ingestd.report import ProgressBar, ProgressLog, summary_table
     from ingestd.retry import RetryPolicy
     from ingestd.runtime import loop_options, throughput_gc
@@ -174,6 +175,18 @@ def run_command(
     if durability not in ("full", "normal"):
         raise typer.BadParameter(f"{durability!r}: use 'full' or 'normal'", param_hint="--durability")
     kato = _kato_url(kato)
+    pipeline: Pipeline | None = None
+
+    def report(result: dict[str, Any]) -> None:
+        """The summary, on the terminal and in --summary-json: after a run, and after an error too."""
+        if result.get("samples") is not None and (result["samples"]["read"] or result.get("error") is None):
+            console.print(summary_table(result))
+        if summary_json is not None:
+            try:
+                summary_json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            except OSError as error:
+                typer.echo(f"ingestd: warning: cannot write --summary-json {summary_json} ({error.strerror})", err=True)
+
     try:
         if hierarchy_file is not None:
             hierarchy = Hierarchy.from_file(hierarchy_file)
@@ -196,27 +209,39 @@ def run_command(
             from prometheus_client import start_http_server
 
             start_http_server(metrics_port, addr="127.0.0.1")
+        async def learn(on_progress: Callable[[Any], None]) -> Any:
+            nonlocal pipeline
+            pipeline = Pipeline(config, on_progress=on_progress, handle_signals=True)
+            return await pipeline.run()
+
         with throughput_gc():
             if show_bar:
                 with ProgressBar(console, max_samples) as bar:
-                    summary = anyio.run(lambda: run_async(config, on_progress=bar, handle_signals=True), **loop_options())
+                    summary = anyio.run(learn, bar, **loop_options())
             else:
-                summary = anyio.run(lambda: run_async(config, on_progress=ProgressLog(), handle_signals=True),
-                                    **loop_options())
+                summary = anyio.run(learn, ProgressLog(), **loop_options())
     except BaseException as error:  # noqa: BLE001 - unwrap task-group errors to the user's problem
         found = find_ingest_error(error)
         if found is None:
             raise
+        failed = {"kind": type(found).__name__, "message": str(found), "exit_code": found.exit_code}
+        report({**pipeline.summary().as_dict(), "error": failed} if pipeline is not None else {"error": failed})
         typer.echo(f"ingestd: error: {found}", err=True)
         raise typer.Exit(found.exit_code) from None
     result = summary.as_dict()
-    console.print(summary_table(result))
+    report(result)
     samples = result["samples"]
     if samples["read"] and samples["filtered"] == samples["read"]:
         typer.echo(f"ingestd: warning: every record of {source} was shorter than {spec.min_chars} characters after stripping, "
                    "so nothing was learned: check --text-field, --txt-mode and --min-chars", err=True)  # fmt: skip
-    if summary_json is not None:
-        summary_json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if samples["failed"]:
+        import structlog
+
+        structlog.get_logger("ingestd.run").warning(
+            "samples failed: the dead letters say which and why; fix the cause and run the same command with "
+            "--retry-failed", samples_failed=samples["failed"], dead_letters=f"{result['config']['run_dir']}/failed.jsonl",
+            exit_code=EXIT_SAMPLES_FAILED)  # fmt: skip
+        raise typer.Exit(EXIT_SAMPLES_FAILED)
 
 
 @app.command("serve")

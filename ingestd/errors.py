@@ -1,5 +1,16 @@
 """ingestd's errors. An :class:`IngestError` stops a run before (or instead of) learning, with a
-one-line message that names the input and says what to do."""
+one-line message that names the input and says what to do, and its own exit code:
+
+====  ==========================================================================================
+0     done: every sample learned, filtered or skipped (also when a signal stopped it early)
+1     ingestd crashed: a bug (the traceback says where); please report it
+2     the input, an option or the environment is unusable: the message names it
+3     the server named a pattern otherwise than KATO 3.10.1 does
+4     the run conflicts with what is stored: run directory, nodes, knowledge base or source
+6     the KATO server is unreachable, or stayed unusable past ``--patience``: run again when it is back
+7     the run went through, but samples failed: ``failed.jsonl`` says which and why (``--retry-failed``)
+====  ==========================================================================================
+"""
 
 from __future__ import annotations
 
@@ -22,8 +33,17 @@ def find_ingest_error(error: BaseException) -> IngestError | None:
     return None
 
 
+EXIT_SAMPLES_FAILED = 7
+
+
 class KatoUnavailable(IngestError):
-    """The KATO server cannot be reached, or is not a KATO server."""
+    """The KATO server cannot be reached, is not a KATO server, or stayed unusable past ``--patience``."""
+
+    exit_code = 6
+
+
+class StoreUnusable(IngestError):
+    """The embedded engine's knowledge store cannot be opened (damaged, locked, not a file, not writable)."""
 
 
 class PlanMismatch(IngestError):

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ingestd import metrics
 from ingestd.backend import EmbeddedKato, HttpKato, KatoBackend, check_kato_url
 from ingestd.engine import EngineSettings
-from ingestd.errors import IngestError, KatoRejected, ServerDown, Transient
+from ingestd.errors import IngestError, KatoRejected, ServerDown, Transient, find_ingest_error
 from ingestd.hierarchy import Hierarchy
 from ingestd.nodes import NodeRegistry
 from ingestd.plan import SamplePlan, plan_levels
@@ -126,6 +126,7 @@ class RunStats:
     server_outages: int = 0
     possible_duplicates: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False
+    error: dict[str, Any] | None = None  # what stopped the run, if something did: message, exit code, kind
     started: float = field(default_factory=time.perf_counter)
     finished: float | None = None
 
@@ -192,6 +193,7 @@ class RunSummary:
                         "filtered": stats.samples_filtered, "failed": stats.samples_failed,
                         "skipped": stats.skipped, "unfinished": stats.unfinished},
             "stopped_early": stats.stopped_early,
+            "error": stats.error,
             "recovery": {"retries": stats.retries, "session_recreations": stats.session_recreations,
                          "server_outages": stats.server_outages,
                          "possible_duplicates": len(stats.possible_duplicates),
@@ -301,11 +303,11 @@ class Pipeline:
     async def run(self) -> RunSummary:
         """Validate everything that can be checked up front, then learn the whole source."""
         config = self.config
-        source = await anyio.to_thread.run_sync(Source, config.source)
-        tokenizer = await anyio.to_thread.run_sync(load_tokenizer, config.tokenizer)
         backend = make_backend(config)
         progress: Progress | None = None
         try:
+            source = await anyio.to_thread.run_sync(Source, config.source)
+            tokenizer = await anyio.to_thread.run_sync(load_tokenizer, config.tokenizer)
             if config.kato_url is None:
                 progress = self._open_progress(source, config.resolved_run_dir())
                 check_store_file(config, progress)  # before the engine would make an empty store
@@ -314,7 +316,13 @@ class Pipeline:
                 await backend.start()
                 progress = self._open_progress(source, config.resolved_run_dir(backend.store))
             await self._learn(source, tokenizer, progress, backend)
+        except BaseException as failure:
+            found = find_ingest_error(failure)
+            if found is not None:
+                self.stats.error = {"kind": type(found).__name__, "message": str(found), "exit_code": found.exit_code}
+            raise
         finally:
+            self.stats.finished = self.stats.finished or time.perf_counter()
             if progress is not None:
                 progress.close()
             with anyio.CancelScope(shield=True):
@@ -371,7 +379,8 @@ class Pipeline:
             if isinstance(failure, ServerDown) and self._watch is not None:
                 await self._watch.wait_until_up(str(failure))
 
-        result, _ = await send_call(call, self.config.retry, on_retry=recover)
+        server = self._watch.description if self._watch is not None else "the KATO server"
+        result, _ = await send_call(call, self.config.retry, on_retry=recover, server=server)
         return result
 
     async def _forget_settled(self, backend: KatoBackend, progress: Progress) -> None:

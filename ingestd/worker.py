@@ -23,7 +23,7 @@ import structlog
 
 from ingestd.backend import KatoBackend
 from ingestd.engine import Place
-from ingestd.errors import KatoRejected, LedgerOutOfStep, PlanMismatch, ServerDown, SessionLost, Transient
+from ingestd.errors import KatoRejected, KatoUnavailable, LedgerOutOfStep, PlanMismatch, ServerDown, SessionLost, Transient
 from ingestd.hierarchy import Hierarchy
 from ingestd.plan import LevelPlan, SamplePlan
 from ingestd.retry import RetryPolicy, ServerWatch, send
@@ -118,8 +118,8 @@ class Worker:
                     pass
 
             try:
-                await send(delete, self.policy, on_retry=self._recover_server)
-            except (Transient, KatoRejected) as failure:
+                await send(delete, self.policy, on_retry=self._recover_server, server=self.backend.description)
+            except (Transient, KatoRejected, KatoUnavailable) as failure:
                 log.warning("session left open on the server (it expires with its TTL)", session_id=session_id,
                             reason=str(failure))  # fmt: skip
 
@@ -130,7 +130,7 @@ class Worker:
         key = f"{self.run_key}:session:{self._nonce}:{self._created}"
         with structlog.contextvars.bound_contextvars(hierarchy_level=level.index, node_id=level.node_id):
             session_id, _ = await send(lambda: self.backend.create_session(level.node_id, level.session_config, key=key),
-                                       self.policy, on_retry=self._recover_server)  # fmt: skip
+                                       self.policy, on_retry=self._recover_server, server=self.backend.description)  # fmt: skip
         return session_id
 
     async def learn(self, plan: SamplePlan) -> SampleOutcome:
@@ -208,7 +208,8 @@ class Worker:
             elif isinstance(failure, ServerDown):
                 await self.watch.wait_until_up(str(failure))
 
-        result, ambiguous = await send(lambda: call(self.sessions[level.index]), self.policy, on_retry=on_retry)
+        result, ambiguous = await send(lambda: call(self.sessions[level.index]), self.policy, on_retry=on_retry,
+                                       server=self.backend.description)  # fmt: skip
         if ambiguous and resend_may_duplicate and not self.backend.ledger:
             self.recovery.possible_duplicate(sample_index, level.node_id)
         return result

@@ -148,9 +148,10 @@ def kb_dump(database: Path, node_ids: list[str]) -> list[dict[str, dict[str, Any
     return levels
 
 
-def run_cli(*arguments: str, timeout: float = 300, events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """``ingestd run ...`` as a real subprocess; returns its JSON summary. Its log events (JSON lines on
-    stderr, as in production) are appended to ``events`` when given."""
+def run_cli(*arguments: str, timeout: float = 300, events: list[dict[str, Any]] | None = None,
+            expect: int = 0) -> dict[str, Any]:  # fmt: skip
+    """``ingestd run ...`` as a real subprocess, which must exit with ``expect`` (7: samples failed); returns
+    its JSON summary. Its log events (JSON lines on stderr, as in production) are appended to ``events``."""
     import subprocess
     import sys
     import tempfile
@@ -160,7 +161,7 @@ def run_cli(*arguments: str, timeout: float = 300, events: list[dict[str, Any]] 
         run_dir = [] if "--run-dir" in arguments else ["--run-dir", str(Path(scratch) / "run")]  # a new run each call
         result = subprocess.run([sys.executable, "-m", "ingestd", "run", *arguments, *run_dir, "--summary-json", str(summary_path),
                                  "--log-format", "json"], capture_output=True, text=True, timeout=timeout)  # fmt: skip
-        assert result.returncode == 0, f"ingestd run failed ({result.returncode}):\n{result.stderr[-3000:]}"
+        assert result.returncode == expect, f"ingestd run exited {result.returncode}:\n{result.stderr[-3000:]}"
         if events is not None:
             events.extend(json.loads(line) for line in result.stderr.splitlines() if line.startswith("{"))
         return json.loads(summary_path.read_text(encoding="utf-8"))

@@ -42,9 +42,10 @@ def ingestd(*arguments: str, cwd: Path | None = None, timeout: float = 300) -> t
         return result, json.loads(summary.read_text()) if summary.exists() else None
 
 
-def ok(*arguments: str, cwd: Path | None = None) -> dict[str, Any]:
+def ok(*arguments: str, cwd: Path | None = None, expect: int = 0) -> dict[str, Any]:
+    """A run that exits with ``expect`` (0, or 7 when samples failed); its summary."""
     result, summary = ingestd(*arguments, cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == expect, result.stderr[-3000:]
     assert summary is not None
     return summary
 
@@ -374,7 +375,7 @@ def test_a_sample_failing_on_its_metadata_level_is_retried_exactly(metadata_corp
     proxy = FaultProxy(port, plain_kato=server_kind == "plain KATO").start()
     base = [*options, "--kato", proxy.url, "--run-dir", str(tmp_path / "run")]
     try:
-        first = ok(*base, cwd=tmp_path)
+        first = ok(*base, cwd=tmp_path, expect=7)
         reason = first["failures"][0]["reason"]
         assert first["samples"]["failed"] == 1 and first["failures"][0]["sample_index"] == 5
         assert "413" in reason and ("level 1" in reason or "level 2" in reason)
@@ -478,7 +479,7 @@ def test_a_fresh_that_stops_before_clearing_the_nodes_is_never_resumed_as_done(c
         ok(*base)
         proxy.refuse_for(60)
         unreachable, _ = ingestd(*base, "--fresh")
-        assert unreachable.returncode == 2 and "cannot reach" in unreachable.stderr
+        assert unreachable.returncode == 6 and "cannot reach" in unreachable.stderr
         proxy.clear()
         proxy.refuse_for(0.01)
         time.sleep(0.5)
@@ -572,7 +573,7 @@ def test_a_source_edited_between_runs_is_refused_not_resumed(tmp_path: Path) -> 
     texts: list[Any] = [f"Record number {i}, a good one." for i in range(8)]
     texts[3] = 123  # fails: not a string
     records.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
-    ok(str(records), *data)
+    ok(str(records), *data, expect=7)
     texts[3] = "Ok."  # "fixed" into a record the filter drops: every later index shifts by one
     records.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
     shifted, _ = ingestd(str(records), *data, "--retry-failed")
@@ -590,7 +591,7 @@ def test_a_failed_sample_that_stored_part_of_itself_keeps_its_record(metadata_co
     try:
         base = [str(metadata_corpus), *LEVELS, "--metadata-fields", "url", "--kato", server.url,
                 "--run-dir", str(tmp_path / "run")]  # fmt: skip
-        assert ok(*base)["failures"][0]["sample_index"] == 5
+        assert ok(*base, expect=7)["failures"][0]["sample_index"] == 5
         records = metadata_corpus.read_text().splitlines()
         edited = json.loads(records[5])
         edited["text"] = "Another text, put in place of the failed one after it stored part of itself."

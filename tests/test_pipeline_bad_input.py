@@ -140,7 +140,7 @@ def test_bad_records_fail_alone_and_the_run_goes_on(tmp_path: Path) -> None:
         json.dumps({"text": "a perfectly good last sample"}),
     ]
     path.write_text("\n".join(lines) + "\n")
-    summary = run_cli(str(path), "--data", str(tmp_path / "kb"))
+    summary = run_cli(str(path), "--data", str(tmp_path / "kb"), expect=7)
     assert summary["samples"] == {"read": 7, "learned": 2, "filtered": 1, "failed": 4, "skipped": 0, "unfinished": 0}
     assert [failure["sample_index"] for failure in summary["failures"]] == [1, 2, 3, 4]
     reasons = " | ".join(failure["reason"] for failure in summary["failures"])
@@ -150,7 +150,7 @@ def test_bad_records_fail_alone_and_the_run_goes_on(tmp_path: Path) -> None:
 def test_undecodable_lines_in_a_utf8_file_fail_alone(tmp_path: Path) -> None:
     path = tmp_path / "lines.txt"
     path.write_bytes(b"a good first line of text\n" + b"bad \xff\xfe bytes in this line\n" + b"a good last line of text\n")
-    summary = run_cli(str(path), "--txt-mode", "line", "--data", str(tmp_path / "kb"))
+    summary = run_cli(str(path), "--txt-mode", "line", "--data", str(tmp_path / "kb"), expect=7)
     assert summary["samples"] == {"read": 3, "learned": 2, "filtered": 0, "failed": 1, "skipped": 0, "unfinished": 0}
     assert summary["failures"][0] == {"sample_index": 1, "reason": "line 2 is not valid UTF-8"}
 
@@ -254,7 +254,7 @@ def test_a_50_mb_single_line_sample_fails_alone(tmp_path: Path) -> None:
         handle.write(json.dumps({"text": "a small sample before the big one"}) + "\n")
         handle.write(json.dumps({"text": "word " * 10_000_000}) + "\n")  # 50 MB on one line
         handle.write(json.dumps({"text": "a small sample after the big one"}) + "\n")
-    summary = run_cli(str(path), "--data", str(tmp_path / "kb"))
+    summary = run_cli(str(path), "--data", str(tmp_path / "kb"), expect=7)
     assert summary["samples"] == {"read": 3, "learned": 2, "filtered": 0, "failed": 1, "skipped": 0, "unfinished": 0}
     assert summary["failures"][0]["sample_index"] == 1 and "--max-sample-chars" in summary["failures"][0]["reason"]
 

@@ -162,7 +162,7 @@ def test_failed_samples_go_to_dead_letters_and_can_be_retried(tmp_path: Path) ->
     lines[2] = json.dumps({"text": 42})  # not a string: this record fails
     corpus.write_text("\n".join(lines) + "\n")
     base = [str(corpus), "--data", str(tmp_path / "kb"), "--run-dir", str(tmp_path / "run")]
-    first = run_cli(*base)
+    first = run_cli(*base, expect=7)
     assert first["samples"] == {"read": 5, "learned": 4, "filtered": 0, "failed": 1, "skipped": 0, "unfinished": 0}
     letters = [json.loads(line) for line in (tmp_path / "run" / "failed.jsonl").read_text().splitlines()]
     assert [letter["sample_index"] for letter in letters] == [2] and "text" in letters[0]["reason"]
