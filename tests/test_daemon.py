@@ -40,6 +40,9 @@ class Daemon:
     def start(self) -> Daemon:
         self.process = subprocess.Popen([sys.executable, "-m", "ingestd", "serve"], env=self.env, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        # Read its output as it comes: a daemon whose log pipe is full blocks on its next log line (event loop too).
+        self._reader = threading.Thread(target=self._drain, args=(self.process,), daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -49,11 +52,16 @@ class Daemon:
                 time.sleep(0.05)
         raise TimeoutError("the daemon did not come up")
 
+    def _drain(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self.logs += line
+
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.process is not None
         self.process.send_signal(sig)
-        out, _ = self.process.communicate(timeout=60)
-        self.logs += out
+        self.process.wait(timeout=60)
+        self._reader.join(timeout=10)
         return self.process.returncode
 
     def client(self, token: str | None = TOKEN) -> httpx.Client:
@@ -442,8 +450,8 @@ def test_the_daemon_stops_with_status_1_when_its_job_store_fails_and_the_job_res
                 time.sleep(0.05)
             assert daemon.process.wait(timeout=60) == 1
             other.execute("ROLLBACK")
-    out, _ = daemon.process.communicate()
-    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    daemon._reader.join(timeout=10)
+    events = [json.loads(line) for line in daemon.logs.splitlines() if line.startswith("{")]
     assert any(event["event"].startswith("the job runner failed") and event["level"] == "error" for event in events)
     daemon.start()  # the job was still 'running' in the store: it is queued again, and finishes
     with daemon.client() as client:

@@ -51,8 +51,9 @@ def ok(*arguments: str, cwd: Path | None = None, expect: int = 0) -> dict[str, A
 
 
 def start(*arguments: str, cwd: Path | None = None) -> subprocess.Popen[str]:
+    """``ingestd run`` in the background; its log goes nowhere (an unread pipe would block it once full)."""
     return subprocess.Popen([sys.executable, "-m", "ingestd", "run", *arguments, "--no-progress", "--log-format", "json"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, cwd=cwd)  # fmt: skip
 
 
 def kill_after(process: subprocess.Popen[str], run_dir: Path, samples: int) -> int:
