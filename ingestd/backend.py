@@ -368,6 +368,13 @@ class EmbeddedKato:
             if 400 <= error.status < 500:
                 raise KatoRejected(error.status, str(error.detail)) from None
             raise
+        except sqlite3.Error as error:  # the store cannot write (disk full, file size limit, I/O): the run stops
+            status = 500
+            store = Path(self.engine.settings.data_dir) / "kato.sqlite3"
+            raise StoreUnusable(
+                f"the embedded engine cannot write {store} ({error}): free space there (or lift the file size "
+                "limit), then run the same command again; nothing unstored is recorded as done"
+            ) from None
         finally:
             metrics.record_request(endpoint, status, time.perf_counter() - started)
 
