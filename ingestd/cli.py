@@ -107,12 +107,16 @@ def _kato_url(url: str | None) -> str | None:
 
 
 def _int_list(text: str | None, what: str) -> list[int]:
+    """``8,8,8`` → [8, 8, 8]; an empty item (``8,,8``) or anything not a whole number is refused."""
     if not text:
         return []
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a comma-separated list of integers, e.g. 8,8,8,8", param_hint=what) from None
+    parts = [part.strip() for part in text.split(",")]
+    if any(not part.isdigit() for part in parts):
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of whole numbers, e.g. 8,8,8,8",
+                                 param_hint=what)  # fmt: skip
+    if any(len(part) > 9 for part in parts):
+        raise typer.BadParameter(f"{text!r} holds a number far too large (chunk sizes go up to 4096)", param_hint=what)
+    return [int(part) for part in parts]
 
 
 @app.command("run")
@@ -141,8 +145,8 @@ def run_command(
     max_sample_chars: Annotated[int, typer.Option(min=1, help="Longer samples fail alone (to failed.jsonl) instead of being learned.")] = 1_000_000,
     min_chars: Annotated[Optional[int], typer.Option(min=0, help="Samples whose stripped text is shorter are filtered (counted, not learned); 0 keeps every sample. Default 11, or the hierarchy file's [run] min_chars.", show_default=False)] = None,
     allow_mixed_kb: Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed (refused otherwise).")] = False,
-    workers: Annotated[int, typer.Option(min=1, help="Concurrent workers, each with one session per node.")] = 8,
-    batch_chunks: Annotated[int, typer.Option(min=1, help="Chunks per observe-sequence on batched levels.")] = 64,
+    workers: Annotated[int, typer.Option(min=1, max=1024, help="Concurrent workers, each with one session per node.")] = 8,
+    batch_chunks: Annotated[int, typer.Option(min=1, max=4096, help="Chunks per observe-sequence on batched levels.")] = 64,
     batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Batch levels without metadata through KATO's auto-learn.")] = True,
     kato: Annotated[Optional[str], typer.Option(help="A KATO server, http://host:port. Default: the embedded engine in-process.")] = None,
     data: Annotated[Path, typer.Option(help="Directory of the embedded engine's knowledge store.")] = Path("kato-data"),
@@ -308,7 +312,7 @@ def jobs_submit(
     node_ids: Annotated[str, typer.Option(help="Node id template.")] = "node{level}",
     run_id: Annotated[str, typer.Option(help="Run name ({run_id} in --node-ids).")] = "",
     kato: Annotated[Optional[str], typer.Option(help="KATO server for this job (default: the daemon's embedded engine).")] = None,
-    workers: Annotated[int, typer.Option(min=1)] = 8,
+    workers: Annotated[int, typer.Option(min=1, max=1024)] = 8,
     max_samples: Annotated[Optional[int], typer.Option(min=0)] = None,
     skip: Annotated[int, typer.Option(min=0, help="Skip this many samples of the filtered stream first.")] = 0,
     text_field: Annotated[Optional[str], typer.Option(help="Field with the text (default: the dataset's, else 'text').")] = None,

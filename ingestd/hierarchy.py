@@ -12,6 +12,11 @@ from ingestd.engine.rules import kb_id
 from ingestd.errors import IngestError
 
 
+MAX_CHUNK_SIZE = 4096
+"""Symbols per pattern at most: far above any useful chunk, and it keeps one chunk's call a sane size."""
+MAX_LEVELS = 16
+
+
 class HierarchyError(IngestError):
     """The hierarchy configuration is invalid; the message names the input."""
 
@@ -21,7 +26,7 @@ class Level(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    chunk_size: int = Field(ge=2, description="Symbols per pattern; a pattern needs at least 2.")
+    chunk_size: int = Field(ge=2, le=MAX_CHUNK_SIZE, description="Symbols per pattern; a pattern needs at least 2.")
     node_id: str | None = Field(default=None, description="KATO node id; default from the hierarchy's template.")
     capture_metadata: bool = Field(default=False, description="Give this level's patterns the sample's metadata.")
     session_config: dict[str, Any] = Field(default_factory=dict, description="Extra KATO session config.")
@@ -44,7 +49,7 @@ class Hierarchy(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    levels: list[Level] = Field(default_factory=list)
+    levels: list[Level] = Field(default_factory=list, max_length=MAX_LEVELS)
     node_id_template: str = Field(
         default="node{level}", description="Node ids of levels without one; {level} and {run_id} are filled in."
     )
@@ -111,10 +116,15 @@ class Hierarchy(BaseModel):
         for level in metadata_levels:
             if not 0 <= level < len(chunk_sizes):
                 raise HierarchyError(f"metadata level {level} does not exist: levels are 0..{len(chunk_sizes) - 1}")
+        if len(chunk_sizes) > MAX_LEVELS:
+            raise HierarchyError(f"{len(chunk_sizes)} levels: a hierarchy has at most {MAX_LEVELS}")
         for index, size in enumerate(chunk_sizes):
             if size < 2:
                 raise HierarchyError(f"chunk size {size} of level {index} is below 2: a KATO pattern needs "
                                      "at least 2 symbols, so give sizes of 2 or more")  # fmt: skip
+            if size > MAX_CHUNK_SIZE:
+                raise HierarchyError(f"chunk size {size} of level {index} is above {MAX_CHUNK_SIZE}: give a size "
+                                     f"from 2 to {MAX_CHUNK_SIZE}")  # fmt: skip
         try:
             hierarchy = cls(node_id_template=node_id_template)
         except ValidationError as error:

@@ -22,8 +22,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from ingestd import metrics
 from ingestd.backend import check_kato_url
 from ingestd.errors import find_ingest_error
-from ingestd.hierarchy import Hierarchy, HierarchyError
-from ingestd.pipeline import Pipeline, RunConfig
+from ingestd.hierarchy import MAX_LEVELS, Hierarchy, HierarchyError
+from ingestd.pipeline import MAX_WORKERS, Pipeline, RunConfig
 from ingestd.source import SourceSpec
 
 log = structlog.get_logger("ingestd.jobs")
@@ -58,12 +58,12 @@ class JobSpec(BaseModel):
     txt_mode: Literal["line", "paragraph"] = "paragraph"
     hub_config: str | None = None
     split: str | None = None
-    chunk_sizes: list[int] = Field(default=[8, 8, 8, 8], min_length=1)
+    chunk_sizes: list[int] = Field(default=[8, 8, 8, 8], min_length=1, max_length=MAX_LEVELS)
     metadata_levels: list[int] = []
     node_ids: str = "node{level}"
     run_id: str = ""
     kato_url: str | None = Field(default=None, description="A KATO server; None = the daemon's embedded engine.")
-    workers: int = Field(default=8, ge=1)
+    workers: int = Field(default=8, ge=1, le=MAX_WORKERS)
     tokenizer: str = "gpt2"
     skip: int = Field(default=0, ge=0)
     max_samples: int | None = Field(default=None, ge=0)

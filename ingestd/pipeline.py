@@ -38,6 +38,10 @@ from ingestd.worker import SampleOutcome, Worker, level_setups
 log = structlog.get_logger("ingestd.pipeline")
 T = TypeVar("T")
 
+MAX_WORKERS = 1024
+"""Workers at most (each holds a session per level and a connection): beyond, memory grows for nothing."""
+MAX_BATCH_CHUNKS = 4096
+
 
 class RunConfig(BaseModel):
     """Everything one run needs; built once (CLI, file or Python API) and passed down."""
@@ -47,8 +51,9 @@ class RunConfig(BaseModel):
     source: SourceSpec
     hierarchy: Hierarchy
     tokenizer: str = "gpt2"
-    workers: int = Field(default=8, ge=1)
-    batch_chunks: int = Field(default=64, ge=1, description="Chunks per observe-sequence call on batched levels.")
+    workers: int = Field(default=8, ge=1, le=MAX_WORKERS)
+    batch_chunks: int = Field(default=64, ge=1, le=MAX_BATCH_CHUNKS,
+                              description="Chunks per observe-sequence call on batched levels.")  # fmt: skip
     batching: bool = True
     kato_url: str | None = Field(default=None, description="A KATO server; None = the embedded engine in-process.")
     data_dir: Path = Path("kato-data")
@@ -57,8 +62,8 @@ class RunConfig(BaseModel):
     fresh: bool = Field(default=False, description="clear-all every node of the hierarchy before learning.")
     skip: int = Field(default=0, ge=0)
     max_samples: int | None = Field(default=None, ge=0)
-    read_batch: int = Field(default=64, ge=1, description="Samples read, tokenized and planned per thread hop.")
-    queue_size: int | None = Field(default=None, ge=1, description="Planned samples waiting; default 4 per worker.")
+    read_batch: int = Field(default=64, ge=1, le=100_000, description="Samples read, tokenized and planned per thread hop.")
+    queue_size: int | None = Field(default=None, ge=1, le=1_000_000, description="Planned samples waiting; default 4 per worker.")
     retry: RetryPolicy = RetryPolicy()
     run_dir: Path | None = Field(default=None, description="Progress and dead letters; default under runs/.")
     retry_failed: bool = Field(default=False, description="Only redo the samples this run recorded as failed.")

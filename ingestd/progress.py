@@ -119,7 +119,16 @@ class Progress:
         except ProgressError:
             self.close()
             raise
-        except (OSError, sqlite3.Error) as error:
+        except sqlite3.DatabaseError as error:
+            self.close()
+            if self.path.is_file() and ("not a database" in str(error) or "malformed" in str(error)):
+                raise ProgressError(
+                    f"{self.path} is damaged ({error}): move the run directory away to start the run over (its "
+                    "samples are then learned again), or give another --run-dir"
+                ) from None
+            raise ProgressError(f"cannot keep progress in {self.run_dir} ({error}): give a writable directory "
+                                "with --run-dir") from None  # fmt: skip
+        except OSError as error:
             self.close()
             raise ProgressError(
                 f"cannot keep progress in {self.run_dir} ({error}): give a writable directory with --run-dir"

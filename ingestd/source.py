@@ -6,14 +6,15 @@ notebooks' filter), or is a :class:`BadRecord` (not a string, undecodable,
 malformed), which the pipeline counts as failed and goes on. ``sample_index`` is
 the position in the filtered stream, so it is the same on every run.
 
-Local txt and jsonl files are read line by line here rather than with
-``datasets``: its readers fail a whole file on one bad line, and one bad line
-must cost one sample, not the run. Parquet, csv and hub datasets are streamed
-with ``datasets``.
+Local txt, jsonl and csv files are read here rather than with ``datasets``:
+its readers fail a whole file on one bad line, and one bad line must cost one
+sample, not the run. Parquet files and hub datasets are streamed with
+``datasets`` (a stream that breaks off stops the run with one line).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -204,13 +205,33 @@ def _txt_paragraphs(path: Path) -> Iterator[RawRecord]:
         yield ("\n".join(lines), {}) if undecodable is None else f"line {undecodable} is not valid UTF-8"
 
 
+MAX_METADATA_DEPTH = 64
+"""Lists and objects in a metadata field may nest this deep: far beyond real metadata, and well within what
+JSON encoders and KATO take."""
+
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 def _record_fields(record: dict[str, Any], text_field: str, wanted: tuple[str, ...]) -> RawRecord:
     if text_field not in record:
         return f"field {text_field!r} is missing"
     text = record[text_field]
     if not isinstance(text, str):
         return f"field {text_field!r} is {type(text).__name__}, not a string"
-    return text, {name: record[name] for name in wanted if name in record}
+    fields = {name: record[name] for name in wanted if name in record}
+    for name, value in fields.items():
+        if _nests_deeper(value, MAX_METADATA_DEPTH):
+            return f"field {name!r} nests lists or objects more than {MAX_METADATA_DEPTH} levels deep"
+    return text, fields
 
 
 def _jsonl(path: Path, text_field: str, wanted: tuple[str, ...]) -> Iterator[RawRecord]:
@@ -228,6 +249,11 @@ def _jsonl(path: Path, text_field: str, wanted: tuple[str, ...]) -> Iterator[Raw
         yield _record_fields(record, text_field, wanted)
 
 
+def _starts_with_array(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"["
+
+
 def _first_jsonl_record(path: Path) -> dict[str, Any] | None:
     for raw in _lines(path):
         if raw.strip():
@@ -239,8 +265,65 @@ def _first_jsonl_record(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def _datasets_records(dataset: Any, text_field: str, wanted: tuple[str, ...]) -> Iterator[RawRecord]:
-    for record in dataset:
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str] | str]]:
+    """(line number, row or why it is malformed) of a csv file; undecodable bytes stay as surrogates (the row
+    then fails alone). Fields may be as long as the longest sample (the per-sample limit judges them)."""
+    csv.field_size_limit(2**31 - 1)
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        reader = csv.reader(handle)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:
+                yield reader.line_num, f"the row at line {reader.line_num} is malformed csv ({error})"
+                continue
+            if row:  # blank lines are no records (as pandas reads csv)
+                yield reader.line_num, row
+
+
+def _csv_header(path: Path) -> list[str]:
+    header = next((row for _, row in _csv_rows(path)), [])
+    return header if isinstance(header, list) else []
+
+
+def _csv(path: Path, text_field: str, wanted: tuple[str, ...]) -> Iterator[RawRecord]:
+    """Rows of a csv file read here, not with ``datasets``: one malformed row fails alone instead of the file."""
+    rows = _csv_rows(path)
+    header = _csv_header(path)
+    next(rows, None)
+    for line, row in rows:
+        if isinstance(row, str):
+            yield row
+        elif len(row) > len(header):
+            yield f"the row at line {line} has {len(row)} fields where the header has {len(header)}"
+        elif any(_has_surrogates(value) for value in row):
+            yield f"the row at line {line} is not valid UTF-8"
+        else:
+            yield _record_fields(dict(zip(header, row + [None] * (len(header) - len(row)), strict=True)), text_field, wanted)
+
+
+def _has_surrogates(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _datasets_records(dataset: Any, text_field: str, wanted: tuple[str, ...], what: str) -> Iterator[RawRecord]:
+    """A ``datasets`` stream's records; a stream that breaks off stops the run with one line (it cannot go on)."""
+    records = iter(dataset)
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except Exception as error:  # noqa: BLE001 - pyarrow/datasets raise many kinds
+            raise SourceError(f"{what} could not be read further ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}): check the file or dataset; "
+                              "what was learned so far stays, and the same command resumes") from None  # fmt: skip
         yield _record_fields(record, text_field, wanted)
 
 
@@ -295,7 +378,7 @@ class Source:
             raise SourceError(f"{path} is empty: there is nothing to learn; give a file with text")
         text_field = spec.text_field or "text"
         wanted = spec.metadata_fields
-        if local_format in ("txt", "jsonl"):
+        if local_format in ("txt", "jsonl", "csv"):
             _check_utf8(path)
         if local_format == "txt":
             if wanted:
@@ -304,11 +387,18 @@ class Source:
             reader = _txt_lines if spec.txt_mode == "line" else _txt_paragraphs
             self._records = lambda: reader(path)
         elif local_format == "jsonl":
+            if _starts_with_array(path):
+                raise SourceError(f"{path} holds one JSON array, not JSON lines (one object per line): convert it "
+                                  f"first, e.g. `jq -c '.[]' {path.name} > {path.stem}.jsonl`")  # fmt: skip
             first = _first_jsonl_record(path)
             if first is not None:
                 _require_fields(f"{path} (first record)", list(first), text_field, wanted,
                                 "name the text field with --text-field, and only existing --metadata-fields")  # fmt: skip
             self._records = lambda: _jsonl(path, text_field, wanted)
+        elif local_format == "csv":
+            _require_fields(str(path), _csv_header(path), text_field, wanted,
+                            "name the text column with --text-field, and only existing --metadata-fields")  # fmt: skip
+            self._records = lambda: _csv(path, text_field, wanted)
         else:
             import datasets
 
@@ -320,7 +410,7 @@ class Source:
                                   f"{str(error).splitlines()[0] if str(error) else ''}): check the file") from None  # fmt: skip
             _require_fields(str(path), columns, text_field, wanted,
                             "name the text column with --text-field, and only existing --metadata-fields")  # fmt: skip
-            self._records = lambda: _datasets_records(dataset, text_field, wanted)
+            self._records = lambda: _datasets_records(dataset, text_field, wanted, str(path))
 
     def _open_hub(self) -> None:
         spec = self.spec
@@ -343,7 +433,7 @@ class Source:
             ) from None
         _require_fields(f"hub dataset {name!r}", list(first), text_field, wanted,
                         "name the text field with --text-field, and only existing --metadata-fields")  # fmt: skip
-        self._records = lambda: _datasets_records(dataset, text_field, wanted)
+        self._records = lambda: _datasets_records(dataset, text_field, wanted, f"hub dataset {name!r}")
 
     def events(self, *, skip: int = 0, max_samples: int | None = None) -> Iterator[SourceEvent]:
         """Every record as an event, indices counted over the filtered stream.

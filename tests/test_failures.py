@@ -123,3 +123,80 @@ def test_a_run_with_failed_samples_exits_7(tmp_path: Path, failing: str) -> None
     assert code == 7 and _plain_lines(stderr) == [] and "Traceback" not in stderr
     event = next(json.loads(line) for line in stderr.splitlines() if "dead letters" in line)
     assert event["samples_failed"] == (2 if failing == "all" else 1) and event["dead_letters"].endswith("failed.jsonl")
+
+
+def _plain_run(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ingestd", "run", *arguments, "--no-progress", "--log-format", "json"],
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+
+
+@pytest.mark.parametrize(("chunk_sizes", "needle"), [("99999999999999999999999", "far too large"), ("8,,8", "whole numbers"),
+                                                     ("8,x", "whole numbers"), ("5000", "above 4096")])  # fmt: skip
+def test_chunk_sizes_out_of_bounds_are_one_clear_line(tmp_path: Path, chunk_sizes: str, needle: str) -> None:
+    source = tmp_path / "s.txt"
+    source.write_text("A sample long enough to be learned.\n")
+    result = _plain_run(str(source), "--chunk-sizes", chunk_sizes, "--data", str(tmp_path / "kb"))
+    assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_daemon_refuses_numbers_out_of_bounds(tmp_path: Path) -> None:
+    from .test_daemon import Daemon
+
+    daemon = Daemon(tmp_path / "state").start()
+    try:
+        with daemon.client() as client:
+            for body in ({"chunk_sizes": [1e23]}, {"chunk_sizes": [8] * 17}, {"workers": 50_000}, {"chunk_sizes": [5000]}):
+                answer = client.post("/jobs", json={"source": "x.txt", **body})
+                assert answer.status_code == 422, (body, answer.text)
+    finally:
+        daemon.stop()
+
+
+def test_a_damaged_progress_file_says_so(tmp_path: Path) -> None:
+    source = tmp_path / "s.txt"
+    source.write_text("A sample long enough to be learned.\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "progress.sqlite3").write_bytes(b"not a database at all " * 200)
+    result = _plain_run(str(source), "--data", str(tmp_path / "kb"), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2 and "progress.sqlite3 is damaged" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_json_file_holding_one_array_is_refused_as_a_whole(tmp_path: Path) -> None:
+    source = tmp_path / "records.json"
+    source.write_text(json.dumps([{"text": "A record of text, long enough."}, {"text": "Another record of text."}]))
+    result = _plain_run(str(source), "--data", str(tmp_path / "kb"))
+    assert result.returncode == 2 and "one JSON array, not JSON lines" in result.stderr and "jq -c" in result.stderr
+
+
+def test_deeply_nested_metadata_fails_its_sample_alone(tmp_path: Path) -> None:
+    deep: Any = "u"
+    for _ in range(300):
+        deep = [deep]
+    records = [{"text": f"A record of text number {i}.", "url": f"u{i}"} for i in range(5)]
+    records[2]["url"] = deep
+    source = tmp_path / "r.jsonl"
+    source.write_text("".join(json.dumps(record) + "\n" for record in records))
+    result = _plain_run(str(source), "--metadata-fields", "url", "--metadata-levels", "0", "--data", str(tmp_path / "kb"),
+                        "--summary-json", str(tmp_path / "s.json"))  # fmt: skip
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert result.returncode == 7 and "Traceback" not in result.stderr
+    assert summary["samples"]["learned"] == 4 and summary["failures"] == [
+        {"sample_index": 2, "reason": "field 'url' nests lists or objects more than 64 levels deep"}]
+
+
+def test_a_bad_csv_row_past_ten_thousand_rows_fails_alone_and_the_file_finishes(tmp_path: Path) -> None:
+    import csv
+
+    source = tmp_path / "big.csv"
+    with source.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "url"])
+        writer.writerows([f"row number {i} with some words in it", f"u{i}"] for i in range(12_000))
+        writer.writerow(["a bad row", "u", "with", "extra fields"])
+        writer.writerow(["a last good row of text", "ulast"])
+    result = _plain_run(str(source), "--chunk-sizes", "4", "--data", str(tmp_path / "kb"), "--summary-json",
+                        str(tmp_path / "s.json"))  # fmt: skip
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert result.returncode == 7 and "Traceback" not in result.stderr
+    assert summary["samples"]["learned"] == 12_001 and summary["failures"] == [
+        {"sample_index": 12_000, "reason": "the row at line 12002 has 4 fields where the header has 2"}]
