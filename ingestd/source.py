@@ -143,33 +143,66 @@ class SourceSpec:
 RawRecord = tuple[str, dict[str, Any]] | str
 
 
-def _check_utf8(path: Path) -> None:
-    """Refuse a file that is not UTF-8 text before anything is learned from it."""
+_SAMPLE_BLOCK = 1 << 16
+
+
+def _sample_blocks(path: Path, count: int = 8) -> list[bytes]:
+    """The file's head and up to ``count - 1`` blocks spread over the rest, each cut to whole lines."""
+    size = path.stat().st_size
+    offsets = sorted({0, *(size * part // count for part in range(1, count))}) if size > _SAMPLE_BLOCK else [0]
+    blocks = []
     with path.open("rb") as handle:
-        head = handle.read(1 << 16)
-    if b"\x00" in head:
+        for offset in offsets:
+            handle.seek(offset)
+            block = handle.read(_SAMPLE_BLOCK)
+            if offset:
+                block = block.partition(b"\n")[2]  # may start inside a line, or a character
+            if len(block) == _SAMPLE_BLOCK or offset + len(block) < size:
+                block = block.rpartition(b"\n")[0]  # may end inside one
+            blocks.append(block)
+    return blocks
+
+
+def _check_utf8(path: Path) -> None:
+    """Refuse a file that is not UTF-8 text before anything is learned from it (its head and blocks spread
+    over it are read): one undecodable line costs one sample, but a file in another encoding is refused whole."""
+    blocks = _sample_blocks(path)
+    if b"\x00" in blocks[0]:
         raise SourceError(f"{path} looks like a binary file (it contains NUL bytes): give a UTF-8 text, jsonl, "
                           "parquet or csv file")  # fmt: skip
-    # One undecodable line costs one sample; a file whose lines mostly fail is in another encoding.
-    lines = head.split(b"\n")
-    if len(head) == 1 << 16 and len(lines) > 1:
-        lines.pop()  # may end inside a character
-    failing = [number for number, line in enumerate(lines, start=1) if _decode(line) is None]
-    if failing and len(failing) * 2 >= len(lines):
-        offset = sum(len(line) + 1 for line in lines[: failing[0] - 1])
+    lines = [line for block in blocks for line in block.split(b"\n")]
+    failing = [line for line in lines if _decode(line) is None]
+    # Another encoding: most lines fail, or every line with non-ASCII bytes fails (latin-1 text mostly in ASCII).
+    utf8_beyond_ascii = any(not line.isascii() and _decode(line) is not None for line in lines)
+    if failing and (len(failing) * 2 >= len(lines) or not utf8_beyond_ascii):
         try:
-            lines[failing[0] - 1].decode("utf-8")
+            failing[0].decode("utf-8")
         except UnicodeDecodeError as error:
-            offset += error.start
+            byte = failing[0][error.start : error.start + 1].hex()
         raise SourceError(
-            f"{path} is not UTF-8 text (invalid byte at offset {offset}): convert it first, for example "
-            f"with `iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`"
+            f"{path} is not UTF-8 text (byte 0x{byte} in the line {failing[0][:60]!r}, and no line of it uses UTF-8 "
+            f"beyond ASCII): convert it first, for example with `iconv -f latin1 -t utf-8 {path.name} > "
+            f"{path.stem}.utf8{path.suffix}`"
         )
 
 
-def _lines(path: Path) -> Iterator[bytes]:
+class _TooLong:
+    """A line longer than the reader's limit: its bytes were skipped, not held."""
+
+
+TOO_LONG = _TooLong()
+
+
+def _lines(path: Path, limit: int) -> Iterator[bytes | _TooLong]:
+    """The file's lines without their newline; a line longer than ``limit`` bytes is skipped in pieces and given
+    as ``TOO_LONG``, so memory stays bounded by the limit whatever the file's shape."""
     with path.open("rb") as handle:
-        for line in handle:
+        while line := handle.readline(limit + 1):
+            if len(line) > limit and not line.endswith(b"\n"):
+                while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+                yield TOO_LONG
+                continue
             yield line[:-1] if line.endswith(b"\n") else line
 
 
@@ -180,29 +213,47 @@ def _decode(line: bytes) -> str | None:
         return None
 
 
-def _txt_lines(path: Path) -> Iterator[RawRecord]:
-    for number, raw in enumerate(_lines(path), start=1):
+def _too_long(number: int, limit: int) -> str:
+    return (f"line {number} is longer than {limit:,} bytes, more than a sample may be: raise --max-sample-chars "
+            "to learn it")  # fmt: skip
+
+
+def _txt_lines(path: Path, limit: int) -> Iterator[RawRecord]:
+    for number, raw in enumerate(_lines(path, limit), start=1):
+        if raw is TOO_LONG:
+            yield _too_long(number, limit)
+            continue
+        assert isinstance(raw, bytes)
         text = _decode(raw.removesuffix(b"\r"))
         yield (text, {}) if text is not None else f"line {number} is not valid UTF-8"
 
 
-def _txt_paragraphs(path: Path) -> Iterator[RawRecord]:
-    """Maximal runs of non-blank lines, joined with a newline (a blank line is one whose strip() is empty)."""
+def _txt_paragraphs(path: Path, limit: int) -> Iterator[RawRecord]:
+    """Maximal runs of non-blank lines, joined with a newline (a blank line is one whose strip() is empty).
+    A paragraph longer than ``limit`` bytes is not held: it fails, named by its first line."""
     lines: list[str] = []
-    undecodable: int | None = None
-    for number, raw in enumerate(_lines(path), start=1):
-        text = _decode(raw)
+    problem: str | None = None
+    size = 0
+    first = 0
+    for number, raw in enumerate(_lines(path, limit), start=1):
+        text = None if raw is TOO_LONG else _decode(raw)  # type: ignore[arg-type]
         if text is not None and not text.strip():
-            if lines or undecodable is not None:
-                yield ("\n".join(lines), {}) if undecodable is None else f"line {undecodable} is not valid UTF-8"
-            lines, undecodable = [], None
+            if lines or problem is not None:
+                yield ("\n".join(lines), {}) if problem is None else problem
+            lines, problem, size = [], None, 0
             continue
-        if text is None:
-            undecodable = undecodable or number
+        first = first if (lines or problem) else number
+        if problem is not None:
+            continue
+        if raw is TOO_LONG or size + len(raw) > limit:  # type: ignore[arg-type]
+            problem, lines = _too_long(first, limit).replace("line", "the paragraph at line", 1), []
+        elif text is None:
+            problem, lines = f"line {number} is not valid UTF-8", []
         else:
             lines.append(text)
-    if lines or undecodable is not None:
-        yield ("\n".join(lines), {}) if undecodable is None else f"line {undecodable} is not valid UTF-8"
+            size += len(raw) + 1  # type: ignore[arg-type]
+    if lines or problem is not None:
+        yield ("\n".join(lines), {}) if problem is None else problem
 
 
 MAX_METADATA_DEPTH = 64
@@ -234,8 +285,12 @@ def _record_fields(record: dict[str, Any], text_field: str, wanted: tuple[str, .
     return text, fields
 
 
-def _jsonl(path: Path, text_field: str, wanted: tuple[str, ...]) -> Iterator[RawRecord]:
-    for number, raw in enumerate(_lines(path), start=1):
+def _jsonl(path: Path, text_field: str, wanted: tuple[str, ...], limit: int) -> Iterator[RawRecord]:
+    for number, raw in enumerate(_lines(path, limit), start=1):
+        if raw is TOO_LONG:
+            yield _too_long(number, limit)
+            continue
+        assert isinstance(raw, bytes)
         if not raw.strip():
             continue
         try:
@@ -255,7 +310,10 @@ def _starts_with_array(path: Path) -> bool:
 
 
 def _first_jsonl_record(path: Path) -> dict[str, Any] | None:
-    for raw in _lines(path):
+    for raw in _lines(path, 1 << 24):
+        if raw is TOO_LONG:
+            return None
+        assert isinstance(raw, bytes)
         if raw.strip():
             try:
                 record = orjson.loads(raw)
@@ -341,6 +399,9 @@ class Source:
     def __init__(self, spec: SourceSpec) -> None:
         self.spec = spec
         self.label = spec.source_label
+        # Bytes a line (or paragraph) may have before it is skipped unread: the longest sample's UTF-8 (4 bytes a
+        # character at most), plus room for a jsonl record's quoting and metadata fields.
+        self._byte_limit = 4 * spec.max_chars + (1 << 20)
         self._records: Any = None
         self._open()
 
@@ -385,7 +446,7 @@ class Source:
                 raise SourceError(f"{path} is plain text and has no record fields: drop --metadata-fields "
                                   f"{','.join(wanted)} or use a jsonl, parquet or csv file")  # fmt: skip
             reader = _txt_lines if spec.txt_mode == "line" else _txt_paragraphs
-            self._records = lambda: reader(path)
+            self._records = lambda: reader(path, self._byte_limit)
         elif local_format == "jsonl":
             if _starts_with_array(path):
                 raise SourceError(f"{path} holds one JSON array, not JSON lines (one object per line): convert it "
@@ -394,7 +455,7 @@ class Source:
             if first is not None:
                 _require_fields(f"{path} (first record)", list(first), text_field, wanted,
                                 "name the text field with --text-field, and only existing --metadata-fields")  # fmt: skip
-            self._records = lambda: _jsonl(path, text_field, wanted)
+            self._records = lambda: _jsonl(path, text_field, wanted, self._byte_limit)
         elif local_format == "csv":
             _require_fields(str(path), _csv_header(path), text_field, wanted,
                             "name the text column with --text-field, and only existing --metadata-fields")  # fmt: skip

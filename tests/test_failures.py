@@ -200,3 +200,34 @@ def test_a_bad_csv_row_past_ten_thousand_rows_fails_alone_and_the_file_finishes(
     assert result.returncode == 7 and "Traceback" not in result.stderr
     assert summary["samples"]["learned"] == 12_001 and summary["failures"] == [
         {"sample_index": 12_000, "reason": "the row at line 12002 has 4 fields where the header has 2"}]
+
+
+def test_a_latin1_file_is_refused_as_a_whole(tmp_path: Path) -> None:
+    """Mostly ASCII, accented letters in latin-1 deep in the file: not UTF-8, refused before learning."""
+    paragraphs = [f"Paragraph {i} is plain English text without accents." for i in range(3000)]
+    paragraphs[2500] = "Un caf\xe9 cr\xe8me, s'il vous pla\xeet."
+    source = tmp_path / "latin1.txt"
+    source.write_bytes("\n\n".join(paragraphs).encode("latin-1"))
+    result = _plain_run(str(source), "--data", str(tmp_path / "kb"))
+    assert result.returncode == 2 and "is not UTF-8 text" in result.stderr and "iconv -f latin1" in result.stderr
+    assert not (tmp_path / "kb").exists() or not (tmp_path / "kb" / "kato.sqlite3").exists()
+
+
+def test_a_300_mb_line_is_skipped_without_holding_it(tmp_path: Path) -> None:
+    """A single 300 MB line fails alone; the process never holds it (peak RSS far below its size)."""
+    source = tmp_path / "huge.jsonl"
+    with source.open("w") as handle:
+        handle.write(json.dumps({"text": "A small record before the big one."}) + "\n")
+        handle.write('{"text": "' + "word " * 60_000_000 + '"}\n')
+        handle.write(json.dumps({"text": "A small record after the big one."}) + "\n")
+    script = ("import resource, subprocess, sys; "
+              "subprocess.run(sys.argv[1:], check=False); "
+              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # fmt: skip
+    measured = subprocess.run([sys.executable, "-c", script, sys.executable, "-m", "ingestd", "run", str(source),
+                               "--data", str(tmp_path / "kb"), "--no-progress", "--summary-json", str(tmp_path / "s.json")],
+                              capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    peak_kib = int(measured.stdout.strip().splitlines()[-1])
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["samples"]["learned"] == 2 and summary["failures"][0]["sample_index"] == 1
+    assert "--max-sample-chars" in summary["failures"][0]["reason"]
+    assert peak_kib < 150 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB for a 300 MB line"

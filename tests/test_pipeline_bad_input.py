@@ -149,7 +149,8 @@ def test_bad_records_fail_alone_and_the_run_goes_on(tmp_path: Path) -> None:
 
 def test_undecodable_lines_in_a_utf8_file_fail_alone(tmp_path: Path) -> None:
     path = tmp_path / "lines.txt"
-    path.write_bytes(b"a good first line of text\n" + b"bad \xff\xfe bytes in this line\n" + b"a good last line of text\n")
+    path.write_bytes("a good first line: café, naïve\n".encode() + b"bad \xff\xfe bytes in this line\n"
+                     + b"a good last line of text\n")  # UTF-8 beyond ASCII: a UTF-8 file with one bad line
     summary = run_cli(str(path), "--txt-mode", "line", "--data", str(tmp_path / "kb"), expect=7)
     assert summary["samples"] == {"read": 3, "learned": 2, "filtered": 0, "failed": 1, "skipped": 0, "unfinished": 0}
     assert summary["failures"][0] == {"sample_index": 1, "reason": "line 2 is not valid UTF-8"}
