@@ -262,8 +262,11 @@ def serve_command(
 
     settings = _settings(host=host, port=port, state_dir=state_dir, max_jobs=max_jobs, log_format=log_format,
                          log_level=log_level)  # fmt: skip
+    from ingestd.jobs import JobManager
+
     try:
         settings.api_token()  # refuse a bad token setup before binding
+        JobManager(settings.state_dir, max_jobs=settings.max_jobs, drain_timeout=settings.drain_timeout).check()
     except IngestError as error:
         typer.echo(f"ingestd: error: {error}", err=True)
         raise typer.Exit(error.exit_code) from None

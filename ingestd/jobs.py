@@ -7,6 +7,7 @@ crash) resumes from its recorded progress like ``ingestd run`` does.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import sqlite3
 import time
@@ -21,7 +22,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from ingestd import metrics
 from ingestd.backend import check_kato_url
-from ingestd.errors import find_ingest_error
+from ingestd.errors import IngestError, find_ingest_error
 from ingestd.hierarchy import MAX_LEVELS, Hierarchy, HierarchyError
 from ingestd.pipeline import MAX_WORKERS, Pipeline, RunConfig
 from ingestd.source import SourceSpec
@@ -119,6 +120,20 @@ class JobManager:
         self._shutting_down = False
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def check(self) -> None:
+        """Refuse, with one line, a state directory whose job store cannot be used (before the daemon starts)."""
+        path = self.state_dir / "jobs.sqlite3"
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            with contextlib.closing(sqlite3.connect(path, timeout=5.0)) as connection:
+                connection.executescript(_SCHEMA)
+                connection.execute("SELECT count(*) FROM jobs").fetchone()
+        except (OSError, sqlite3.Error) as error:
+            raise IngestError(
+                f"the job store {path} cannot be used ({error}): move it away (its jobs are then forgotten; their run "
+                "directories stay) or give another --state-dir"
+            ) from None
+
     def open(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.state_dir / "jobs.sqlite3", isolation_level=None, check_same_thread=False)

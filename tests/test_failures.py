@@ -231,3 +231,15 @@ def test_a_300_mb_line_is_skipped_without_holding_it(tmp_path: Path) -> None:
     assert summary["samples"]["learned"] == 2 and summary["failures"][0]["sample_index"] == 1
     assert "--max-sample-chars" in summary["failures"][0]["reason"]
     assert peak_kib < 150 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB for a 300 MB line"
+
+
+def test_a_damaged_job_store_stops_the_daemon_with_one_line(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "jobs.sqlite3").write_bytes(os.urandom(4000))
+    result = subprocess.run([sys.executable, "-m", "ingestd", "serve", "--port", "0", "--state-dir", str(tmp_path / "state")],
+                            env={**os.environ, "INGESTD_TOKEN": "t"}, capture_output=True, text=True, timeout=60,
+                            check=False)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.startswith("ingestd: error: the job store") and "--state-dir" in result.stderr
