@@ -178,7 +178,7 @@ def serve(settings: Settings) -> None:
     """
     import importlib.util
 
-    from ingestd.runtime import throughput_gc
+    from ingestd.runtime import http_protocol, throughput_gc
 
     server: _DrainingServer | None = None
 
@@ -189,6 +189,7 @@ def serve(settings: Settings) -> None:
     app = build_app(settings, on_fatal=fatal)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", log_config=None,
                             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+                            http=http_protocol(settings.header_timeout),
                             timeout_graceful_shutdown=int(settings.drain_timeout) + 10)  # fmt: skip
     server = _DrainingServer(config, on_second_signal=app.state.jobs.abort)
     with throughput_gc():

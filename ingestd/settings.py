@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(default=30.0, gt=0, description="On SIGTERM, seconds for in-flight samples.")
     open_readyz: bool = Field(default=True, description="/readyz without the token (/healthz is always open).")
     open_metrics: bool = Field(default=True, description="/metrics without the token.")
+    header_timeout: float = Field(default=10.0, gt=0, description="Seconds a connection may take to send a "
+                                  "request's headers; slower ones are closed.")  # fmt: skip
 
     def api_token(self) -> str:
         """The job API's token, from INGESTD_TOKEN or the file INGESTD_TOKEN_FILE names (never logged).

@@ -140,13 +140,13 @@ def test_stm_is_trimmed_to_1000_events_but_reported_before_trimming(client: http
     ("method", "path", "content", "status", "detail_type"),
     [
         ("POST", "/sessions", b'{"node_id": ', 422, "json_invalid"),
-        ("POST", "/sessions", b"[1, 2]", 422, "model_type"),
+        ("POST", "/sessions", b"[1, 2]", 422, "model_attributes_type"),  # FastAPI validates with from_attributes
         ("POST", "/sessions", b'{"node_id": "n", "ttl_seconds": "long"}', 422, "int_parsing"),
         ("POST", "/sessions", b'{"node_id": "n", "config": [1]}', 422, "dict_type"),
         ("POST", "/sessions/{sid}/observe", b'{"strings": [1]}', 422, "string_type"),
         ("POST", "/sessions/{sid}/observe", b'{"strings": ["a"], "metadata": "x"}', 422, "dict_type"),
         ("POST", "/sessions/{sid}/observe", b"\xff\xfe", 422, "json_invalid"),
-        ("POST", "/sessions/{sid}/observe-sequence", b'{"observations": [1]}', 422, "model_type"),
+        ("POST", "/sessions/{sid}/observe-sequence", b'{"observations": [1]}', 422, "model_attributes_type"),
         ("POST", "/sessions/{sid}/config", b"[]", 422, "dict_type"),
         ("POST", "/sessions/{sid}/learn", b"", 400, None),
         ("POST", "/sessions/session-00000000000000000000000000000000-0/learn", b"", 404, None),
@@ -465,3 +465,74 @@ def test_serving_a_damaged_store_is_one_clear_line(tmp_path, damage: str) -> Non
                             capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr and "API on" not in result.stderr
     assert result.stderr.startswith(f"ingestd kato: error: cannot open {store}") and result.stderr.count("\n") == 1
+
+
+def _nested(depth: int) -> object:
+    value: object = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_deep_nesting_gets_katos_answers_not_500(fresh_server: EngineServer) -> None:
+    """KATO parses bodies with Python's json: metadata nested 300 or 900 levels is taken (and stored as str(),
+    as KATO does), a body nested past the parser's depth is FastAPI's 400; nothing is a 500."""
+    with httpx.Client(base_url=fresh_server.url, timeout=30.0) as client:
+        session = create(client, "deep")
+        names = []
+        for depth in (300, 900):
+            body = {"observations": [{"strings": [f"d{depth}"], "metadata": {"m": _nested(depth)}}, {"strings": ["e"]}],
+                    "learn_at_end": True}  # fmt: skip
+            answer = client.post(f"/sessions/{session}/observe-sequence", content=json.dumps(body),
+                                 headers={"content-type": "application/json"})  # fmt: skip
+            assert answer.status_code == 200, answer.text
+            names.append(answer.json()["final_learned_pattern"])
+        too_deep = client.post(f"/sessions/{session}/observe-sequence", content="[" * 5000 + "]" * 5000,
+                               headers={"content-type": "application/json"})  # fmt: skip
+        assert too_deep.status_code == 400 and too_deep.json() == {"detail": "There was an error parsing the body"}
+        # metadata accumulates until clear-stm: the session, holding 900 levels, must survive a restart too
+        client.post(f"/sessions/{session}/observe", json={"strings": ["f"], "metadata": {"m": _nested(600)}})
+    fresh_server.stop()
+    fresh_server.start()
+    with httpx.Client(base_url=fresh_server.url, timeout=30.0) as client:
+        assert client.get(f"/sessions/{session}/stm").json()["stm"] == [["f"]]
+        stored = client.get(f"/pattern/{names[0].replace('|', '%7C')}", params={"node_id": "deep"}).json()
+        assert stored["pattern"]["pattern"]["metadata"]["m"] == [str(_nested(300))]
+
+
+def test_bodies_of_the_wrong_json_type_get_fastapis_error(client: httpx.Client) -> None:
+    answer = client.post("/sessions", json=[1, 2])
+    assert answer.status_code == 422
+    assert answer.json() == {"detail": [{"type": "model_attributes_type", "loc": ["body"],
+                                         "msg": "Input should be a valid dictionary or object to extract fields from",
+                                         "input": [1, 2]}]}  # fmt: skip
+    session = create(client, node("wrong-types"))
+    items = client.post(f"/sessions/{session}/observe-sequence", json={"observations": [["a"]]})
+    assert items.status_code == 422 and items.json()["detail"][0]["type"] == "model_attributes_type"
+    assert items.json()["detail"][0]["loc"] == ["body", "observations", 0]
+
+
+def test_connections_that_never_finish_their_headers_are_closed(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    monkeypatch.setenv("INGESTD_SERVER__HEADER_TIMEOUT", "1")
+    server = EngineServer(tmp_path / "kb").start()
+    try:
+        stalled = []
+        for _ in range(50):
+            connection = socket.create_connection(("127.0.0.1", server.port))
+            connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+            stalled.append(connection)
+        deadline = time.monotonic() + 30
+        closed = 0
+        for connection in stalled:
+            connection.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                closed += connection.recv(100) == b""
+            except (TimeoutError, OSError):
+                pass
+            connection.close()
+        assert closed == 50
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 200  # a real request still goes through
+    finally:
+        server.stop()

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
-import orjson
 
 from ingestd.engine import config as session_config
 from ingestd.engine import feeders, ledger, rules
@@ -25,7 +24,7 @@ from ingestd.engine.feeders import Claim, Feeder
 from ingestd.engine.ledger import LedgerConflict, Place
 from ingestd.engine.session import Learn, Observation, Session, new_session_id
 from ingestd.engine.settings import EngineSettings
-from ingestd.engine.store import KnowledgeStore
+from ingestd.engine.store import KnowledgeStore, load_document
 
 KATO_VERSION = "3.10.1"
 
@@ -90,7 +89,7 @@ class Engine:
             return [row[0] for row in rows]
 
         for document in await self._run(load):
-            session = Session.from_document(orjson.loads(document))
+            session = Session.from_document(load_document(document))
             self._sessions[session.session_id] = session
         self._sweeper = asyncio.create_task(self._sweep_forever(), name="kato-session-sweeper")
 

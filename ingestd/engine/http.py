@@ -96,6 +96,8 @@ async def _json_body(request: Request) -> Any:
         return raw.decode("utf-8", "replace")
     try:
         return json.loads(raw)
+    except RecursionError:  # nested deeper than Python's parser goes: FastAPI's answer to a body it cannot parse
+        raise KatoError(400, "There was an error parsing the body") from None
     except json.JSONDecodeError as error:
         raise RequestInvalid(
             [{"type": "json_invalid", "loc": ["body", error.pos], "msg": "JSON decode error", "input": {},
@@ -125,7 +127,7 @@ async def _body_model(request: Request, model: type[BaseModel]) -> Any:
     if body is None:
         raise _missing_body()
     try:
-        return model.model_validate(body)
+        return model.model_validate(body, from_attributes=True)  # as FastAPI validates bodies
     except ValidationError as error:
         raise RequestInvalid(_located(error.errors(include_url=False), ("body",))) from None
 
@@ -279,7 +281,7 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
         if body is None:
             raise _missing_body()
         try:
-            updates = _DICT_BODY.validate_python(body)
+            updates = _DICT_BODY.validate_python(body, from_attributes=True)
         except ValidationError as error:
             raise RequestInvalid(_located(error.errors(include_url=False), ("body",))) from None
         return JSONResponse(await engine.update_config(request.path_params["session_id"], updates))

@@ -11,7 +11,7 @@ import uvicorn
 from ingestd.engine.http import create_app
 from ingestd.engine.settings import ServerSettings
 from ingestd.engine.store import KnowledgeStore
-from ingestd.runtime import throughput_gc
+from ingestd.runtime import http_protocol, throughput_gc
 
 
 def serve(settings: ServerSettings) -> None:
@@ -28,7 +28,7 @@ def serve(settings: ServerSettings) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=http_protocol(settings.header_timeout),
         log_level="warning",
         access_log=False,
         timeout_keep_alive=5,  # as KATO's image

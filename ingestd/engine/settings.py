@@ -38,3 +38,5 @@ class ServerSettings(EngineSettings):
     host: str = Field(default="127.0.0.1", description="Address to bind; loopback unless you mean it.")
     port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest request body accepted.")
+    header_timeout: float = Field(default=10.0, gt=0, description="Seconds a connection may take to send a request's "
+                                  "headers; slower ones are closed (half-open connections do not pile up).")  # fmt: skip

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import secrets
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -247,7 +248,7 @@ class KnowledgeStore:
     def save_session(connection: sqlite3.Connection, document: dict[str, Any]) -> None:
         connection.execute(
             "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)",
-            (document["session_id"], document["expires_at"], orjson.dumps(document)),
+            (document["session_id"], document["expires_at"], dump_document(document)),
         )
 
     @staticmethod
@@ -266,7 +267,7 @@ class KnowledgeStore:
     @staticmethod
     def load_session(connection: sqlite3.Connection, session_id: str) -> dict[str, Any] | None:
         row = connection.execute("SELECT document FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
-        return None if row is None else orjson.loads(row[0])
+        return None if row is None else load_document(row[0])
 
     @staticmethod
     def delete_session(connection: sqlite3.Connection, session_id: str) -> None:
@@ -299,6 +300,22 @@ class KnowledgeStore:
         """Every pattern of one knowledge base (for exports and tests)."""
         rows = connection.execute(f"SELECT {_PATTERN_COLUMNS} FROM patterns WHERE kb_id = ?", (kb_id,))
         return [_pattern_from_row(row) for row in rows]
+
+
+def dump_document(document: Any) -> bytes:
+    """A session document as JSON. orjson stops at 255 levels of nesting, and observation metadata (kept raw in
+    the accumulator until a learn folds it into strings) may nest as deep as KATO's own JSON parser takes."""
+    try:
+        return orjson.dumps(document)
+    except TypeError:
+        return json.dumps(document, ensure_ascii=False).encode()
+
+
+def load_document(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
 
 
 _PATTERN_COLUMNS = "name, pattern_data, length, frequency, emotives, metadata"
