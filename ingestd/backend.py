@@ -83,6 +83,19 @@ def _observations(chunk: Sequence[str], metadata: dict[str, Any] | None) -> list
 _JSON_HEADERS = {"content-type": "application/json"}
 
 
+def _answer_text(raw: bytes) -> str:
+    """An error answer, short and without what was sent: FastAPI's 422 details echo their input (sample text),
+    which must not reach logs, dead letters or a job's error."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw[:300].decode("utf-8", "replace")
+    if isinstance(body, dict) and isinstance(body.get("detail"), list):
+        body["detail"] = [{key: value for key, value in item.items() if key not in ("input", "ctx", "url")}
+                          if isinstance(item, dict) else item for item in body["detail"][:5]]  # fmt: skip
+    return orjson.dumps(body).decode()[:500]
+
+
 def check_kato_url(url: str) -> str:
     """A KATO server's address as ingestd takes it: ``http(s)://host[:port][/prefix]``, without credentials
     (it is logged, stored with jobs and shown by ``/readyz``); raises ``ValueError`` naming what is wrong."""
@@ -220,7 +233,7 @@ class HttpKato:
             return orjson.loads(raw)
         if status in (502, 503, 504):
             raise ServerDown(f"{method} {path} answered {status}")
-        text = raw[:500].decode("utf-8", "replace")
+        text = _answer_text(raw)
         if status == 404 and b"SESSION_NOT_FOUND" in raw[:200]:
             raise SessionLost(path.split("/")[2])
         if status == 409 and b"LEDGER_CONFLICT" in raw[:200]:

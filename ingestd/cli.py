@@ -12,6 +12,7 @@ import typer
 from ingestd import __version__
 from ingestd.errors import IngestError, find_ingest_error
 from ingestd.settings import Settings
+from ingestd.source import MAX_COUNT
 
 app = typer.Typer(
     help="ingestd streams text corpora into a KATO hierarchy, fast and exactly.",
@@ -140,10 +141,10 @@ def run_command(
     hub_config: Annotated[Optional[str], typer.Option(help="Hub dataset config name.")] = None,
     split: Annotated[Optional[str], typer.Option(help="Hub dataset split (default train).")] = None,
     txt_mode: Annotated[str, typer.Option(help="For .txt files: one sample per 'paragraph' or per 'line'.")] = "paragraph",
-    max_samples: Annotated[Optional[int], typer.Option(min=0, help="Stop after this many samples.")] = None,
-    skip: Annotated[int, typer.Option(min=0, help="Skip this many samples of the filtered stream first.")] = 0,
-    max_sample_chars: Annotated[int, typer.Option(min=1, help="Longer samples fail alone (to failed.jsonl) instead of being learned.")] = 1_000_000,
-    min_chars: Annotated[Optional[int], typer.Option(min=0, help="Samples whose stripped text is shorter are filtered (counted, not learned); 0 keeps every sample. Default 11, or the hierarchy file's [run] min_chars.", show_default=False)] = None,
+    max_samples: Annotated[Optional[int], typer.Option(min=0, max=MAX_COUNT, help="Stop after this many samples.")] = None,
+    skip: Annotated[int, typer.Option(min=0, max=MAX_COUNT, help="Skip this many samples of the filtered stream first.")] = 0,
+    max_sample_chars: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Longer samples fail alone (to failed.jsonl) instead of being learned.")] = 1_000_000,
+    min_chars: Annotated[Optional[int], typer.Option(min=0, max=MAX_COUNT, help="Samples whose stripped text is shorter are filtered (counted, not learned); 0 keeps every sample. Default 11, or the hierarchy file's [run] min_chars.", show_default=False)] = None,
     allow_mixed_kb: Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed (refused otherwise).")] = False,
     workers: Annotated[int, typer.Option(min=1, max=1024, help="Concurrent workers, each with one session per node.")] = 8,
     batch_chunks: Annotated[int, typer.Option(min=1, max=4096, help="Chunks per observe-sequence on batched levels.")] = 64,
@@ -316,8 +317,8 @@ def jobs_submit(
     run_id: Annotated[str, typer.Option(help="Run name ({run_id} in --node-ids).")] = "",
     kato: Annotated[Optional[str], typer.Option(help="KATO server for this job (default: the daemon's embedded engine).")] = None,
     workers: Annotated[int, typer.Option(min=1, max=1024)] = 8,
-    max_samples: Annotated[Optional[int], typer.Option(min=0)] = None,
-    skip: Annotated[int, typer.Option(min=0, help="Skip this many samples of the filtered stream first.")] = 0,
+    max_samples: Annotated[Optional[int], typer.Option(min=0, max=MAX_COUNT)] = None,
+    skip: Annotated[int, typer.Option(min=0, max=MAX_COUNT, help="Skip this many samples of the filtered stream first.")] = 0,
     text_field: Annotated[Optional[str], typer.Option(help="Field with the text (default: the dataset's, else 'text').")] = None,
     metadata_fields: Annotated[Optional[str], typer.Option(help="Record fields added to the metadata, e.g. url,timestamp.")] = None,
     source_label: Annotated[Optional[str], typer.Option(help="metadata 'source' (default: dataset key or file name).")] = None,
@@ -325,7 +326,7 @@ def jobs_submit(
     split: Annotated[Optional[str], typer.Option(help="Hub dataset split (default train).")] = None,
     txt_mode: Annotated[str, typer.Option(help="For .txt files: one sample per 'paragraph' or per 'line'.")] = "paragraph",
     tokenizer: Annotated[str, typer.Option(help="'gpt2' (bundled) or a tokenizer the daemon can load offline.")] = "gpt2",
-    min_chars: Annotated[int, typer.Option(min=0, help="Samples whose stripped text is shorter are filtered; 0 keeps every sample.")] = 11,
+    min_chars: Annotated[int, typer.Option(min=0, max=MAX_COUNT, help="Samples whose stripped text is shorter are filtered; 0 keeps every sample.")] = 11,
     allow_mixed_kb: Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed.")] = False,
     url: _URL = _DAEMON,
     token: _TOKEN = None,

@@ -18,16 +18,20 @@ from typing import Any, Literal
 import anyio
 import orjson
 import structlog
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ingestd import metrics
 from ingestd.backend import check_kato_url
 from ingestd.errors import IngestError, find_ingest_error
 from ingestd.hierarchy import MAX_LEVELS, Hierarchy, HierarchyError
 from ingestd.pipeline import MAX_WORKERS, Pipeline, RunConfig
-from ingestd.source import SourceSpec
+from ingestd.source import MAX_COUNT, SourceSpec
 
 log = structlog.get_logger("ingestd.jobs")
+
+class JobRefused(IngestError):
+    """The job reaches outside what this daemon lets jobs touch."""
+
 
 State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 STATES: tuple[State, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -50,7 +54,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 
 
 class JobSpec(BaseModel):
-    """What a client submits (``POST /jobs``); the same choices as ``ingestd run``'s flags."""
+    """What a client submits (``POST /jobs``); the same choices as ``ingestd run``'s flags. A field this version
+    does not know is refused, not ignored: a misspelled option must not run a job with its default."""
+
+    model_config = ConfigDict(extra="forbid")
 
     source: str
     text_field: str | None = None
@@ -66,9 +73,9 @@ class JobSpec(BaseModel):
     kato_url: str | None = Field(default=None, description="A KATO server; None = the daemon's embedded engine.")
     workers: int = Field(default=8, ge=1, le=MAX_WORKERS)
     tokenizer: str = "gpt2"
-    skip: int = Field(default=0, ge=0)
-    max_samples: int | None = Field(default=None, ge=0)
-    min_chars: int = Field(default=11, ge=0, description="Shorter samples (stripped) are filtered; 0 keeps all.")
+    skip: int = Field(default=0, ge=0, le=MAX_COUNT)
+    max_samples: int | None = Field(default=None, ge=0, le=MAX_COUNT)
+    min_chars: int = Field(default=11, ge=0, le=MAX_COUNT, description="Shorter samples (stripped) are filtered; 0 keeps all.")
     allow_mixed_kb: bool = Field(default=False, description="Feed nodes another level, chunk size or tokenizer fed.")
 
     @field_validator("kato_url")
@@ -101,12 +108,40 @@ class JobSpec(BaseModel):
                          node_registry=state_dir / "kato-nodes.sqlite3")  # fmt: skip
 
 
+class JobPolicy:
+    """What a job may touch: sources under the configured folders (or on the hub), and the configured KATO servers.
+
+    A job's source is read by the daemon and its text sent to its KATO: without this, a token holder could
+    have the daemon read any file it can read and send it to any address it can reach.
+    """
+
+    def __init__(self, source_roots: list[Path], kato_urls: list[str]) -> None:
+        self.source_roots = [root.resolve() for root in source_roots]
+        self.kato_urls = {check_kato_url(url) for url in kato_urls}
+
+    def refusal(self, spec: JobSpec) -> tuple[str, str] | None:
+        """(field, why) if the job reaches outside what it may; None if it may run."""
+        source = SourceSpec(source=spec.source)
+        if source.is_local:
+            where = Path(spec.source).expanduser().resolve()
+            if not any(where.is_relative_to(root) for root in self.source_roots):
+                roots = ":".join(str(root) for root in self.source_roots) or "none: hub datasets only"
+                return "source", (f"the source {spec.source!r} is outside the folders jobs may read ({roots}): put it "
+                                  "there, or widen INGESTD_SOURCE_ROOTS")  # fmt: skip
+        if spec.kato_url is not None and spec.kato_url not in self.kato_urls:
+            allowed = ", ".join(sorted(self.kato_urls)) or "none"
+            return "kato_url", (f"{spec.kato_url} is not a KATO server this daemon may use (INGESTD_KATO_URLS: "
+                                f"{allowed}): add it there, or leave kato_url out for the embedded engine")  # fmt: skip
+        return None
+
+
 class JobManager:
     """Jobs in ``<state dir>/jobs.sqlite3``; at most ``max_jobs`` run at once in this event loop."""
 
-    def __init__(self, state_dir: Path, *, max_jobs: int, drain_timeout: float,
+    def __init__(self, state_dir: Path, *, max_jobs: int, drain_timeout: float, policy: JobPolicy | None = None,
                  on_fatal: Callable[[], None] = lambda: None) -> None:  # fmt: skip
         self.state_dir = Path(state_dir)
+        self.policy = policy or JobPolicy([self.state_dir / "corpora"], [])
         self.max_jobs = max_jobs
         self.drain_timeout = drain_timeout
         self.failed = False  # the runner itself failed: the daemon must restart
@@ -198,9 +233,11 @@ class JobManager:
         self._changed()
         return self.get(job_id)  # type: ignore[return-value]
 
-    def all(self) -> list[dict[str, Any]]:
-        rows = self._query("SELECT id FROM jobs ORDER BY created_at")
-        return [job for (job_id,) in rows if (job := self.get(job_id)) is not None]
+    def all(self, *, offset: int = 0, limit: int = 100) -> tuple[list[dict[str, Any]], int]:
+        """A page of jobs, oldest first, and how many there are in all."""
+        total = self._query("SELECT count(*) FROM jobs")[0][0]
+        rows = self._query("SELECT id FROM jobs ORDER BY created_at, id LIMIT ? OFFSET ?", (limit, offset))
+        return [job for (job_id,) in rows if (job := self.get(job_id)) is not None], total
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         rows = self._query("SELECT id, spec, state, retry_failed, created_at, started_at, finished_at, summary, error "
@@ -272,6 +309,9 @@ class JobManager:
                 job = self.get(job_id)
                 assert job is not None
                 spec = JobSpec.model_validate(job["spec"])
+                refusal = self.policy.refusal(spec)  # again: a symlink or a setting may have changed since
+                if refusal is not None:
+                    raise JobRefused(refusal[1])
                 config = spec.run_config(self.state_dir, job_id, retry_failed=job["retry_failed"],
                                          drain_timeout=self.drain_timeout)  # fmt: skip
                 pipeline = Pipeline(config)

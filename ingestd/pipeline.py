@@ -31,7 +31,7 @@ from ingestd.progress import Progress, SourceChanged, fingerprint
 from ingestd.resume import check_store_file, prepare
 from ingestd.retry import RetryPolicy, ServerWatch
 from ingestd.retry import send as send_call
-from ingestd.source import BadRecord, Filtered, Sample, Source, SourceEvent, SourceSpec
+from ingestd.source import MAX_COUNT, BadRecord, Filtered, Sample, Source, SourceEvent, SourceSpec
 from ingestd.tokenize import Tokenizer, load_tokenizer
 from ingestd.worker import SampleOutcome, Worker, level_setups
 
@@ -60,8 +60,8 @@ class RunConfig(BaseModel):
     durability: Literal["full", "normal"] = "full"
     run_id: str = ""
     fresh: bool = Field(default=False, description="clear-all every node of the hierarchy before learning.")
-    skip: int = Field(default=0, ge=0)
-    max_samples: int | None = Field(default=None, ge=0)
+    skip: int = Field(default=0, ge=0, le=MAX_COUNT)
+    max_samples: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     read_batch: int = Field(default=64, ge=1, le=100_000, description="Samples read, tokenized and planned per thread hop.")
     queue_size: int | None = Field(default=None, ge=1, le=1_000_000, description="Planned samples waiting; default 4 per worker.")
     retry: RetryPolicy = RetryPolicy()

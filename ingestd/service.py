@@ -17,6 +17,7 @@ import contextlib
 import secrets
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import FrameType
 from typing import Any
@@ -33,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ingestd.jobs import JobManager, JobSpec
+from ingestd.jobs import JobManager, JobPolicy, JobSpec
 from ingestd.settings import Settings
 
 log = structlog.get_logger("ingestd.service")
@@ -64,9 +65,12 @@ class BearerAuth:
 
 def build_app(settings: Settings, *, on_fatal: Callable[[], None] = lambda: None) -> Starlette:
     """The daemon's ASGI app; ``on_fatal`` is called if the job runner fails (``serve`` then exits 1)."""
+    policy = JobPolicy(settings.job_source_roots(), settings.job_kato_urls())
     manager = JobManager(settings.state_dir, max_jobs=settings.max_jobs, drain_timeout=settings.drain_timeout,
-                         on_fatal=on_fatal)  # fmt: skip
+                         policy=policy, on_fatal=on_fatal)  # fmt: skip
     token = settings.api_token()
+    expected_authorization = f"Bearer {token}".encode()
+    readiness = _Readiness(manager)
 
     async def healthz(request: Request) -> Response:
         if manager.failed:
@@ -74,16 +78,11 @@ def build_app(settings: Settings, *, on_fatal: Callable[[], None] = lambda: None
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        ready, reason = manager.ready()
-        problems = [] if ready else [reason]
-        async with httpx.AsyncClient(timeout=3.0) as client:
-            for url in sorted(manager.kato_urls()):
-                try:
-                    answer = await client.get(url.rstrip("/") + "/health")
-                    if answer.status_code != 200:
-                        problems.append(f"KATO at {url} answered {answer.status_code}")
-                except (httpx.HTTPError, httpx.InvalidURL) as error:
-                    problems.append(f"KATO at {url} unreachable ({type(error).__name__})")
+        problems = await readiness.problems()
+        # KATO addresses are shown to token holders only (/readyz may be open to anyone).
+        given = request.headers.get("authorization", "").encode()
+        if not secrets.compare_digest(given, expected_authorization):
+            problems = [problem.split(": ", 1)[0] for problem in problems]
         body = {"status": "ready" if not problems else "not ready", "problems": problems}
         return JSONResponse(body, status_code=200 if not problems else 503)
 
@@ -91,14 +90,30 @@ def build_app(settings: Settings, *, on_fatal: Callable[[], None] = lambda: None
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     async def submit(request: Request) -> Response:
+        body = await _limited_body(request, settings.max_body_bytes)
+        if body is None:
+            return JSONResponse({"detail": f"the body is larger than {settings.max_body_bytes} bytes "
+                                           "(INGESTD_MAX_BODY_BYTES)"}, status_code=413)  # fmt: skip
         try:
-            spec = JobSpec.model_validate_json(await request.body())
-        except ValidationError as error:
-            return JSONResponse({"detail": error.errors(include_url=False, include_context=False)}, status_code=422)
+            spec = JobSpec.model_validate_json(body)
+        except ValidationError as error:  # the input is not echoed back: it may be large, or not text
+            errors = error.errors(include_url=False, include_context=False, include_input=False)
+            return JSONResponse({"detail": [{**item, "loc": ["body", *item["loc"]]} for item in errors]}, status_code=422)
+        refusal = policy.refusal(spec)
+        if refusal is not None:
+            return JSONResponse({"detail": [{"type": "value_error", "loc": ["body", refusal[0]], "msg": refusal[1]}]},
+                                status_code=422)  # fmt: skip
         return JSONResponse(manager.submit(spec), status_code=201)
 
     async def list_jobs(request: Request) -> Response:
-        return JSONResponse({"jobs": manager.all()})
+        try:
+            offset = max(0, int(request.query_params.get("offset", 0)))
+            limit = min(1000, max(1, int(request.query_params.get("limit", 100))))
+        except ValueError:
+            return JSONResponse({"detail": "offset and limit are whole numbers (limit at most 1000)"}, status_code=422)
+        jobs, total = manager.all(offset=offset, limit=limit)
+        following = offset + len(jobs)
+        return JSONResponse({"jobs": jobs, "total": total, "next_offset": following if following < total else None})
 
     def one(operation: Any) -> Any:
         async def endpoint(request: Request) -> Response:
@@ -140,6 +155,59 @@ def build_app(settings: Settings, *, on_fatal: Callable[[], None] = lambda: None
         {"/metrics"} if settings.open_metrics else set())  # fmt: skip
     app.add_middleware(BearerAuth, token=token, open_paths=frozenset(open_paths))
     return app
+
+
+async def _limited_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None if it is longer than ``limit`` bytes (read no further than that)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+class _Readiness:
+    """/readyz's answer: the job store, and every KATO a queued or running job needs, checked at once with a
+    bounded wait, and kept for a few seconds so that probes cannot make the daemon hammer them."""
+
+    TIMEOUT = 2.0
+    KEEP = 5.0
+
+    def __init__(self, manager: JobManager) -> None:
+        self.manager = manager
+        self._answer: tuple[float, list[str]] | None = None
+        self._lock = anyio.Lock()
+
+    async def problems(self) -> list[str]:
+        async with self._lock:
+            if self._answer is not None and time.monotonic() - self._answer[0] < self.KEEP:
+                return self._answer[1]
+            ready, reason = self.manager.ready()
+            problems = [] if ready else [reason]
+            urls = sorted(self.manager.kato_urls())
+            found: dict[str, str | None] = {url: f"no answer within {self.TIMEOUT:g} s" for url in urls}
+            async with httpx.AsyncClient(timeout=self.TIMEOUT) as client:
+                with anyio.move_on_after(self.TIMEOUT + 0.5):
+                    async with anyio.create_task_group() as group:
+                        for url in urls:
+                            group.start_soon(self._check, client, url, found)
+            problems += [f"a KATO server is not ready: {url} {why}" for url, why in found.items() if why is not None]
+            self._answer = (time.monotonic(), problems)
+            return problems
+
+    @staticmethod
+    async def _check(client: httpx.AsyncClient, url: str, found: dict[str, str | None]) -> None:
+        try:
+            answer = await client.get(url + "/health")
+            found[url] = None if answer.status_code == 200 else f"answered {answer.status_code}"
+        except httpx.TimeoutException:
+            found[url] = f"no answer within {_Readiness.TIMEOUT:g} s"
+        except (httpx.HTTPError, httpx.InvalidURL) as error:
+            found[url] = f"unreachable ({type(error).__name__})"
 
 
 class _DrainingServer(uvicorn.Server):

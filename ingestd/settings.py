@@ -37,6 +37,19 @@ class Settings(BaseSettings):
     open_metrics: bool = Field(default=True, description="/metrics without the token.")
     header_timeout: float = Field(default=10.0, gt=0, description="Seconds a connection may take to send a "
                                   "request's headers; slower ones are closed.")  # fmt: skip
+    source_roots: str | None = Field(default=None, description="Folders job sources may be read from, ':'-separated "
+                                     "(default: <state dir>/corpora); hub datasets are always allowed.")  # fmt: skip
+    kato_urls: str = Field(default="", description="KATO servers jobs may use, comma-separated (default: none: "
+                           "jobs use the daemon's embedded engine).")  # fmt: skip
+    max_body_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024, description="Largest POST /jobs body (413 above).")
+
+    def job_source_roots(self) -> list[Path]:
+        if self.source_roots is None:
+            return [self.state_dir / "corpora"]
+        return [Path(root).expanduser() for root in self.source_roots.split(":") if root.strip()]
+
+    def job_kato_urls(self) -> list[str]:
+        return [url.strip().rstrip("/") for url in self.kato_urls.split(",") if url.strip()]
 
     def api_token(self) -> str:
         """The job API's token, from INGESTD_TOKEN or the file INGESTD_TOKEN_FILE names (never logged).

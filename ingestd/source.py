@@ -28,6 +28,8 @@ from ingestd.errors import IngestError
 MIN_CHARS = 11
 """Default ``--min-chars``: samples whose stripped text is shorter are filtered out (0 keeps every sample)."""
 MAX_TEXT_CHARS = 1_000_000
+MAX_COUNT = 2**53 - 1
+"""Counts a user gives (samples to skip or take, characters): beyond, they no longer fit JSON's or SQLite's numbers."""
 """Default limit on one sample's text: ~250k GPT-2 tokens; a longer record fails alone (``--max-sample-chars``)."""
 
 
@@ -105,8 +107,10 @@ class SourceSpec:
     min_chars: int = MIN_CHARS
 
     def __post_init__(self) -> None:
-        if self.min_chars < 0:
-            raise ValueError(f"min_chars {self.min_chars}: give 0 or more (0 keeps every sample)")
+        if not 0 <= self.min_chars <= MAX_COUNT:
+            raise ValueError(f"min_chars {self.min_chars}: give 0 to {MAX_COUNT} (0 keeps every sample)")
+        if not 1 <= self.max_chars <= MAX_COUNT:
+            raise ValueError(f"max_chars {self.max_chars}: give 1 to {MAX_COUNT}")
 
     @property
     def source_label(self) -> str:
@@ -180,9 +184,9 @@ def _check_utf8(path: Path) -> None:
         except UnicodeDecodeError as error:
             byte = failing[0][error.start : error.start + 1].hex()
         raise SourceError(
-            f"{path} is not UTF-8 text (byte 0x{byte} in the line {failing[0][:60]!r}, and no line of it uses UTF-8 "
-            f"beyond ASCII): convert it first, for example with `iconv -f latin1 -t utf-8 {path.name} > "
-            f"{path.stem}.utf8{path.suffix}`"
+            f"{path} is not UTF-8 text ({len(failing)} of {len(lines)} lines read have bytes such as 0x{byte} that "
+            f"UTF-8 does not allow, and none uses UTF-8 beyond ASCII): convert it first, for example with "
+            f"`iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}`"
         )
 
 

@@ -230,7 +230,7 @@ def _mismatch(server: str, node_id: str, sample_index: int, chunks: list[list[st
                     min(len(learned), len(planned)))  # fmt: skip
     got = learned[position] if position < len(learned) else "nothing"
     want = planned[position] if position < len(planned) else "nothing"
-    chunk = chunks[position] if position < len(chunks) else "?"
+    # The chunk's text is not quoted: errors and logs never carry sample text.
     return (f"{server} learned {got} on node {node_id} where KATO 3.10.1's rule gives {want} (sample {sample_index}, "
-            f"chunk {chunk}): the server is not KATO-compatible, or names patterns under another Unicode version; "
-            "stopping before the knowledge base diverges further")
+            f"chunk {position} of that call): the server is not KATO-compatible, or names patterns under another "
+            "Unicode version; stopping before the knowledge base diverges further")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -19,19 +19,24 @@ from typing import Any
 import httpx
 import pytest
 
-from .conftest import CORPUS, EngineServer, free_port
+from .conftest import CORPUS, SHARED, EngineServer, free_port
 from .golden import kb_dump, run_cli
+from .tools import prometheus_tool
 
 TOKEN = "token-that-must-never-be-logged"
 
 
 class Daemon:
-    def __init__(self, state_dir: Path, **env: str) -> None:
+    """``ingestd serve`` as a real process. Jobs may read sources under the system's temporary folder (where the
+    tests write theirs) and the shared corpus, and use the KATO servers in ``kato_urls``."""
+
+    def __init__(self, state_dir: Path, *, kato_urls: tuple[str, ...] = (), **env: str) -> None:
         self.state_dir = state_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "INGESTD_TOKEN": TOKEN, "INGESTD_PORT": str(self.port),
-                    "INGESTD_STATE_DIR": str(state_dir), **env}  # fmt: skip
+                    "INGESTD_STATE_DIR": str(state_dir), "INGESTD_KATO_URLS": ",".join(kato_urls),
+                    "INGESTD_SOURCE_ROOTS": f"{tempfile.gettempdir()}:{SHARED}", **env}  # fmt: skip
         if "INGESTD_TOKEN_FILE" in env:
             del self.env["INGESTD_TOKEN"]
         self.process: subprocess.Popen[str] | None = None
@@ -70,8 +75,8 @@ class Daemon:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    running = Daemon(tmp_path / "state").start()
+def daemon(tmp_path: Path, engine_server: EngineServer) -> Iterator[Daemon]:
+    running = Daemon(tmp_path / "state", kato_urls=(engine_server.url,)).start()
     yield running
     if running.process is not None and running.process.poll() is None:
         running.stop()
@@ -102,7 +107,7 @@ def test_the_job_api_needs_the_token_and_the_probes_do_not(daemon: Daemon) -> No
         assert anonymous.get("/readyz").status_code == 200
         assert "ingestd_jobs" in anonymous.get("/metrics").text
     with daemon.client() as client:
-        assert client.get("/jobs").json() == {"jobs": []}
+        assert client.get("/jobs").json() == {"jobs": [], "total": 0, "next_offset": None}
         assert client.post("/jobs", json={"source": 3}).status_code == 422
         assert client.get("/jobs/nope").status_code == 404
     denied = subprocess.run([sys.executable, "-m", "ingestd", "jobs", "list", "--url", daemon.url, "--token", "wrong"],
@@ -145,7 +150,7 @@ def test_a_job_resumes_after_the_daemon_restarts_and_queued_jobs_can_be_cancelle
     tmp_path: Path, engine_server: EngineServer
 ) -> None:
     source = corpus(tmp_path, samples=1200)
-    daemon = Daemon(tmp_path / "state", INGESTD_MAX_JOBS="1").start()
+    daemon = Daemon(tmp_path / "state", kato_urls=(engine_server.url,), INGESTD_MAX_JOBS="1").start()
     spec = {"source": str(source), "chunk_sizes": [4, 4, 4], "metadata_levels": [1, 2], "kato_url": engine_server.url,
             "node_ids": "daemon-b-node{level}", "workers": 2}  # fmt: skip
     with daemon.client() as client:
@@ -173,8 +178,7 @@ def test_a_job_resumes_after_the_daemon_restarts_and_queued_jobs_can_be_cancelle
 
 
 def test_a_real_prometheus_scrapes_the_daemon_during_a_job(daemon: Daemon, tmp_path: Path) -> None:
-    prometheus = shutil.which("prometheus")
-    assert prometheus, "the prometheus server (Debian package 'prometheus') is needed: .ci/run installs it"
+    prometheus = prometheus_tool("prometheus")
     port = free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(f"global:\n  scrape_interval: 200ms\nscrape_configs:\n  - job_name: ingestd\n    static_configs:\n"
@@ -230,13 +234,19 @@ def test_the_daemon_refuses_to_start_open_or_with_an_empty_token(tmp_path: Path,
     assert result.returncode == 2 and needle in result.stderr
 
 
-def test_readyz_names_an_unreachable_kato(daemon: Daemon, tmp_path: Path) -> None:
+def test_readyz_names_an_unreachable_kato_to_token_holders_only(tmp_path: Path) -> None:
     gone = f"http://127.0.0.1:{free_port()}"
-    with daemon.client() as client:
-        job = client.post("/jobs", json={"source": str(corpus(tmp_path, samples=5)), "kato_url": gone}).json()
-        ready = client.get("/readyz")
-        assert ready.status_code == 503 and any(gone in problem for problem in ready.json()["problems"])
-        client.post(f"/jobs/{job['id']}/cancel")
+    daemon = Daemon(tmp_path / "state", kato_urls=(gone,)).start()
+    try:
+        with daemon.client() as client, daemon.client(token=None) as anonymous:
+            job = client.post("/jobs", json={"source": str(corpus(tmp_path, samples=5)), "kato_url": gone}).json()
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and any(gone in problem for problem in ready.json()["problems"])
+            hidden = anonymous.get("/readyz")
+            assert hidden.status_code == 503 and hidden.json()["problems"] == ["a KATO server is not ready"]
+            client.post(f"/jobs/{job['id']}/cancel")
+    finally:
+        daemon.stop()
 
 
 def test_ingestd_run_serves_metrics_while_it_runs(tmp_path: Path) -> None:
@@ -326,7 +336,7 @@ def test_a_job_that_fails_or_crashes_fails_alone(tmp_path: Path) -> None:
     broken = _QuietServer(("127.0.0.1", 0), _NotQuiteKato)
     threading.Thread(target=broken.serve_forever, daemon=True).start()
     source = str(corpus(tmp_path, samples=20))
-    daemon = Daemon(tmp_path / "state", INGESTD_MAX_JOBS="1").start()
+    daemon = Daemon(tmp_path / "state", kato_urls=(f"http://127.0.0.1:{broken.server_port}",), INGESTD_MAX_JOBS="1").start()
     try:
         with daemon.client() as client:
             refused = client.post("/jobs", json={"source": source, "chunk_sizes": [1, 8]})
@@ -383,7 +393,8 @@ class _HangingKato(_NotQuiteKato):
 def test_a_second_sigterm_stops_the_drain_and_the_job_resumes_later(tmp_path: Path) -> None:
     hanging = _QuietServer(("127.0.0.1", 0), _HangingKato)
     threading.Thread(target=hanging.serve_forever, daemon=True).start()
-    daemon = Daemon(tmp_path / "state", INGESTD_DRAIN_TIMEOUT="120").start()
+    daemon = Daemon(tmp_path / "state", kato_urls=(f"http://127.0.0.1:{hanging.server_port}",),
+                    INGESTD_DRAIN_TIMEOUT="120").start()  # fmt: skip
     try:
         with daemon.client() as client:
             job = client.post("/jobs", json={"source": str(corpus(tmp_path, samples=20)), "workers": 2,
@@ -408,7 +419,7 @@ def test_a_second_sigterm_stops_the_drain_and_the_job_resumes_later(tmp_path: Pa
 def test_a_failed_job_resumes_from_its_progress(tmp_path: Path) -> None:
     port = free_port()
     source = str(corpus(tmp_path, samples=200))
-    daemon = Daemon(tmp_path / "state").start()
+    daemon = Daemon(tmp_path / "state", kato_urls=(f"http://127.0.0.1:{port}",)).start()
     server = EngineServer(tmp_path / "kato", port)
     try:
         with daemon.client() as client:

