@@ -500,6 +500,74 @@ def test_deep_nesting_gets_katos_answers_not_500(fresh_server: EngineServer) -> 
         assert stored["pattern"]["pattern"]["metadata"]["m"] == [str(_nested(300))]
 
 
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("an integer past 4,300 digits", b'{"strings": ["a"], "metadata": {"n": 1' + b"0" * 4300 + b"}}"),
+        ("bytes that are not UTF-8", b'\xff{"strings": ["a"]}'),
+        ("an unknown field nested 1,000 levels", b'{"strings": ["a"], "x": ' + b'{"a": ' * 1000 + b"1" + b"}" * 1001),
+        ("metadata nested 1,000 levels", b'{"strings": ["a"], "metadata": {"k": ' + b"[" * 1000 + b"]" * 1000 + b"}}"),
+    ],
+)
+def test_bodies_pythons_json_cannot_read_are_fastapis_400_on_every_path(client: httpx.Client, name: str,
+                                                                        content: bytes) -> None:  # fmt: skip
+    """FastAPI answers 400 to whatever json.loads fails on other than a JSONDecodeError; the server's fast path
+    (orjson reads deeper and takes these) must not apply what KATO refuses. Found by a differential test against
+    FastAPI 0.118.3 / pydantic 2.11.9 (KATO's pins)."""
+    session = create(client, node("unreadable"))
+    for path in ("observe", "observe-sequence"):
+        body = content if path == "observe" else b'{"observations": [' + content + b"]}"
+        answer = client.post(f"/sessions/{session}/{path}", content=body, headers={"content-type": "application/json"})
+        assert answer.status_code == 400, (name, path, answer.text[:200])
+        assert answer.json() == {"detail": "There was an error parsing the body"}
+    assert client.get(f"/sessions/{session}/stm").json()["stm"] == []  # nothing was applied
+
+
+def test_lone_surrogates_are_refused_before_anything_is_applied(client: httpx.Client) -> None:
+    """A lone UTF-16 surrogate is valid JSON but no character: KATO takes it and then cannot store or answer it.
+    The engine refuses it (422, KATO's JSON-error shape) wherever it is; a valid pair is one character."""
+    session = create(client, node("surrogates"))
+    for body in (b'{"strings": ["\\ud800"]}', b'{"strings": ["\xed\xa0\x80"]}', b'{"strings": ["b"], "metadata": {"m": "\\udc00"}}',
+                 b'{"strings": ["b"], "metadata": {"\\udfff": 1}}'):  # fmt: skip
+        for path, sent in (("observe", body), ("observe-sequence", b'{"observations": [' + body + b"]}")):
+            answer = client.post(f"/sessions/{session}/{path}", content=sent, headers={"content-type": "application/json"})
+            assert answer.status_code == 422, (body, path, answer.text)
+            assert answer.json()["detail"][0]["type"] == "json_invalid"
+    assert client.post("/sessions", content=b'{"node_id": "\\ud800"}').status_code == 422
+    assert client.get(f"/sessions/{session}/stm").json()["stm"] == []
+    paired = client.post(f"/sessions/{session}/observe", content=b'{"strings": ["\\ud83d\\ude00"]}')
+    assert paired.status_code == 200 and client.get(f"/sessions/{session}/stm").json()["stm"] == [["\U0001f600"]]
+
+
+def test_metadata_is_stored_as_pythons_json_reads_it_on_the_fast_path_too(client: httpx.Client) -> None:
+    """orjson reads an integer past 64 bits as a float; KATO (json.loads) keeps it exact."""
+    session = create(client, node("bigint"))
+    client.post(f"/sessions/{session}/observe", content=b'{"strings": ["x"], "metadata": {"n": 18446744073709551616}}')
+    client.post(f"/sessions/{session}/observe-sequence",
+                content=b'{"observations": [{"strings": ["y"], "metadata": {"m": 123456789012345678901234567890}}]}')
+    name = client.post(f"/sessions/{session}/learn").json()["pattern_name"]
+    stored = client.get(f"/pattern/{name.replace('|', '%7C')}", params={"node_id": node_of(client, session)}).json()
+    assert stored["pattern"]["pattern"]["metadata"] == {"n": ["18446744073709551616"],
+                                                        "m": ["123456789012345678901234567890"]}  # fmt: skip
+
+
+def node_of(client: httpx.Client, session: str) -> str:
+    return str(client.get(f"/sessions/{session}").json()["node_id"])
+
+
+def test_the_first_content_type_counts_as_starlette_reads_it(client: httpx.Client) -> None:
+    session = create(client, node("two-types"))
+    answer = client.post(f"/sessions/{session}/observe", content=b'{"strings": ["a"]}',
+                         headers=[("content-type", "text/plain"), ("content-type", "application/json")])  # fmt: skip
+    assert answer.status_code == 422 and answer.json()["detail"][0]["type"] == "model_attributes_type"
+    assert client.get(f"/sessions/{session}/stm").json()["stm"] == []
+
+
+def test_session_errors_come_in_katos_field_order(client: httpx.Client) -> None:
+    answer = client.post("/sessions", json={"node_id": 1, "config": 1, "metadata": 1, "ttl_seconds": "x"})
+    assert [error["loc"][1] for error in answer.json()["detail"]] == ["node_id", "metadata", "ttl_seconds", "config"]
+
+
 def test_bodies_of_the_wrong_json_type_get_fastapis_error(client: httpx.Client) -> None:
     answer = client.post("/sessions", json=[1, 2])
     assert answer.status_code == 422

@@ -30,10 +30,11 @@ class ObservationSequenceRequest(BaseModel):
 
 
 class CreateSessionRequest(BaseModel):
+    # KATO's field order (kato/api/schemas/session.py, config added last): it orders the 422's errors.
     node_id: str
-    config: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = Field(default_factory=dict)
     ttl_seconds: int | None = None
+    config: dict[str, Any] | None = None
 
 
 # -- ingestd's extensions (under /ingestd; KATO has none of these) ---------------------------------------

@@ -303,12 +303,13 @@ class KnowledgeStore:
 
 
 def dump_document(document: Any) -> bytes:
-    """A session document as JSON. orjson stops at 255 levels of nesting, and observation metadata (kept raw in
-    the accumulator until a learn folds it into strings) may nest as deep as KATO's own JSON parser takes."""
+    """A session document as JSON. orjson stops at 255 levels of nesting and refuses lone surrogates
+    ("\\ud800" is valid JSON), and observation metadata (kept raw in the accumulator until a learn folds it into
+    strings) may be anything KATO's own JSON parser takes: those documents are written escaped by json."""
     try:
         return orjson.dumps(document)
     except TypeError:
-        return json.dumps(document, ensure_ascii=False).encode()
+        return json.dumps(document).encode()
 
 
 def load_document(raw: bytes) -> Any:
