@@ -25,7 +25,7 @@ from ingestd.backend import check_kato_url
 from ingestd.errors import IngestError, find_ingest_error
 from ingestd.hierarchy import MAX_LEVELS, Hierarchy, HierarchyError
 from ingestd.pipeline import MAX_WORKERS, Pipeline, RunConfig
-from ingestd.source import MAX_COUNT, SourceSpec
+from ingestd.source import MAX_COUNT, SourceError, SourceSpec
 
 log = structlog.get_logger("ingestd.jobs")
 
@@ -121,17 +121,36 @@ class JobPolicy:
 
     def refusal(self, spec: JobSpec) -> tuple[str, str] | None:
         """(field, why) if the job reaches outside what it may; None if it may run."""
-        source = SourceSpec(source=spec.source)
-        if source.is_local:
-            where = Path(spec.source).expanduser().resolve()
+        try:
+            source = SourceSpec(source=spec.source)
+            where = Path(spec.source).expanduser().resolve() if source.is_local else None
+        except (SourceError, OSError, RuntimeError) as error:
+            return "source", str(error)
+        if where is not None:
             if not any(where.is_relative_to(root) for root in self.source_roots):
                 roots = ":".join(str(root) for root in self.source_roots) or "none: hub datasets only"
                 return "source", (f"the source {spec.source!r} is outside the folders jobs may read ({roots}): put it "
                                   "there, or widen INGESTD_SOURCE_ROOTS")  # fmt: skip
+        tokenizer = self._local_tokenizer(spec.tokenizer)
+        if tokenizer is not None and not any(tokenizer.is_relative_to(root) for root in self.source_roots):
+            return "tokenizer", (f"the tokenizer {spec.tokenizer!r} is a folder outside the folders jobs may read: "
+                                 "put it under INGESTD_SOURCE_ROOTS, or give 'gpt2' or a cached model's name")  # fmt: skip
         if spec.kato_url is not None and spec.kato_url not in self.kato_urls:
             allowed = ", ".join(sorted(self.kato_urls)) or "none"
             return "kato_url", (f"{spec.kato_url} is not a KATO server this daemon may use (INGESTD_KATO_URLS: "
                                 f"{allowed}): add it there, or leave kato_url out for the embedded engine")  # fmt: skip
+        return None
+
+
+    @staticmethod
+    def _local_tokenizer(name: str) -> Path | None:
+        """The folder a tokenizer name points at, if it is a path (not 'gpt2' nor a model name in the cache)."""
+        try:
+            path = Path(name).expanduser()
+            if name.startswith(("/", ".", "~")) or "\0" in name or path.exists():
+                return path.resolve()
+        except (OSError, RuntimeError, ValueError):
+            return Path("/")  # not a name: judged as a path outside every root
         return None
 
 

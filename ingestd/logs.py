@@ -46,3 +46,10 @@ def configure_logging(log_format: LogFormat = "auto", level: LogLevel = "info") 
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(threshold if threshold <= logging.DEBUG else max(threshold, logging.WARNING))
+
+
+def adopt_library_logging(*names: str) -> None:
+    """Drop the handlers libraries add to their own loggers at import (datasets, huggingface_hub print to stderr
+    themselves and propagate too): their records then reach only the handler configured above, in its format."""
+    for name in names:
+        logging.getLogger(name).handlers = []

@@ -42,48 +42,54 @@ def throughput_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
-def http_protocol(header_timeout: float) -> type[Any] | str:
+def http_protocol(header_timeout: float, body_timeout: float) -> type[Any] | str:
     """uvicorn's httptools protocol, closing a connection whose request headers do not arrive in full within
-    ``header_timeout`` seconds of its opening (or of a request's first byte). uvicorn alone keeps such a
-    connection open for ever (its keep-alive timeout only runs between requests), so clients that send partial
-    headers could pile up. Falls back to uvicorn's choice where httptools is not installed."""
+    ``header_timeout`` seconds of its opening (or of a request's first byte), or whose request body does not
+    arrive in full within ``body_timeout`` seconds of its headers. uvicorn alone keeps such a connection open
+    for ever (its keep-alive timeout only runs between requests), so clients that send partial requests could
+    pile up. Falls back to uvicorn's choice where httptools is not installed."""
     if importlib.util.find_spec("httptools") is None:
         return "auto"
     import asyncio
 
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    class HeaderTimeoutProtocol(HttpToolsProtocol):  # type: ignore[misc]
-        _header_timer: asyncio.TimerHandle | None = None
+    class ReadTimeoutProtocol(HttpToolsProtocol):  # type: ignore[misc]
+        _read_timer: asyncio.TimerHandle | None = None
 
-        def _arm(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(header_timeout, self._headers_too_slow)
+        def _arm(self, seconds: float) -> None:
+            self._disarm()
+            self._read_timer = self.loop.call_later(seconds, self._too_slow)
 
         def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+            if self._read_timer is not None:
+                self._read_timer.cancel()
+                self._read_timer = None
 
-        def _headers_too_slow(self) -> None:
-            self._header_timer = None
+        def _too_slow(self) -> None:
+            self._read_timer = None
             if not self.transport.is_closing():
                 self.transport.close()
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            self._arm()
+            self._arm(header_timeout)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._arm()
+            if self._read_timer is None:
+                self._arm(header_timeout)
 
         def on_headers_complete(self) -> None:
-            self._disarm()
             super().on_headers_complete()
+            self._arm(body_timeout)
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
 
-    return HeaderTimeoutProtocol
+    return ReadTimeoutProtocol

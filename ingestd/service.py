@@ -107,7 +107,7 @@ def build_app(settings: Settings, *, on_fatal: Callable[[], None] = lambda: None
 
     async def list_jobs(request: Request) -> Response:
         try:
-            offset = max(0, int(request.query_params.get("offset", 0)))
+            offset = min(2**62, max(0, int(request.query_params.get("offset", 0))))
             limit = min(1000, max(1, int(request.query_params.get("limit", 100))))
         except ValueError:
             return JSONResponse({"detail": "offset and limit are whole numbers (limit at most 1000)"}, status_code=422)
@@ -257,7 +257,7 @@ def serve(settings: Settings) -> None:
     app = build_app(settings, on_fatal=fatal)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", log_config=None,
                             loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-                            http=http_protocol(settings.header_timeout),
+                            http=http_protocol(settings.header_timeout, settings.body_timeout),
                             timeout_graceful_shutdown=int(settings.drain_timeout) + 10)  # fmt: skip
     server = _DrainingServer(config, on_second_signal=app.state.jobs.abort)
     with throughput_gc():

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     open_metrics: bool = Field(default=True, description="/metrics without the token.")
     header_timeout: float = Field(default=10.0, gt=0, description="Seconds a connection may take to send a "
                                   "request's headers; slower ones are closed.")  # fmt: skip
+    body_timeout: float = Field(default=60.0, gt=0, description="Seconds a request's body may take to arrive after "
+                                "its headers; slower connections are closed.")  # fmt: skip
     source_roots: str | None = Field(default=None, description="Folders job sources may be read from, ':'-separated "
                                      "(default: <state dir>/corpora); hub datasets are always allowed.")  # fmt: skip
     kato_urls: str = Field(default="", description="KATO servers jobs may use, comma-separated (default: none: "

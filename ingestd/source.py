@@ -15,6 +15,7 @@ sample, not the run. Parquet files and hub datasets are streamed with
 from __future__ import annotations
 
 import csv
+import datetime
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -60,6 +61,21 @@ LOCAL_FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jso
 
 class SourceError(IngestError):
     """The source cannot be read; the message names it and says what to do."""
+
+
+def _path_problem(source: str) -> str | None:
+    """Why ``source`` cannot even be looked up as a path (a NUL byte, an unknown ``~user``, a name too long for
+    the file system), or None."""
+    shown = source if len(source) <= 120 else source[:100] + "…"
+    if "\0" in source:
+        return f"the source {shown!r} contains a NUL character: give a file's path or a dataset name"
+    try:
+        Path(source).expanduser().exists()
+    except RuntimeError:
+        return f"the source {shown!r} names the home folder of an unknown user: give the file's full path"
+    except OSError as error:
+        return f"the source {shown!r} cannot be looked up ({error.strerror}): give a shorter path"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +127,9 @@ class SourceSpec:
             raise ValueError(f"min_chars {self.min_chars}: give 0 to {MAX_COUNT} (0 keeps every sample)")
         if not 1 <= self.max_chars <= MAX_COUNT:
             raise ValueError(f"max_chars {self.max_chars}: give 1 to {MAX_COUNT}")
+        problem = _path_problem(self.source)
+        if problem is not None:
+            raise SourceError(problem)
 
     @property
     def source_label(self) -> str:
@@ -201,6 +220,8 @@ def _lines(path: Path, limit: int) -> Iterator[bytes | _TooLong]:
     """The file's lines without their newline; a line longer than ``limit`` bytes is skipped in pieces and given
     as ``TOO_LONG``, so memory stays bounded by the limit whatever the file's shape."""
     with path.open("rb") as handle:
+        if handle.read(3) != _BOM:  # a byte-order mark is no text (editors on Windows write one)
+            handle.seek(0)
         while line := handle.readline(limit + 1):
             if len(line) > limit and not line.endswith(b"\n"):
                 while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
@@ -208,6 +229,9 @@ def _lines(path: Path, limit: int) -> Iterator[bytes | _TooLong]:
                 yield TOO_LONG
                 continue
             yield line[:-1] if line.endswith(b"\n") else line
+
+
+_BOM = b"\xef\xbb\xbf"
 
 
 def _decode(line: bytes) -> str | None:
@@ -276,6 +300,25 @@ def _nests_deeper(value: Any, limit: int) -> bool:
     return False
 
 
+def _plain_value(value: Any) -> Any:
+    """A metadata value as JSON carries it, the same in-process and over HTTP: dates and times in ISO 8601,
+    decimals and durations as their text, UTF-8 bytes decoded; raises ValueError for bytes that are not text."""
+    if value is None or isinstance(value, str | bool | int | float):
+        return value
+    if isinstance(value, dict):
+        return {str(key): _plain_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain_value(item) for item in value]
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("holds bytes that are not UTF-8 text (metadata carries text and numbers)") from None
+    return str(value)  # Decimal, timedelta, numpy scalars, ...
+
+
 def _record_fields(record: dict[str, Any], text_field: str, wanted: tuple[str, ...]) -> RawRecord:
     if text_field not in record:
         return f"field {text_field!r} is missing"
@@ -286,6 +329,10 @@ def _record_fields(record: dict[str, Any], text_field: str, wanted: tuple[str, .
     for name, value in fields.items():
         if _nests_deeper(value, MAX_METADATA_DEPTH):
             return f"field {name!r} nests lists or objects more than {MAX_METADATA_DEPTH} levels deep"
+        try:
+            fields[name] = _plain_value(value)
+        except ValueError as error:
+            return f"field {name!r} {error}"
     return text, fields
 
 
@@ -327,33 +374,45 @@ def _first_jsonl_record(path: Path) -> dict[str, Any] | None:
     return None
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[int, list[str] | str]]:
+def _csv_rows(path: Path, limit: int) -> Iterator[tuple[int, list[str] | str]]:
     """(line number, row or why it is malformed) of a csv file; undecodable bytes stay as surrogates (the row
-    then fails alone). Fields may be as long as the longest sample (the per-sample limit judges them)."""
-    csv.field_size_limit(2**31 - 1)
-    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
-        reader = csv.reader(handle)
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as error:
-                yield reader.line_num, f"the row at line {reader.line_num} is malformed csv ({error})"
-                continue
-            if row:  # blank lines are no records (as pandas reads csv)
-                yield reader.line_num, row
+    then fails alone). Lines and fields longer than ``limit`` (bytes, characters) are not held: their row fails."""
+    csv.field_size_limit(limit)
+    too_long: list[int] = []
+
+    def lines() -> Iterator[str]:
+        for number, raw in enumerate(_lines(path, limit), start=1):
+            if raw is TOO_LONG:
+                too_long.append(number)
+                yield "\n"
+            else:
+                assert isinstance(raw, bytes)
+                yield raw.decode("utf-8", "surrogateescape") + "\n"
+
+    reader = csv.reader(lines())
+    while True:
+        try:
+            row: list[str] | str = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            row = f"the row at line {reader.line_num} is malformed csv ({error})"
+        if too_long:
+            row = _too_long(too_long[0], limit).replace("line", "the row at line", 1)
+            too_long.clear()
+        if row:  # blank lines are no records (as pandas reads csv)
+            yield reader.line_num, row
 
 
-def _csv_header(path: Path) -> list[str]:
-    header = next((row for _, row in _csv_rows(path)), [])
+def _csv_header(path: Path, limit: int) -> list[str]:
+    header = next((row for _, row in _csv_rows(path, limit)), [])
     return header if isinstance(header, list) else []
 
 
-def _csv(path: Path, text_field: str, wanted: tuple[str, ...]) -> Iterator[RawRecord]:
+def _csv(path: Path, text_field: str, wanted: tuple[str, ...], limit: int) -> Iterator[RawRecord]:
     """Rows of a csv file read here, not with ``datasets``: one malformed row fails alone instead of the file."""
-    rows = _csv_rows(path)
-    header = _csv_header(path)
+    rows = _csv_rows(path, limit)
+    header = _csv_header(path, limit)
     next(rows, None)
     for line, row in rows:
         if isinstance(row, str):
@@ -387,6 +446,16 @@ def _datasets_records(dataset: Any, text_field: str, wanted: tuple[str, ...], wh
                               f"{str(error).splitlines()[0] if str(error) else ''}): check the file or dataset; "
                               "what was learned so far stays, and the same command resumes") from None  # fmt: skip
         yield _record_fields(record, text_field, wanted)
+
+
+def _datasets() -> Any:
+    """The ``datasets`` library, imported when first needed (it takes a second), its logging made ours."""
+    import datasets
+
+    from ingestd.logs import adopt_library_logging
+
+    adopt_library_logging("datasets", "huggingface_hub")
+    return datasets
 
 
 def _require_fields(what: str, available: list[str], text_field: str, wanted: tuple[str, ...], hint: str) -> None:
@@ -432,6 +501,13 @@ class Source:
         return len(parts) == 2 and all(parts)
 
     def _open_local(self, path: Path, local_format: str | None) -> None:
+        try:
+            self._check_local(path, local_format)
+        except OSError as error:  # unreadable (permissions), an I/O error
+            raise SourceError(f"{path} cannot be read ({error.strerror or error}): check that it is a readable "
+                              "file") from None  # fmt: skip
+
+    def _check_local(self, path: Path, local_format: str | None) -> None:
         spec = self.spec
         if not path.exists():
             raise SourceError(f"file {path} does not exist: check the path (relative paths start at {Path.cwd()})")
@@ -461,11 +537,11 @@ class Source:
                                 "name the text field with --text-field, and only existing --metadata-fields")  # fmt: skip
             self._records = lambda: _jsonl(path, text_field, wanted, self._byte_limit)
         elif local_format == "csv":
-            _require_fields(str(path), _csv_header(path), text_field, wanted,
+            _require_fields(str(path), _csv_header(path, self._byte_limit), text_field, wanted,
                             "name the text column with --text-field, and only existing --metadata-fields")  # fmt: skip
-            self._records = lambda: _csv(path, text_field, wanted)
+            self._records = lambda: _csv(path, text_field, wanted, self._byte_limit)
         else:
-            import datasets
+            datasets = _datasets()
 
             try:
                 dataset = datasets.load_dataset(local_format, data_files=str(path), split="train", streaming=True)
@@ -485,7 +561,7 @@ class Source:
         split = spec.split or (known.split if known else "train")
         text_field = spec.text_field or (known.text_field if known else "text")
         wanted = spec.metadata_fields
-        import datasets
+        datasets = _datasets()
 
         try:
             dataset = datasets.load_dataset(name, config, split=split, streaming=True)
@@ -507,6 +583,13 @@ class Source:
         neither learned nor reported); ``max_samples`` stops after that many
         samples (good or bad) past the skipped ones.
         """
+        try:
+            yield from self._events(skip, max_samples)
+        except OSError as error:  # the file went away or the disk failed part-way: progress so far is kept
+            raise SourceError(f"{self.spec.source} could not be read to the end ({error.strerror or error}): check "
+                              "the file, then run the same command to go on") from None  # fmt: skip
+
+    def _events(self, skip: int, max_samples: int | None) -> Iterator[SourceEvent]:
         index = 0
         taken = 0
         for record in self._records():

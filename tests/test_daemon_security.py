@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .test_daemon import Daemon, _NotQuiteKato, _QuietServer, corpus, wait_for
+from .test_daemon import TOKEN, Daemon, _NotQuiteKato, _QuietServer, corpus, wait_for
 
 
 class _Listener:
@@ -75,6 +75,50 @@ def test_sources_outside_the_configured_folders_are_refused(tmp_path: Path) -> N
     finally:
         daemon.stop()
     assert "hunter2" not in daemon.logs and "swordfish" not in daemon.logs
+
+
+def test_sources_and_tokenizers_that_are_no_paths_or_lead_outside_are_a_422(tmp_path: Path) -> None:
+    roots = tmp_path / "corpora"
+    roots.mkdir()
+    (roots / "tok").mkdir()
+    daemon = Daemon(tmp_path / "state", INGESTD_SOURCE_ROOTS=str(roots)).start()
+    source = str(corpus(roots, samples=3))
+    try:
+        with daemon.client() as client:
+            for body, field in (({"source": str(roots / "a.txt") + "\u0000"}, "source"),
+                                ({"source": "~no-such-user-here/a.txt"}, "source"),
+                                ({"source": str(roots / ("a" * 300 + ".txt"))}, "source"),
+                                ({"source": source, "tokenizer": "/etc"}, "tokenizer"),
+                                ({"source": source, "tokenizer": "/nonexistent/tok"}, "tokenizer"),
+                                ({"source": source, "tokenizer": "../../etc"}, "tokenizer")):  # fmt: skip
+                answer = client.post("/jobs", json=body)
+                assert answer.status_code == 422, (body, answer.text[:300])
+                assert answer.json()["detail"][0]["loc"] == ["body", field], answer.text[:300]
+            # the same message whether a path outside exists or not: no oracle for the host's files
+            assert (client.post("/jobs", json={"source": source, "tokenizer": "/etc"}).json()["detail"][0]["msg"]
+                    .replace("/etc", "X")) == (client.post("/jobs", json={"source": source, "tokenizer": "/nope"})
+                                               .json()["detail"][0]["msg"].replace("/nope", "X"))  # fmt: skip
+            inside = client.post("/jobs", json={"source": source, "tokenizer": str(roots / "tok")})
+            assert inside.status_code == 201
+            assert client.get("/jobs", params={"offset": 10**20}).json() == {"jobs": [], "total": 1, "next_offset": None}
+    finally:
+        daemon.stop()
+    assert "Traceback" not in daemon.logs
+
+
+def test_the_daemon_closes_connections_whose_body_never_arrives(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "state", INGESTD_BODY_TIMEOUT="1").start()
+    try:
+        started = time.monotonic()
+        stalled = socket.create_connection(("127.0.0.1", daemon.port))
+        stalled.sendall(f"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                        "Content-Type: application/json\r\nContent-Length: 50\r\n\r\n{".encode())  # fmt: skip
+        stalled.settimeout(30)
+        assert stalled.recv(100) == b"" and time.monotonic() - started < 25
+        stalled.close()
+        assert httpx.get(daemon.url + "/healthz", timeout=10).status_code == 200
+    finally:
+        daemon.stop()
 
 
 def test_a_link_swapped_in_after_submission_is_refused_when_the_job_starts(tmp_path: Path) -> None:

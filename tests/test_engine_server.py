@@ -568,6 +568,62 @@ def test_session_errors_come_in_katos_field_order(client: httpx.Client) -> None:
     assert [error["loc"][1] for error in answer.json()["detail"]] == ["node_id", "metadata", "ttl_seconds", "config"]
 
 
+def test_numbers_past_what_the_engine_can_keep_are_a_4xx_not_a_500(client: httpx.Client) -> None:
+    """KATO answers 500 to these (Redis refuses the TTL, its clock overflows); they are client input: 4xx."""
+    for ttl in (-5, 10**20):
+        answer = client.post("/sessions", json={"node_id": node("ttl"), "ttl_seconds": ttl})
+        assert answer.status_code == 422 and answer.json()["detail"][0]["loc"] == ["body", "ttl_seconds"], answer.text
+    session = create(client, node("extend"))
+    assert client.post(f"/sessions/{session}/extend", params={"ttl_seconds": 10**20}).status_code == 422
+    assert client.get(f"/sessions/{session}").status_code == 200  # the session was not broken by it
+    place = client.post(f"/sessions/{session}/observe-sequence", json={"observations": [{"strings": ["a"]}]},
+                        headers={"ingestd-ledger": "key:0:0:99999999999999999999999"})  # fmt: skip
+    assert place.status_code == 400
+    for path in ("/ingestd/ledger/abcd", "/ingestd/ledger/abcd/forget"):
+        answer = client.post(path, json={"node_ids": ["n"], "samples": [2**63]})
+        assert answer.status_code == 422, (path, answer.text)
+    nan = client.post(f"/sessions/{session}/config", content=b"NaN", headers={"content-type": "application/json"})
+    assert nan.status_code == 422 and nan.json()["detail"][0]["type"] == "dict_type"
+    claim = client.post("/ingestd/nodes/claim", content=b'{"claims": [{"node_id": "\\ud800", "tokenizer": "gpt2", '
+                        b'"level": 0, "chunk_size": 8}]}', headers={"content-type": "application/json"})  # fmt: skip
+    assert claim.status_code == 422
+
+
+def test_connections_whose_body_never_arrives_are_closed(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    monkeypatch.setenv("INGESTD_SERVER__BODY_TIMEOUT", "1")
+    server = EngineServer(tmp_path / "kb").start()
+    try:
+        stalled = []
+        for _ in range(20):
+            connection = socket.create_connection(("127.0.0.1", server.port))
+            connection.sendall(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 50\r\n\r\n{")  # fmt: skip
+            stalled.append(connection)
+        deadline = time.monotonic() + 30
+        closed = 0
+        for connection in stalled:
+            connection.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                closed += connection.recv(100) == b""
+            except (TimeoutError, OSError):
+                pass
+            connection.close()
+        assert closed == 20
+        slow_but_whole = socket.create_connection(("127.0.0.1", server.port))
+        body = b'{"node_id": "slow"}'
+        slow_but_whole.sendall(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: %d\r\n\r\n" % len(body))  # fmt: skip
+        time.sleep(0.3)
+        slow_but_whole.sendall(body)
+        slow_but_whole.settimeout(30)
+        assert slow_but_whole.recv(12) == b"HTTP/1.1 200"
+        slow_but_whole.close()
+    finally:
+        server.stop()
+
+
 def test_bodies_of_the_wrong_json_type_get_fastapis_error(client: httpx.Client) -> None:
     answer = client.post("/sessions", json=[1, 2])
     assert answer.status_code == 422

@@ -16,7 +16,7 @@ import pytest
 
 from .conftest import EngineServer
 from .faultproxy import FaultProxy
-from .golden import kb_dump, samples_done, wait_for_samples
+from .golden import kb_dump, kb_id, samples_done, wait_for_samples
 from .test_exactly_once import LEVELS, NODES, clean, corpus, ok  # noqa: F401 - the fixtures are used by name
 
 
@@ -243,3 +243,121 @@ def test_a_damaged_job_store_stops_the_daemon_with_one_line(tmp_path: Path) -> N
                             check=False)  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
     assert result.stderr.startswith("ingestd: error: the job store") and "--state-dir" in result.stderr
+
+
+def _peak_rss_kib(*command: str) -> int:
+    """Peak RSS of a child process running ``command``."""
+    script = ("import resource, subprocess, sys; "
+              "subprocess.run(sys.argv[1:], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # fmt: skip
+    measured = subprocess.run([sys.executable, "-c", script, *command], capture_output=True, text=True, timeout=300,
+                              check=False)  # fmt: skip
+    return int(measured.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("shape", ["a quote that never closes", "a line that never ends"])
+def test_a_csv_field_or_line_past_the_sample_limit_is_not_held(tmp_path: Path, shape: str) -> None:
+    """csv is read in bounded lines and fields: a 150 MB field fails its row alone (was 966 MB of RSS)."""
+    source = tmp_path / "bomb.csv"
+    with source.open("w") as handle:
+        handle.write("text,url\nA small row before the big one,u0\n")
+        if shape == "a quote that never closes":
+            handle.write('"this field opens a quote that never closes,u1\n')
+            for _ in range(150):
+                handle.write("y" * 999_999 + "\n")
+        else:
+            handle.write("x" * 150_000_000 + ",u1\nA small row after the big one,u2\n")
+    peak_kib = _peak_rss_kib(sys.executable, "-m", "ingestd", "run", str(source), "--data", str(tmp_path / "kb"),
+                             "--no-progress", "--max-sample-chars", "1000", "--summary-json", str(tmp_path / "s.json"))
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["samples"]["learned"] >= 1 and summary["samples"]["failed"] >= 1, summary["samples"]
+    assert summary["failures"][0]["sample_index"] == 1 and "the row at line" in summary["failures"][0]["reason"]
+    assert peak_kib < 150 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB for a 150 MB csv field"
+
+
+def test_parquet_metadata_of_any_arrow_type_is_carried_or_fails_its_sample(tmp_path: Path,
+                                                                          engine_server: EngineServer) -> None:  # fmt: skip
+    """Decimals, durations, dates and bytes in metadata columns crashed the run (not JSON); now they are
+    carried as JSON carries them, the same in-process and over HTTP, and bytes that are not text fail alone."""
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["The first sample has enough words to learn.", "The second sample has enough words too.",
+             "And a third sample closes the little file."]  # fmt: skip
+    pq.write_table(pa.table({
+        "text": texts,
+        "dec": pa.array([decimal.Decimal("1.50"), decimal.Decimal("2.25"), None], pa.decimal128(5, 2)),
+        "dur": pa.array([datetime.timedelta(seconds=5)] * 3, pa.duration("s")),
+        "ts": pa.array([datetime.datetime(2024, 1, 1, 12, 30)] * 3, pa.timestamp("s")),
+        "day": pa.array([datetime.date(2024, 1, 2)] * 3, pa.date32()),
+        "raw": pa.array([b"text bytes", b"\xff\xfe not text", b"more"], pa.binary()),
+    }), tmp_path / "types.parquet")  # fmt: skip
+    nodes = f"types{time.time_ns()}-{{level}}"
+    common = [str(tmp_path / "types.parquet"), "--metadata-fields", "dec,dur,ts,day,raw", "--metadata-levels", "0,1",
+              "--chunk-sizes", "4,4", "--no-progress", "--node-ids", nodes]  # fmt: skip
+    inproc = subprocess.run([sys.executable, "-m", "ingestd", "run", *common, "--data", str(tmp_path / "kb"),
+                             "--summary-json", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert inproc.returncode == 7 and "Traceback" not in inproc.stderr, inproc.stderr[-2000:]
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["samples"]["learned"] == 2 and summary["failures"][0]["sample_index"] == 1
+    assert "'raw' holds bytes that are not UTF-8" in summary["failures"][0]["reason"]
+    over_http = subprocess.run([sys.executable, "-m", "ingestd", "run", *common, "--kato", engine_server.url,
+                                "--run-dir", str(tmp_path / "http-run")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert over_http.returncode == 7, over_http.stderr[-2000:]
+    import sqlite3
+
+    def metadata(data: Path) -> list[str]:
+        with sqlite3.connect(data / "kato.sqlite3") as connection:
+            rows = connection.execute("SELECT metadata FROM patterns WHERE kb_id IN (?, ?) AND metadata != '{}'",
+                                      [kb_id(nodes.format(level=level)) for level in (0, 1)])  # fmt: skip
+            return sorted(row[0].decode() if isinstance(row[0], bytes) else row[0] for row in rows)
+
+    stored = metadata(tmp_path / "kb")
+    assert stored == metadata(engine_server.data_dir) and stored
+    first = json.loads(stored[0])
+    assert first["ts"] == ["2024-01-01T12:30:00"] and first["day"] == ["2024-01-02"] and first["dur"] == ["0:00:05"]
+    assert {value for row in stored for value in json.loads(row)["dec"]} == {"1.50", "None"}
+
+
+@pytest.mark.parametrize("source, needle", [
+    ("/tmp/" + "a" * 300 + ".txt", "cannot be looked up (File name too long)"),
+    ("~no-such-user-here/notes.txt", "names the home folder of an unknown user"),
+])  # fmt: skip
+def test_paths_that_cannot_be_looked_up_are_one_line(tmp_path: Path, source: str, needle: str) -> None:
+    result = _plain_run(source, "--data", str(tmp_path / "kb"))
+    assert result.returncode == 2 and needle in result.stderr, result.stderr[-2000:]
+    assert _plain_lines(result.stderr) == [line for line in result.stderr.splitlines() if line.startswith("ingestd: error:")]
+
+
+def test_a_byte_order_mark_is_no_text(tmp_path: Path) -> None:
+    """Editors on Windows start files with a BOM: jsonl failed its first record, csv named its first column
+    '\\ufefftext', txt learned it as part of the first token. Each now learns what the file without it learns."""
+    rows = ["The first sample has enough words to learn.", "The second sample has enough words too."]
+    formats = {"jsonl": "".join(json.dumps({"text": row}) + "\n" for row in rows),
+               "csv": "text\n" + "".join(f"{row}\n" for row in rows), "txt": "\n\n".join(rows) + "\n"}  # fmt: skip
+    for suffix, content in formats.items():
+        dumps = []
+        for bom in (b"", b"\xef\xbb\xbf"):
+            name = f"{suffix}-{len(bom)}"
+            (tmp_path / f"{name}.{suffix}").write_bytes(bom + content.encode())
+            result = _plain_run(str(tmp_path / f"{name}.{suffix}"), "--data", str(tmp_path / name),
+                                "--source-label", "same")  # fmt: skip
+            assert result.returncode == 0, (suffix, result.stderr[-1000:])
+            dumps.append(kb_dump(tmp_path / name / "kato.sqlite3", ["node0", "node1", "node2", "node3"]))
+        assert dumps[0] == dumps[1] and dumps[0], suffix
+
+
+def test_library_logs_keep_the_log_format_and_the_error_is_one_line(tmp_path: Path) -> None:
+    """datasets printed its own error line raw beside its structlog copy; now only the configured format."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["x" * 100] * 100}), tmp_path / "whole.parquet")
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "whole.parquet").read_bytes()[:300])
+    result = _plain_run(str(tmp_path / "cut.parquet"), "--data", str(tmp_path / "kb"), "--log-format", "json")
+    assert result.returncode == 2 and "cannot be read as parquet" in result.stderr
+    assert _plain_lines(result.stderr) == [line for line in result.stderr.splitlines() if line.startswith("ingestd: error:")]
+    assert len(_plain_lines(result.stderr)) == 1

@@ -8,8 +8,10 @@ version is installed.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -181,6 +183,19 @@ def _query_int(request: Request, name: str, default: int) -> int:
         raise RequestInvalid(_located(error.errors(include_url=False), ("query", name))) from None
 
 
+def _check_ttl(ttl: int, loc: tuple[str, str], *, lowest: int | None) -> None:
+    """A session lifetime the engine can keep. KATO answers 500 where Redis refuses one (not positive, at
+    creation) or its clock overflows (past the year 9999); these are client input, so a 422 here."""
+    if lowest is not None and ttl < lowest:
+        raise RequestInvalid([{"type": "greater_than_equal", "loc": list(loc), "msg": f"Input should be greater "
+                               f"than or equal to {lowest}", "input": ttl, "ctx": {"ge": lowest}}])  # fmt: skip
+    try:
+        datetime.datetime.fromtimestamp(time.time() + ttl, tz=datetime.UTC)
+    except (OverflowError, ValueError, OSError):
+        raise RequestInvalid([{"type": "value_error", "loc": list(loc), "msg": "Value error, the session would "
+                               "expire after the year 9999", "input": ttl}]) from None  # fmt: skip
+
+
 class FloatFreeJSONResponse(Response):
     """KATO's bytes for bodies that hold no floats, rendered by orjson.
 
@@ -305,6 +320,8 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
 
     async def create_session(request: Request) -> Response:
         body: CreateSessionRequest = await _body_model(request, CreateSessionRequest)
+        if body.ttl_seconds:
+            _check_ttl(body.ttl_seconds, ("body", "ttl_seconds"), lowest=1)
         key = request.headers.get("idempotency-key")
         return JSONResponse(
             await engine.create_session(body.node_id, body.config, body.metadata, body.ttl_seconds, idempotency_key=key),
@@ -329,6 +346,7 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
 
     async def extend(request: Request) -> Response:
         ttl_seconds = _query_int(request, "ttl_seconds", 3600)
+        _check_ttl(ttl_seconds, ("query", "ttl_seconds"), lowest=None)
         return JSONResponse(await engine.extend_session(request.path_params["session_id"], ttl_seconds))
 
     async def get_config(request: Request) -> Response:
@@ -449,7 +467,11 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
 
     async def on_invalid(request: Request, error: Exception) -> Response:
         assert isinstance(error, RequestInvalid)
-        return JSONResponse({"detail": error.errors}, status_code=422)
+        try:
+            return JSONResponse({"detail": error.errors}, status_code=422)
+        except ValueError:  # the input echoed holds NaN or Infinity, which JSON has not: written as Python's json does
+            return Response(json.dumps({"detail": error.errors}, ensure_ascii=False, separators=(",", ":")),
+                            status_code=422, media_type="application/json")  # fmt: skip
 
     async def on_kato_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, KatoError)

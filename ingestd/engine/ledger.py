@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 HEADER = "ingestd-ledger"
+SAMPLE_INDEX_MAX = 2**63 - 1
+"""What SQLite's integers hold: sample indices, chunk positions and counts beyond are refused."""
 _RUN_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 SCHEMA = """
@@ -94,6 +96,8 @@ class Place:
             sample_index, first_chunk, chunks = (int(part) for part in parts[1:])
         except ValueError:
             raise ValueError(f"{HEADER} {value!r}: sample, first chunk and chunks must be integers") from None
+        if not all(0 <= number <= SAMPLE_INDEX_MAX for number in (sample_index, first_chunk, chunks)):
+            raise ValueError(f"{HEADER} {value!r}: sample, first chunk and chunks must be from 0 to {SAMPLE_INDEX_MAX}")
         return cls(parts[0], sample_index, first_chunk, chunks)
 
 

@@ -6,7 +6,7 @@ the engine must answer exactly as KATO does.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
@@ -38,14 +38,17 @@ class CreateSessionRequest(BaseModel):
 
 
 # -- ingestd's extensions (under /ingestd; KATO has none of these) ---------------------------------------
+SampleIndex = Annotated[int, Field(ge=0, le=2**63 - 1)]  # what SQLite's integers hold
+
+
 class LedgerStatusRequest(BaseModel):
     node_ids: list[str] = Field(min_length=1, max_length=64)
-    samples: list[int] = Field(default_factory=list, max_length=10_000)
+    samples: list[SampleIndex] = Field(default_factory=list, max_length=10_000)
 
 
 class LedgerForgetRequest(BaseModel):
-    samples: list[int] | None = Field(default=None, max_length=100_000)
-    keep: list[int] = Field(default_factory=list, max_length=1_000_000)
+    samples: list[SampleIndex] | None = Field(default=None, max_length=100_000)
+    keep: list[SampleIndex] = Field(default_factory=list, max_length=1_000_000)
     everything: bool = False
 
 

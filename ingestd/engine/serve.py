@@ -28,7 +28,7 @@ def serve(settings: ServerSettings) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http=http_protocol(settings.header_timeout),
+        http=http_protocol(settings.header_timeout, settings.body_timeout),
         log_level="warning",
         access_log=False,
         timeout_keep_alive=5,  # as KATO's image

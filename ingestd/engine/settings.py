@@ -40,3 +40,5 @@ class ServerSettings(EngineSettings):
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest request body accepted.")
     header_timeout: float = Field(default=10.0, gt=0, description="Seconds a connection may take to send a request's "
                                   "headers; slower ones are closed (half-open connections do not pile up).")  # fmt: skip
+    body_timeout: float = Field(default=60.0, gt=0, description="Seconds a request's body may take to arrive after "
+                                "its headers; slower connections are closed.")  # fmt: skip
