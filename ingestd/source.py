@@ -17,6 +17,8 @@ from __future__ import annotations
 import csv
 import datetime
 import hashlib
+import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -302,7 +304,10 @@ def _nests_deeper(value: Any, limit: int) -> bool:
 
 def _plain_value(value: Any) -> Any:
     """A metadata value as JSON carries it, the same in-process and over HTTP: dates and times in ISO 8601,
-    decimals and durations as their text, UTF-8 bytes decoded; raises ValueError for bytes that are not text."""
+    decimals, durations and integers past 64 bits as their text, UTF-8 bytes decoded; raises ValueError for
+    bytes that are not text."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return str(value)  # past what JSON encoders take; KATO stores metadata as str() of the value: the same
     if value is None or isinstance(value, str | bool | int | float):
         return value
     if isinstance(value, dict):
@@ -346,13 +351,18 @@ def _jsonl(path: Path, text_field: str, wanted: tuple[str, ...], limit: int) -> 
             continue
         try:
             record = orjson.loads(raw)
-        except orjson.JSONDecodeError as error:
+            if wanted and _LONG_INTEGER.search(raw):  # orjson reads integers past 64 bits as floats; json keeps them
+                record = json.loads(raw)
+        except (orjson.JSONDecodeError, ValueError, RecursionError) as error:
             yield f"line {number} is not valid JSON ({error})"
             continue
         if not isinstance(record, dict):
             yield f"line {number} is a JSON {type(record).__name__}, not an object"
             continue
         yield _record_fields(record, text_field, wanted)
+
+
+_LONG_INTEGER = re.compile(rb"\d{20}")
 
 
 def _starts_with_array(path: Path) -> bool:

@@ -361,3 +361,23 @@ def test_library_logs_keep_the_log_format_and_the_error_is_one_line(tmp_path: Pa
     assert result.returncode == 2 and "cannot be read as parquet" in result.stderr
     assert _plain_lines(result.stderr) == [line for line in result.stderr.splitlines() if line.startswith("ingestd: error:")]
     assert len(_plain_lines(result.stderr)) == 1
+
+
+def test_integers_past_64_bits_in_jsonl_metadata_are_kept_exact(tmp_path: Path, engine_server: EngineServer) -> None:
+    """orjson read 18446744073709551616 as 1.8446744073709552e+19 (and a run then crashed encoding the digest)."""
+    source = tmp_path / "big.jsonl"
+    source.write_text(json.dumps({"text": "A sample with a very large number in its metadata.",
+                                  "n": 18446744073709551616, "m": -(2**70), "k": 12}) + "\n")  # fmt: skip
+    nodes = f"bigint{time.time_ns()}-{{level}}"
+    common = [str(source), "--metadata-fields", "n,m,k", "--metadata-levels", "0", "--chunk-sizes", "4",
+              "--node-ids", nodes]  # fmt: skip
+    assert _plain_run(*common, "--data", str(tmp_path / "kb")).returncode == 0
+    assert _plain_run(*common, "--kato", engine_server.url, "--run-dir", str(tmp_path / "http-run")).returncode == 0
+    import sqlite3
+
+    for data in (tmp_path / "kb", engine_server.data_dir):
+        with sqlite3.connect(data / "kato.sqlite3") as connection:
+            rows = connection.execute("SELECT metadata FROM patterns WHERE kb_id = ?", (kb_id(nodes.format(level=0)),))
+            stored = [json.loads(row[0]) for row in rows]
+        assert stored and all(item["n"] == ["18446744073709551616"] and item["m"] == [str(-(2**70))]
+                              and item["k"] == ["12"] for item in stored), stored  # fmt: skip
