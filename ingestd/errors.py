@@ -33,6 +33,23 @@ def find_ingest_error(error: BaseException) -> IngestError | None:
     return None
 
 
+def first_cause(error: BaseException) -> BaseException:
+    """The exception that started a failure of task groups: the first leaf that is not the consequence of
+    another task's (a stream whose other end closed when that task died)."""
+    import anyio
+
+    leaves: list[BaseException] = []
+    pending = [error]
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, BaseExceptionGroup):
+            pending[:0] = list(item.exceptions)
+        else:
+            leaves.append(item)
+    consequences = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)
+    return next((leaf for leaf in leaves if not isinstance(leaf, consequences)), leaves[0] if leaves else error)
+
+
 EXIT_SAMPLES_FAILED = 7
 
 

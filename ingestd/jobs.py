@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ingestd import metrics
 from ingestd.backend import check_kato_url
-from ingestd.errors import IngestError, find_ingest_error
+from ingestd.errors import IngestError, find_ingest_error, first_cause
 from ingestd.hierarchy import MAX_LEVELS, Hierarchy, HierarchyError
 from ingestd.pipeline import MAX_WORKERS, Pipeline, RunConfig
 from ingestd.source import MAX_COUNT, SourceError, SourceSpec
@@ -359,9 +359,7 @@ class JobManager:
                 if found is not None:
                     error = f"{found} [`ingestd jobs resume {job_id}` continues the job from its progress]"
                 else:
-                    leaf: BaseException = failure
-                    while isinstance(leaf, BaseExceptionGroup):
-                        leaf = leaf.exceptions[0]
+                    leaf = first_cause(failure)
                     error = f"ingestd crashed on this job ({type(leaf).__name__}: {leaf}); the daemon's log has the traceback"
                     log.exception("job crashed")
             finally:

@@ -381,3 +381,16 @@ def test_integers_past_64_bits_in_jsonl_metadata_are_kept_exact(tmp_path: Path, 
             stored = [json.loads(row[0]) for row in rows]
         assert stored and all(item["n"] == ["18446744073709551616"] and item["m"] == [str(-(2**70))]
                               and item["k"] == ["12"] for item in stored), stored  # fmt: skip
+
+
+def test_a_crash_is_named_by_its_cause_not_by_the_stream_it_broke() -> None:
+    """A worker that crashes closes the queue under the reader, whose BrokenResourceError may come first in
+    the task group's exception group: the daemon named a job's crash by it once (a flaky daemon test)."""
+    import anyio
+
+    from ingestd.errors import first_cause
+
+    cause = KeyError("auto_learned_patterns")
+    group = BaseExceptionGroup("tasks", [anyio.BrokenResourceError(), ExceptionGroup("workers", [cause])])
+    assert first_cause(group) is cause
+    assert isinstance(first_cause(ExceptionGroup("only", [anyio.BrokenResourceError()])), anyio.BrokenResourceError)
