@@ -126,11 +126,10 @@ class JobPolicy:
             where = Path(spec.source).expanduser().resolve() if source.is_local else None
         except (SourceError, OSError, RuntimeError) as error:
             return "source", str(error)
-        if where is not None:
-            if not any(where.is_relative_to(root) for root in self.source_roots):
-                roots = ":".join(str(root) for root in self.source_roots) or "none: hub datasets only"
-                return "source", (f"the source {spec.source!r} is outside the folders jobs may read ({roots}): put it "
-                                  "there, or widen INGESTD_SOURCE_ROOTS")  # fmt: skip
+        if where is not None and not any(where.is_relative_to(root) for root in self.source_roots):
+            roots = ":".join(str(root) for root in self.source_roots) or "none: hub datasets only"
+            return "source", (f"the source {spec.source!r} is outside the folders jobs may read ({roots}): put it "
+                              "there, or widen INGESTD_SOURCE_ROOTS")  # fmt: skip
         tokenizer = self._local_tokenizer(spec.tokenizer)
         if tokenizer is not None and not any(tokenizer.is_relative_to(root) for root in self.source_roots):
             return "tokenizer", (f"the tokenizer {spec.tokenizer!r} is a folder outside the folders jobs may read: "

@@ -28,6 +28,26 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def closed_by_the_server(port: int, partial_request: bytes, count: int, within: float = 30) -> int:
+    """Opens ``count`` connections that each send ``partial_request`` and no more; how many of them the server
+    on ``port`` closes within ``within`` seconds."""
+    stalled = []
+    for _ in range(count):
+        connection = socket.create_connection(("127.0.0.1", port))
+        connection.sendall(partial_request)
+        stalled.append(connection)
+    deadline = time.monotonic() + within
+    closed = 0
+    for connection in stalled:
+        connection.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            closed += connection.recv(100) == b""
+        except (TimeoutError, OSError):
+            pass
+        connection.close()
+    return closed
+
+
 @dataclass
 class EngineServer:
     """``ingestd kato serve`` running in a subprocess on loopback.

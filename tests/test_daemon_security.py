@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .conftest import closed_by_the_server
 from .test_daemon import TOKEN, Daemon, _NotQuiteKato, _QuietServer, corpus, wait_for
 
 
@@ -327,21 +328,8 @@ def test_errors_and_logs_never_quote_sample_text(tmp_path: Path) -> None:
 def test_the_daemon_closes_connections_that_never_finish_their_headers(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path / "state", INGESTD_HEADER_TIMEOUT="1").start()
     try:
-        stalled = []
-        for _ in range(50):
-            connection = socket.create_connection(("127.0.0.1", daemon.port))
-            connection.sendall(b"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ")  # and never the rest
-            stalled.append(connection)
-        deadline = time.monotonic() + 30
-        closed = 0
-        for connection in stalled:
-            connection.settimeout(max(0.1, deadline - time.monotonic()))
-            try:
-                closed += connection.recv(100) == b""
-            except (TimeoutError, OSError):
-                pass
-            connection.close()
-        assert closed == 50
+        # and never the rest of the headers
+        assert closed_by_the_server(daemon.port, b"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ", 50) == 50
         assert httpx.get(daemon.url + "/healthz", timeout=10).status_code == 200
     finally:
         daemon.stop()

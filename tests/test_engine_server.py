@@ -14,7 +14,7 @@ import pytest
 
 from ingestd.engine.rules import chunk_name
 
-from .conftest import EngineServer
+from .conftest import EngineServer, closed_by_the_server
 
 
 def node(name: str) -> str:
@@ -595,22 +595,8 @@ def test_connections_whose_body_never_arrives_are_closed(tmp_path, monkeypatch) 
     monkeypatch.setenv("INGESTD_SERVER__BODY_TIMEOUT", "1")
     server = EngineServer(tmp_path / "kb").start()
     try:
-        stalled = []
-        for _ in range(20):
-            connection = socket.create_connection(("127.0.0.1", server.port))
-            connection.sendall(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                               b"Content-Length: 50\r\n\r\n{")  # fmt: skip
-            stalled.append(connection)
-        deadline = time.monotonic() + 30
-        closed = 0
-        for connection in stalled:
-            connection.settimeout(max(0.1, deadline - time.monotonic()))
-            try:
-                closed += connection.recv(100) == b""
-            except (TimeoutError, OSError):
-                pass
-            connection.close()
-        assert closed == 20
+        partial = b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{"
+        assert closed_by_the_server(server.port, partial, 20) == 20
         slow_but_whole = socket.create_connection(("127.0.0.1", server.port))
         body = b'{"node_id": "slow"}'
         slow_but_whole.sendall(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -642,21 +628,8 @@ def test_connections_that_never_finish_their_headers_are_closed(tmp_path, monkey
     monkeypatch.setenv("INGESTD_SERVER__HEADER_TIMEOUT", "1")
     server = EngineServer(tmp_path / "kb").start()
     try:
-        stalled = []
-        for _ in range(50):
-            connection = socket.create_connection(("127.0.0.1", server.port))
-            connection.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
-            stalled.append(connection)
-        deadline = time.monotonic() + 30
-        closed = 0
-        for connection in stalled:
-            connection.settimeout(max(0.1, deadline - time.monotonic()))
-            try:
-                closed += connection.recv(100) == b""
-            except (TimeoutError, OSError):
-                pass
-            connection.close()
-        assert closed == 50
+        # and never the blank line that ends the headers
+        assert closed_by_the_server(server.port, b"GET /health HTTP/1.1\r\nHost: x\r\n", 50) == 50
         assert httpx.get(server.url + "/health", timeout=10).status_code == 200  # a real request still goes through
     finally:
         server.stop()

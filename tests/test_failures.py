@@ -299,13 +299,15 @@ def test_parquet_metadata_of_any_arrow_type_is_carried_or_fails_its_sample(tmp_p
     common = [str(tmp_path / "types.parquet"), "--metadata-fields", "dec,dur,ts,day,raw", "--metadata-levels", "0,1",
               "--chunk-sizes", "4,4", "--no-progress", "--node-ids", nodes]  # fmt: skip
     inproc = subprocess.run([sys.executable, "-m", "ingestd", "run", *common, "--data", str(tmp_path / "kb"),
-                             "--summary-json", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=300)  # fmt: skip
+                             "--summary-json", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=300,
+                            check=False)  # fmt: skip
     assert inproc.returncode == 7 and "Traceback" not in inproc.stderr, inproc.stderr[-2000:]
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["samples"]["learned"] == 2 and summary["failures"][0]["sample_index"] == 1
     assert "'raw' holds bytes that are not UTF-8" in summary["failures"][0]["reason"]
     over_http = subprocess.run([sys.executable, "-m", "ingestd", "run", *common, "--kato", engine_server.url,
-                                "--run-dir", str(tmp_path / "http-run")], capture_output=True, text=True, timeout=300)  # fmt: skip
+                                "--run-dir", str(tmp_path / "http-run")], capture_output=True, text=True, timeout=300,
+                               check=False)  # fmt: skip
     assert over_http.returncode == 7, over_http.stderr[-2000:]
     import sqlite3
 
