@@ -213,7 +213,11 @@ def run_command(
         if metrics_port is not None:
             from prometheus_client import start_http_server
 
-            start_http_server(metrics_port, addr="127.0.0.1")
+            try:
+                start_http_server(metrics_port, addr="127.0.0.1")
+            except OSError as error:
+                raise IngestError(f"--metrics-port {metrics_port} cannot be served ({error.strerror}): give a free "
+                                  "port, or leave --metrics-port out") from None  # fmt: skip
         async def learn(on_progress: Callable[[Any], None]) -> Any:
             nonlocal pipeline
             pipeline = Pipeline(config, on_progress=on_progress, handle_signals=True)
@@ -264,10 +268,14 @@ def serve_command(
     settings = _settings(host=host, port=port, state_dir=state_dir, max_jobs=max_jobs, log_format=log_format,
                          log_level=log_level)  # fmt: skip
     from ingestd.jobs import JobManager
+    from ingestd.runtime import listen_problem
 
     try:
         settings.api_token()  # refuse a bad token setup before binding
         JobManager(settings.state_dir, max_jobs=settings.max_jobs, drain_timeout=settings.drain_timeout).check()
+        problem = listen_problem(settings.host, settings.port)
+        if problem is not None:
+            raise IngestError(f"{problem}: give another --port or --host (INGESTD_PORT, INGESTD_HOST)")
     except IngestError as error:
         typer.echo(f"ingestd: error: {error}", err=True)
         raise typer.Exit(error.exit_code) from None

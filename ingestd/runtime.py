@@ -93,3 +93,20 @@ def http_protocol(header_timeout: float, body_timeout: float) -> type[Any] | str
             super().connection_lost(exc)
 
     return ReadTimeoutProtocol
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why a server could not listen on ``host:port`` (taken, not an address of this machine), or None: checked
+    before starting, so that this is one line and exit 2 instead of uvicorn's exit 3 after a "ready" line."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, protocol, _, address = infos[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as error:
+        return f"cannot listen on {host}:{port} ({error.strerror or error})"
+    return None
+

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     def job_source_roots(self) -> list[Path]:
         if self.source_roots is None:
             return [self.state_dir / "corpora"]
-        return [Path(root).expanduser() for root in self.source_roots.split(":") if root.strip()]
+        return [Path(root.strip()).expanduser() for root in self.source_roots.split(":") if root.strip()]
 
     def job_kato_urls(self) -> list[str]:
         return [url.strip().rstrip("/") for url in self.kato_urls.split(",") if url.strip()]

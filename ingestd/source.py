@@ -18,6 +18,7 @@ import csv
 import datetime
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -192,6 +193,10 @@ def _check_utf8(path: Path) -> None:
     """Refuse a file that is not UTF-8 text before anything is learned from it (its head and blocks spread
     over it are read): one undecodable line costs one sample, but a file in another encoding is refused whole."""
     blocks = _sample_blocks(path)
+    if b"\r" in blocks[0] and b"\n" not in blocks[0]:
+        raise SourceError(f"{path} ends its lines with \\r alone (classic Mac OS), which ingestd does not read: "
+                          f"convert it first, for example with `tr '\\r' '\\n' < {path.name} > {path.stem}.unix"
+                          f"{path.suffix}`")  # fmt: skip
     if b"\x00" in blocks[0]:
         raise SourceError(f"{path} looks like a binary file (it contains NUL bytes): give a UTF-8 text, jsonl, "
                           "parquet or csv file")  # fmt: skip
@@ -308,6 +313,8 @@ def _plain_value(value: Any) -> Any:
     bytes that are not text."""
     if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
         return str(value)  # past what JSON encoders take; KATO stores metadata as str() of the value: the same
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # nan, inf, -inf: as KATO stores them (JSON has no such numbers; orjson writes null)
     if value is None or isinstance(value, str | bool | int | float):
         return value
     if isinstance(value, dict):
@@ -362,7 +369,7 @@ def _jsonl(path: Path, text_field: str, wanted: tuple[str, ...], limit: int) -> 
         yield _record_fields(record, text_field, wanted)
 
 
-_LONG_INTEGER = re.compile(rb"\d{20}")
+_LONG_INTEGER = re.compile(rb"\d{20}|-\d{19}")  # past orjson's [-2**63, 2**64)
 
 
 def _starts_with_array(path: Path) -> bool:
@@ -385,33 +392,98 @@ def _first_jsonl_record(path: Path) -> dict[str, Any] | None:
 
 
 def _csv_rows(path: Path, limit: int) -> Iterator[tuple[int, list[str] | str]]:
-    """(line number, row or why it is malformed) of a csv file; undecodable bytes stay as surrogates (the row
-    then fails alone). Lines and fields longer than ``limit`` (bytes, characters) are not held: their row fails."""
-    csv.field_size_limit(limit)
-    too_long: list[int] = []
-
-    def lines() -> Iterator[str]:
-        for number, raw in enumerate(_lines(path, limit), start=1):
-            if raw is TOO_LONG:
-                too_long.append(number)
-                yield "\n"
-            else:
-                assert isinstance(raw, bytes)
-                yield raw.decode("utf-8", "surrogateescape") + "\n"
-
-    reader = csv.reader(lines())
+    """(line number, row or why it fails) of a csv file. No more than ``limit`` bytes of a row are held: a longer
+    row is read past without being kept (its quoting followed, so the rows after it read as csv reads them) and
+    fails alone. Undecodable bytes stay as surrogates (the row then fails alone)."""
+    csv.field_size_limit(limit + 1)
+    track = _CsvTrack()
+    reader = csv.reader(_csv_lines(path, limit, track))
     while True:
         try:
             row: list[str] | str = next(reader)
         except StopIteration:
             return
         except csv.Error as error:
-            row = f"the row at line {reader.line_num} is malformed csv ({error})"
-        if too_long:
-            row = _too_long(too_long[0], limit).replace("line", "the row at line", 1)
-            too_long.clear()
+            row = f"the row at line {track.line} is malformed csv ({error})"
+        track.rows += 1
+        if track.too_long is not None:
+            row = _too_long(track.too_long, limit).replace("line", "the row at line", 1)
+            track.too_long = None
         if row:  # blank lines are no records (as pandas reads csv)
-            yield reader.line_num, row
+            yield track.line, row
+
+
+@dataclass
+class _CsvTrack:
+    rows: int = 0  # rows the reader has given: when it changes, the next line starts a row
+    line: int = 0  # the last physical line given to the reader
+    too_long: int | None = None  # the first line of a row skipped for its length
+
+
+# Where csv's parser is within a row (the states of CPython's _csv that decide where a row ends).
+_START, _IN_FIELD, _IN_QUOTED, _QUOTE_IN_QUOTED = range(4)
+_FIELD_STOP = re.compile(rb"[,\n]")
+
+
+def _csv_lines(path: Path, limit: int, track: _CsvTrack) -> Iterator[str]:
+    """The file's lines for csv's reader, each row's held to ``limit`` bytes. A row that passes the limit is
+    read on in pieces by :func:`_csv_skip` to its end, and the reader given one line that ends what it holds."""
+    with path.open("rb") as handle:
+        if handle.read(3) != _BOM:
+            handle.seek(0)
+        given_at, row_bytes, row_start = -1, 0, 1
+        while True:
+            if track.rows != given_at:  # the reader finished a row: the next line starts one
+                row_bytes, row_start = 0, track.line + 1
+            budget = limit - row_bytes
+            line = handle.readline(budget + 1)
+            if not line:
+                return
+            given_at = track.rows
+            if len(line) <= budget:
+                row_bytes += len(line)
+                track.line += 1
+                yield line.decode("utf-8", "surrogateescape")
+                continue
+            # Inside a row, the reader is in a quoted field (a line end outside one ends the row).
+            track.line += _csv_skip(handle, line, _IN_QUOTED if row_bytes else _START)
+            track.too_long = row_start
+            yield '"\n' if row_bytes else "x\n"  # closes its quoted field, or is a row of its own: either fails
+
+
+def _csv_skip(handle: Any, head: bytes, state: int) -> int:
+    """Reads on from ``head`` (bytes of a row already read) to the end of the row, following csv's quoting
+    in pieces of 1 MiB, and returns how many line ends it passed."""
+    piece, lines = head, 0
+    while piece:
+        at = 0
+        while at < len(piece):
+            if state == _IN_QUOTED:
+                quote = piece.find(b'"', at)
+                if quote < 0:
+                    break
+                state, at = _QUOTE_IN_QUOTED, quote + 1
+            elif state == _IN_FIELD:
+                stop = _FIELD_STOP.search(piece, at)
+                if stop is None:
+                    break
+                if piece[stop.start()] == ord("\n"):
+                    return lines + 1
+                state, at = _START, stop.end()
+            else:  # at a field's start, or just after a quote inside a quoted field
+                byte = piece[at]
+                if byte == ord("\n"):
+                    return lines + 1
+                if byte == ord('"'):
+                    state = _IN_QUOTED
+                elif byte == ord(","):
+                    state = _START
+                else:
+                    state = _IN_FIELD
+                at += 1
+        lines += piece.count(b"\n")
+        piece = handle.readline(1 << 20)
+    return lines
 
 
 def _csv_header(path: Path, limit: int) -> list[str]:

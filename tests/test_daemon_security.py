@@ -82,7 +82,7 @@ def test_sources_and_tokenizers_that_are_no_paths_or_lead_outside_are_a_422(tmp_
     roots = tmp_path / "corpora"
     roots.mkdir()
     (roots / "tok").mkdir()
-    daemon = Daemon(tmp_path / "state", INGESTD_SOURCE_ROOTS=str(roots)).start()
+    daemon = Daemon(tmp_path / "state", INGESTD_SOURCE_ROOTS=f"{tmp_path / 'elsewhere'}: {roots} ").start()
     source = str(corpus(roots, samples=3))
     try:
         with daemon.client() as client:

@@ -587,6 +587,15 @@ def test_numbers_past_what_the_engine_can_keep_are_a_4xx_not_a_500(client: httpx
     claim = client.post("/ingestd/nodes/claim", content=b'{"claims": [{"node_id": "\\ud800", "tokenizer": "gpt2", '
                         b'"level": 0, "chunk_size": 8}]}', headers={"content-type": "application/json"})  # fmt: skip
     assert claim.status_code == 422
+    huge = client.post("/ingestd/nodes/claim", json={"claims": [{"node_id": "n", "tokenizer": "gpt2", "level": 2**63,
+                                                                 "chunk_size": 8}]})  # fmt: skip
+    assert huge.status_code == 422
+    before = client.get("/sessions/count").json()["active_session_count"]
+    for body in (b'{"node_id": "nan", "metadata": {"a": NaN}}', b'{"node_id": "inf", "metadata": {"a": [1e309]}}',
+                 b'{"node_id": "inf", "config": {"max_pattern_length": Infinity}}'):  # fmt: skip
+        answer = client.post("/sessions", content=body, headers={"content-type": "application/json"})
+        assert answer.status_code == 422 and answer.json()["detail"][0]["type"] == "finite_number", answer.text
+    assert client.get("/sessions/count").json()["active_session_count"] == before  # refused before creating
 
 
 def test_connections_whose_body_never_arrives_are_closed(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

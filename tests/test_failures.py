@@ -255,24 +255,86 @@ def _peak_rss_kib(*command: str) -> int:
     return int(measured.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("shape", ["a quote that never closes", "a line that never ends"])
-def test_a_csv_field_or_line_past_the_sample_limit_is_not_held(tmp_path: Path, shape: str) -> None:
-    """csv is read in bounded lines and fields: a 150 MB field fails its row alone (was 966 MB of RSS)."""
+_ROW = "The quick brown fox jumps over the lazy dog"
+
+
+def _csv_bomb(handle: Any, shape: str) -> None:
+    """A row of about 150 MB, in one of the shapes that broke the csv reader."""
+    if shape == "a quote that never closes":
+        handle.write('"this field opens a quote that never closes,u1\n')
+        for _ in range(150):
+            handle.write("y" * 999_999 + "\n")
+    elif shape == "a line that never ends":
+        handle.write("x" * 150_000_000 + ",u1\n")
+    elif shape == "a long line inside a quoted field":
+        handle.write('"short start\n' + "z" * 150_000_000 + ' end",u1\n')
+    elif shape == "a quoted field of many lines":
+        handle.write('"a ""quoted"" start, with a comma\n' + ("y" * 99 + "\n") * 1_500_000 + ' end",u1\n')
+    else:  # many fields, each below the limit
+        handle.write(",".join('"' + ("v" * 999 + "\n") * 500 + '"' for _ in range(300)) + "\n")
+
+
+@pytest.mark.parametrize("shape", ["a quote that never closes", "a line that never ends", "a long line inside a "
+                                   "quoted field", "a quoted field of many lines", "a row of many fields"])  # fmt: skip
+def test_a_csv_row_past_the_sample_limit_fails_alone_and_is_not_held(tmp_path: Path, shape: str) -> None:
+    """csv is read with each row held to the limit: a 150 MB row fails alone (was 966 MB of RSS), and the rows
+    after it are read as csv reads them (a skipped line inside quotes lost the rows after it, or learned the
+    rest of a long field as rows)."""
     source = tmp_path / "bomb.csv"
     with source.open("w") as handle:
-        handle.write("text,url\nA small row before the big one,u0\n")
-        if shape == "a quote that never closes":
-            handle.write('"this field opens a quote that never closes,u1\n')
-            for _ in range(150):
-                handle.write("y" * 999_999 + "\n")
-        else:
-            handle.write("x" * 150_000_000 + ",u1\nA small row after the big one,u2\n")
+        handle.write(f"text,url\n{_ROW} before,u0\n")
+        _csv_bomb(handle, shape)
+        for i in range(5):  # (after a quote that never closes, a quote would close it)
+            quoted = f'"{_ROW}, ""quoted"" {i}"' if shape != "a quote that never closes" else f"{_ROW} unquoted {i}"
+            handle.write(f"{_ROW} after {i},u{i}\n{quoted},q{i}\n")
+    summary_file = tmp_path / "s.json"
     peak_kib = _peak_rss_kib(sys.executable, "-m", "ingestd", "run", str(source), "--data", str(tmp_path / "kb"),
-                             "--no-progress", "--max-sample-chars", "1000", "--summary-json", str(tmp_path / "s.json"))
+                             "--no-progress", "--max-sample-chars", "1000", "--summary-json", str(summary_file))
+    summary = json.loads(summary_file.read_text())
+    expected_read = 12 if shape != "a quote that never closes" else 2  # an unclosed quote holds the rest of the file
+    assert summary["samples"]["read"] == expected_read and summary["samples"]["failed"] == 1, summary["samples"]
+    assert summary["failures"][0]["sample_index"] == 1 and "the row at line 3 is longer" in summary["failures"][0]["reason"]
+    assert peak_kib < 150 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB for a 150 MB csv row"
+
+
+def test_csv_rows_are_what_pythons_csv_reads(tmp_path: Path) -> None:
+    """The bounded reader against csv.reader itself, on files with quotes, commas and line ends in fields."""
+    import csv
+    import io
+    import random
+
+    from ingestd.source import _csv_rows
+
+    chooser = random.Random(7)
+
+    def field() -> str:
+        words = " ".join(chooser.choice(["a", "bb", "c,d", 'e"f', "g\nh", "ij\r\nk", "", " "])
+                         for _ in range(chooser.randint(0, 4)))  # fmt: skip
+        quoted = chooser.random() < 0.5 or any(mark in words for mark in ',"\n\r')
+        return '"' + words.replace('"', '""') + '"' if quoted else words
+
+    for _ in range(300):
+        line_end = chooser.choice(["\n", "\r\n"])
+        rows = [",".join(field() for _ in range(chooser.randint(1, 4))) for _ in range(chooser.randint(1, 30))]
+        text = line_end.join(rows) + chooser.choice(["", line_end])
+        (tmp_path / "r.csv").write_bytes(text.encode())
+        ours = [row for _, row in _csv_rows(tmp_path / "r.csv", 1 << 20)]
+        assert ours == [row for row in csv.reader(io.StringIO(text, newline="")) if row], text
+
+
+def test_a_csv_row_failed_for_its_length_is_learned_after_raising_the_limit(tmp_path: Path) -> None:
+    source = tmp_path / "rows.csv"
+    with source.open("w") as handle:
+        handle.write(f"text,url\n{_ROW} before,u0\n")
+        handle.write(f'"{_ROW} long\n' + "z " * 1_000_000 + ' end",u1\n')
+        handle.write("".join(f"{_ROW} after {i},u{i}\n" for i in range(5)))
+    first = _plain_run(str(source), "--data", str(tmp_path / "kb"), "--max-sample-chars", "1000")
+    assert first.returncode == 7, first.stderr[-1000:]
+    again = _plain_run(str(source), "--data", str(tmp_path / "kb"), "--max-sample-chars", "3000000", "--retry-failed",
+                       "--summary-json", str(tmp_path / "s.json"))  # fmt: skip
+    assert again.returncode == 0, again.stderr[-1000:]
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["samples"]["learned"] >= 1 and summary["samples"]["failed"] >= 1, summary["samples"]
-    assert summary["failures"][0]["sample_index"] == 1 and "the row at line" in summary["failures"][0]["reason"]
-    assert peak_kib < 150 * 1024, f"peak RSS {peak_kib / 1024:.0f} MiB for a 150 MB csv field"
+    assert summary["samples"]["learned"] == 1 and summary["samples"]["skipped"] == 6, summary["samples"]
 
 
 def test_parquet_metadata_of_any_arrow_type_is_carried_or_fails_its_sample(tmp_path: Path,
@@ -294,9 +356,10 @@ def test_parquet_metadata_of_any_arrow_type_is_carried_or_fails_its_sample(tmp_p
         "ts": pa.array([datetime.datetime(2024, 1, 1, 12, 30)] * 3, pa.timestamp("s")),
         "day": pa.array([datetime.date(2024, 1, 2)] * 3, pa.date32()),
         "raw": pa.array([b"text bytes", b"\xff\xfe not text", b"more"], pa.binary()),
+        "odd": pa.array([float("nan"), float("inf"), float("-inf")], pa.float64()),
     }), tmp_path / "types.parquet")  # fmt: skip
     nodes = f"types{time.time_ns()}-{{level}}"
-    common = [str(tmp_path / "types.parquet"), "--metadata-fields", "dec,dur,ts,day,raw", "--metadata-levels", "0,1",
+    common = [str(tmp_path / "types.parquet"), "--metadata-fields", "dec,dur,ts,day,raw,odd", "--metadata-levels", "0,1",
               "--chunk-sizes", "4,4", "--no-progress", "--node-ids", nodes]  # fmt: skip
     inproc = subprocess.run([sys.executable, "-m", "ingestd", "run", *common, "--data", str(tmp_path / "kb"),
                              "--summary-json", str(tmp_path / "s.json")], capture_output=True, text=True, timeout=300,
@@ -322,6 +385,7 @@ def test_parquet_metadata_of_any_arrow_type_is_carried_or_fails_its_sample(tmp_p
     first = json.loads(stored[0])
     assert first["ts"] == ["2024-01-01T12:30:00"] and first["day"] == ["2024-01-02"] and first["dur"] == ["0:00:05"]
     assert {value for row in stored for value in json.loads(row)["dec"]} == {"1.50", "None"}
+    assert {value for row in stored for value in json.loads(row)["odd"]} == {"nan", "-inf"}  # orjson sent null
 
 
 @pytest.mark.parametrize("source, needle", [
@@ -369,9 +433,9 @@ def test_integers_past_64_bits_in_jsonl_metadata_are_kept_exact(tmp_path: Path, 
     """orjson read 18446744073709551616 as 1.8446744073709552e+19 (and a run then crashed encoding the digest)."""
     source = tmp_path / "big.jsonl"
     source.write_text(json.dumps({"text": "A sample with a very large number in its metadata.",
-                                  "n": 18446744073709551616, "m": -(2**70), "k": 12}) + "\n")  # fmt: skip
+                                  "n": 18446744073709551616, "m": -(2**70), "k": 12, "j": -(2**63) - 1}) + "\n")  # fmt: skip
     nodes = f"bigint{time.time_ns()}-{{level}}"
-    common = [str(source), "--metadata-fields", "n,m,k", "--metadata-levels", "0", "--chunk-sizes", "4",
+    common = [str(source), "--metadata-fields", "n,m,k,j", "--metadata-levels", "0", "--chunk-sizes", "4",
               "--node-ids", nodes]  # fmt: skip
     assert _plain_run(*common, "--data", str(tmp_path / "kb")).returncode == 0
     assert _plain_run(*common, "--kato", engine_server.url, "--run-dir", str(tmp_path / "http-run")).returncode == 0
@@ -382,7 +446,7 @@ def test_integers_past_64_bits_in_jsonl_metadata_are_kept_exact(tmp_path: Path, 
             rows = connection.execute("SELECT metadata FROM patterns WHERE kb_id = ?", (kb_id(nodes.format(level=0)),))
             stored = [json.loads(row[0]) for row in rows]
         assert stored and all(item["n"] == ["18446744073709551616"] and item["m"] == [str(-(2**70))]
-                              and item["k"] == ["12"] for item in stored), stored  # fmt: skip
+                              and item["k"] == ["12"] and item["j"] == [str(-(2**63) - 1)] for item in stored), stored  # fmt: skip
 
 
 def test_a_crash_is_named_by_its_cause_not_by_the_stream_it_broke() -> None:
@@ -396,3 +460,45 @@ def test_a_crash_is_named_by_its_cause_not_by_the_stream_it_broke() -> None:
     group = BaseExceptionGroup("tasks", [anyio.BrokenResourceError(), ExceptionGroup("workers", [cause])])
     assert first_cause(group) is cause
     assert isinstance(first_cause(ExceptionGroup("only", [anyio.BrokenResourceError()])), anyio.BrokenResourceError)
+
+
+def test_busy_ports_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A port in use was a traceback (--metrics-port, exit 1) or uvicorn's exit 3 after a "ready" line."""
+    import os
+    import socket
+
+    (tmp_path / "s.txt").write_text("A sample that is long enough to be learned.\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        commands = {
+            "--metrics-port": ["run", str(tmp_path / "s.txt"), "--data", str(tmp_path / "kb"), "--no-progress",
+                               "--metrics-port", port],
+            "serve": ["serve", "--port", port, "--state-dir", str(tmp_path / "state")],
+            "kato serve": ["kato", "serve", "--port", port, "--data", str(tmp_path / "engine")],
+        }  # fmt: skip
+        for name, command in commands.items():
+            result = subprocess.run([sys.executable, "-m", "ingestd", *command], capture_output=True, text=True,
+                                    timeout=120, check=False, env={**os.environ, "INGESTD_TOKEN": "t"})  # fmt: skip
+            assert result.returncode == 2, (name, result.returncode, result.stderr[-1000:])
+            assert "Address already in use" in result.stderr and "Traceback" not in result.stderr, name
+            assert "daemon ready" not in result.stderr, name
+
+
+@pytest.mark.parametrize(("argument", "needle"), [
+    (["--run-id", "../../elsewhere"], "is not a name"),
+    (["--run-id", "r" * 5000], "is not a name"),
+])  # fmt: skip
+def test_run_ids_that_are_paths_or_huge_are_refused(tmp_path: Path, argument: list[str], needle: str) -> None:
+    (tmp_path / "s.txt").write_text("A sample that is long enough to be learned.\n")
+    result = _plain_run(str(tmp_path / "s.txt"), "--data", str(tmp_path / "kb"), *argument)
+    assert result.returncode == 2 and needle in result.stderr and len(result.stderr) < 2000, result.stderr[-500:]
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path.parent / "elsewhere").exists()
+
+
+def test_a_file_with_carriage_returns_alone_is_refused_as_a_whole(tmp_path: Path) -> None:
+    for suffix, content in (("csv", "text\rfirst row of the file\rsecond row\r"), ("txt", "first\r\rsecond paragraph\r")):
+        (tmp_path / f"mac.{suffix}").write_text(content, newline="")
+        result = _plain_run(str(tmp_path / f"mac.{suffix}"), "--data", str(tmp_path / "kb"))
+        assert result.returncode == 2 and "ends its lines with \\r alone" in result.stderr, result.stderr[-500:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import re
 import time
 import uuid
@@ -183,6 +184,21 @@ def _query_int(request: Request, name: str, default: int) -> int:
         raise RequestInvalid(_located(error.errors(include_url=False), ("query", name))) from None
 
 
+def _check_finite(value: Any, loc: tuple[str, ...]) -> None:
+    """A 422 for NaN or an infinity anywhere in ``value``: Python's json reads them, JSON cannot write them back
+    (KATO answers 500 after creating the session)."""
+    pending: list[tuple[Any, tuple[Any, ...]]] = [(value, loc)]
+    while pending:
+        item, where = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise RequestInvalid([{"type": "finite_number", "loc": list(where), "msg": "Input should be a finite "
+                                   "number", "input": item}])  # fmt: skip
+        if isinstance(item, dict):
+            pending.extend((child, (*where, key)) for key, child in item.items())
+        elif isinstance(item, list):
+            pending.extend((child, (*where, index)) for index, child in enumerate(item))
+
+
 def _check_ttl(ttl: int, loc: tuple[str, str], *, lowest: int | None) -> None:
     """A session lifetime the engine can keep. KATO answers 500 where Redis refuses one (not positive, at
     creation) or its clock overflows (past the year 9999); these are client input, so a 422 here."""
@@ -320,6 +336,8 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
 
     async def create_session(request: Request) -> Response:
         body: CreateSessionRequest = await _body_model(request, CreateSessionRequest)
+        for field in ("metadata", "config"):  # echoed in the answer, which JSON could not then carry
+            _check_finite(getattr(body, field), ("body", field))
         if body.ttl_seconds:
             _check_ttl(body.ttl_seconds, ("body", "ttl_seconds"), lowest=1)
         key = request.headers.get("idempotency-key")

@@ -55,8 +55,8 @@ class LedgerForgetRequest(BaseModel):
 class NodeClaim(BaseModel):
     node_id: str
     tokenizer: str
-    level: int = Field(ge=0)
-    chunk_size: int = Field(ge=2)
+    level: int = Field(ge=0, le=2**31 - 1)
+    chunk_size: int = Field(ge=2, le=2**31 - 1)
 
 
 class ClaimNodesRequest(BaseModel):

@@ -11,7 +11,7 @@ import uvicorn
 from ingestd.engine.http import create_app
 from ingestd.engine.settings import ServerSettings
 from ingestd.engine.store import KnowledgeStore
-from ingestd.runtime import http_protocol, throughput_gc
+from ingestd.runtime import http_protocol, listen_problem, throughput_gc
 
 
 def serve(settings: ServerSettings) -> None:
@@ -21,6 +21,10 @@ def serve(settings: ServerSettings) -> None:
     except (OSError, sqlite3.Error) as error:
         print(f"ingestd kato: error: cannot open {store.path} ({error}): give another --data, or move the file "
               "away (a locked one: stop the process that holds it)", file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(2)
+    problem = listen_problem(settings.host, settings.port)
+    if problem is not None:
+        print(f"ingestd kato: error: {problem}: give another --port or --host", file=sys.stderr, flush=True)
         sys.exit(2)
     app = create_app(settings, max_body_bytes=settings.max_body_bytes)
     config = uvicorn.Config(
@@ -34,7 +38,7 @@ def serve(settings: ServerSettings) -> None:
         timeout_keep_alive=5,  # as KATO's image
     )
     server = uvicorn.Server(config)
-    listening = config.bind_socket()  # exits with uvicorn's message if the address is taken
+    listening = config.bind_socket()
     host, port = listening.getsockname()[:2]  # --port 0: the port the system chose
     print(
         f"ingestd kato: KATO 3.10.1 API on http://{host}:{port} "
