@@ -221,7 +221,7 @@ def test_a_300_mb_line_is_skipped_without_holding_it(tmp_path: Path) -> None:
         handle.write('{"text": "' + "word " * 60_000_000 + '"}\n')
         handle.write(json.dumps({"text": "A small record after the big one."}) + "\n")
     script = ("import resource, subprocess, sys; "
-              "subprocess.run(sys.argv[1:], check=False); "
+              "subprocess.run(sys.argv[1:], check=False, timeout=270); "
               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # fmt: skip
     measured = subprocess.run([sys.executable, "-c", script, sys.executable, "-m", "ingestd", "run", str(source),
                                "--data", str(tmp_path / "kb"), "--no-progress", "--summary-json", str(tmp_path / "s.json")],
@@ -248,7 +248,7 @@ def test_a_damaged_job_store_stops_the_daemon_with_one_line(tmp_path: Path) -> N
 def _peak_rss_kib(*command: str) -> int:
     """Peak RSS of a child process running ``command``."""
     script = ("import resource, subprocess, sys; "
-              "subprocess.run(sys.argv[1:], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+              "subprocess.run(sys.argv[1:], check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=270); "
               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")  # fmt: skip
     measured = subprocess.run([sys.executable, "-c", script, *command], capture_output=True, text=True, timeout=300,
                               check=False)  # fmt: skip
