@@ -410,7 +410,7 @@ class Engine:
 
     async def learn_chunks(
         self, session_id: str, chunks: Sequence[Sequence[str]], metadata: dict[str, Any] | None = None,
-        *, idempotency_key: str | None = None, place: Place | None = None,
+        *, idempotency_key: str | None = None, place: Place | None = None, names: Sequence[str] | None = None,
     ) -> Learned:  # fmt: skip
         """In-process shortcut (not a KATO endpoint) with exactly the effect of, per chunk, one
         ``observe-sequence`` of its symbols, one per event (``metadata`` on the first), with
@@ -418,6 +418,12 @@ class Engine:
         It skips building KATO's per-observation response, and stores everything in one transaction.
         A call whose ``idempotency_key`` was already applied returns the names of that time, applying
         nothing; so does a call whose ledger ``place`` is recorded as stored (:mod:`ingestd.engine.ledger`).
+
+        ``names`` (the caller's plan) are taken instead of hashing a chunk again where the pattern learned is
+        exactly that chunk: STM empty when it began and holding all of it, one symbol per event, when
+        learned. They are trusted, not checked: the plan is computed in this process by the same rule
+        (:func:`ingestd.engine.rules.chunk_name`), and the equivalence and golden tests hold the two to
+        KATO's names. Anywhere else (a rolling STM, an auto-learn inside a chunk) the name is computed.
         """
         async with self._once(idempotency_key) as replay, self._lock(session_id):
             if replay is not None:
@@ -425,19 +431,20 @@ class Engine:
                 return Learned(list(replay), True)
             draft = self.live_session(session_id).copy()
             learns: list[Learn] = []
-            names: list[str] = []
+            learned: list[str] = []
             plain: dict[str, Any] = {}
-            for chunk in chunks:
+            for index, chunk in enumerate(chunks):
+                known = (len(chunk), rules.strip_prefix(names[index])) if names is not None and not draft.stm else None
                 for position, symbol in enumerate(chunk):
                     observation = Observation([symbol], {}, metadata if position == 0 and metadata else plain)
-                    auto_learned = draft.observe(observation, learns)
+                    auto_learned = draft.observe(observation, learns, known=known)
                     if auto_learned:
-                        names.append(auto_learned)
+                        learned.append(auto_learned)
                 if draft.stm:
-                    names.append(draft.learn(learns))
-            stored = await self._write(draft, learns, applied=None if idempotency_key is None else (idempotency_key, names),
+                    learned.append(draft.learn(learns, known=known))
+            stored = await self._write(draft, learns, applied=None if idempotency_key is None else (idempotency_key, learned),
                                        place=place)  # fmt: skip
-        return Learned(names, not stored)
+        return Learned(learned, not stored)
 
     async def learn(self, session_id: str) -> dict[str, Any]:
         async with self._lock(session_id):
