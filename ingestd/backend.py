@@ -268,8 +268,9 @@ class HttpKato:
 
     async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
                     auto_learn: bool, place: Place | None = None, names: Sequence[str] | None = None) -> Learned:  # fmt: skip
-        """One ``observe-sequence`` call (the server names the patterns itself: ``names`` is not sent). ``place`` goes out in the ``ingestd-ledger`` header (the embedded
-        engine stores a chunk of a run once; KATO ignores the header)."""
+        """One ``observe-sequence`` call; the server names the patterns itself (``names`` is not sent). ``place``
+        goes out in the ``ingestd-ledger`` header (the embedded engine stores a chunk of a run once; KATO ignores
+        the header)."""
         path = f"/sessions/{session_id}/observe-sequence"
         if auto_learn:
             # Whole chunks back to back: KATO learns each as STM reaches chunk_size; learn_at_end

@@ -267,12 +267,12 @@ def serve_command(
 
     settings = _settings(host=host, port=port, state_dir=state_dir, max_jobs=max_jobs, log_format=log_format,
                          log_level=log_level)  # fmt: skip
-    from ingestd.jobs import JobManager
+    from ingestd.jobs import check_job_store
     from ingestd.runtime import listen_problem
 
     try:
         settings.api_token()  # refuse a bad token setup before binding
-        JobManager(settings.state_dir, max_jobs=settings.max_jobs, drain_timeout=settings.drain_timeout).check()
+        check_job_store(settings.state_dir)
         problem = listen_problem(settings.host, settings.port)
         if problem is not None:
             raise IngestError(f"{problem}: give another --port or --host (INGESTD_PORT, INGESTD_HOST)")

@@ -29,6 +29,7 @@ from ingestd.source import MAX_COUNT, SourceError, SourceSpec
 
 log = structlog.get_logger("ingestd.jobs")
 
+
 class JobRefused(IngestError):
     """The job reaches outside what this daemon lets jobs touch."""
 
@@ -126,12 +127,12 @@ class JobPolicy:
             where = Path(spec.source).expanduser().resolve() if source.is_local else None
         except (SourceError, OSError, RuntimeError) as error:
             return "source", str(error)
-        if where is not None and not any(where.is_relative_to(root) for root in self.source_roots):
+        if where is not None and not self._readable(where):
             roots = ":".join(str(root) for root in self.source_roots) or "none: hub datasets only"
             return "source", (f"the source {spec.source!r} is outside the folders jobs may read ({roots}): put it "
                               "there, or widen INGESTD_SOURCE_ROOTS")  # fmt: skip
         tokenizer = self._local_tokenizer(spec.tokenizer)
-        if tokenizer is not None and not any(tokenizer.is_relative_to(root) for root in self.source_roots):
+        if tokenizer is not None and not self._readable(tokenizer):
             return "tokenizer", (f"the tokenizer {spec.tokenizer!r} is a folder outside the folders jobs may read: "
                                  "put it under INGESTD_SOURCE_ROOTS, or give 'gpt2' or a cached model's name")  # fmt: skip
         if spec.kato_url is not None and spec.kato_url not in self.kato_urls:
@@ -140,6 +141,9 @@ class JobPolicy:
                                 f"{allowed}): add it there, or leave kato_url out for the embedded engine")  # fmt: skip
         return None
 
+    def _readable(self, path: Path) -> bool:
+        """``path`` (resolved) lies under one of the folders jobs may read."""
+        return any(path.is_relative_to(root) for root in self.source_roots)
 
     @staticmethod
     def _local_tokenizer(name: str) -> Path | None:
@@ -153,13 +157,28 @@ class JobPolicy:
         return None
 
 
+def check_job_store(state_dir: Path) -> None:
+    """Refuse, with one line, a state directory whose job store cannot be used (before the daemon starts)."""
+    path = state_dir / "jobs.sqlite3"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(sqlite3.connect(path, timeout=5.0)) as connection:
+            connection.executescript(_SCHEMA)
+            connection.execute("SELECT count(*) FROM jobs").fetchone()
+    except (OSError, sqlite3.Error) as error:
+        raise IngestError(
+            f"the job store {path} cannot be used ({error}): move it away (its jobs are then forgotten; their run "
+            "directories stay) or give another --state-dir"
+        ) from None
+
+
 class JobManager:
     """Jobs in ``<state dir>/jobs.sqlite3``; at most ``max_jobs`` run at once in this event loop."""
 
-    def __init__(self, state_dir: Path, *, max_jobs: int, drain_timeout: float, policy: JobPolicy | None = None,
+    def __init__(self, state_dir: Path, *, max_jobs: int, drain_timeout: float, policy: JobPolicy,
                  on_fatal: Callable[[], None] = lambda: None) -> None:  # fmt: skip
         self.state_dir = Path(state_dir)
-        self.policy = policy or JobPolicy([self.state_dir / "corpora"], [])
+        self.policy = policy
         self.max_jobs = max_jobs
         self.drain_timeout = drain_timeout
         self.failed = False  # the runner itself failed: the daemon must restart
@@ -173,20 +192,6 @@ class JobManager:
         self._shutting_down = False
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def check(self) -> None:
-        """Refuse, with one line, a state directory whose job store cannot be used (before the daemon starts)."""
-        path = self.state_dir / "jobs.sqlite3"
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            with contextlib.closing(sqlite3.connect(path, timeout=5.0)) as connection:
-                connection.executescript(_SCHEMA)
-                connection.execute("SELECT count(*) FROM jobs").fetchone()
-        except (OSError, sqlite3.Error) as error:
-            raise IngestError(
-                f"the job store {path} cannot be used ({error}): move it away (its jobs are then forgotten; their run "
-                "directories stay) or give another --state-dir"
-            ) from None
-
     def open(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.state_dir / "jobs.sqlite3", isolation_level=None, check_same_thread=False)

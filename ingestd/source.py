@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import orjson
 
@@ -32,9 +32,9 @@ from ingestd.errors import IngestError
 MIN_CHARS = 11
 """Default ``--min-chars``: samples whose stripped text is shorter are filtered out (0 keeps every sample)."""
 MAX_TEXT_CHARS = 1_000_000
+"""Default limit on one sample's text: ~250k GPT-2 tokens; a longer record fails alone (``--max-sample-chars``)."""
 MAX_COUNT = 2**53 - 1
 """Counts a user gives (samples to skip or take, characters): beyond, they no longer fit JSON's or SQLite's numbers."""
-"""Default limit on one sample's text: ~250k GPT-2 tokens; a longer record fails alone (``--max-sample-chars``)."""
 
 
 @dataclass(frozen=True)
@@ -227,8 +227,7 @@ def _lines(path: Path, limit: int) -> Iterator[bytes | _TooLong]:
     """The file's lines without their newline; a line longer than ``limit`` bytes is skipped in pieces and given
     as ``TOO_LONG``, so memory stays bounded by the limit whatever the file's shape."""
     with path.open("rb") as handle:
-        if handle.read(3) != _BOM:  # a byte-order mark is no text (editors on Windows write one)
-            handle.seek(0)
+        _skip_bom(handle)
         while line := handle.readline(limit + 1):
             if len(line) > limit and not line.endswith(b"\n"):
                 while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
@@ -239,6 +238,12 @@ def _lines(path: Path, limit: int) -> Iterator[bytes | _TooLong]:
 
 
 _BOM = b"\xef\xbb\xbf"
+
+
+def _skip_bom(handle: BinaryIO) -> None:
+    """Reads past a byte-order mark at the start, if there is one: it is no text (editors on Windows write one)."""
+    if handle.read(len(_BOM)) != _BOM:
+        handle.seek(0)
 
 
 def _decode(line: bytes) -> str | None:
@@ -374,7 +379,8 @@ _LONG_INTEGER = re.compile(rb"\d{20}|-\d{19}")  # past orjson's [-2**63, 2**64)
 
 def _starts_with_array(path: Path) -> bool:
     with path.open("rb") as handle:
-        return handle.read(1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"["
+        _skip_bom(handle)
+        return handle.read(1 << 16).lstrip(b" \t\r\n")[:1] == b"["
 
 
 def _first_jsonl_record(path: Path) -> dict[str, Any] | None:
@@ -429,8 +435,7 @@ def _csv_lines(path: Path, limit: int, track: _CsvTrack) -> Iterator[str]:
     """The file's lines for csv's reader, each row's held to ``limit`` bytes. A row that passes the limit is
     read on in pieces by :func:`_csv_skip` to its end, and the reader given one line that ends what it holds."""
     with path.open("rb") as handle:
-        if handle.read(3) != _BOM:
-            handle.seek(0)
+        _skip_bom(handle)
         given_at, row_bytes, row_start = -1, 0, 1
         while True:
             if track.rows != given_at:  # the reader finished a row: the next line starts one
@@ -486,16 +491,16 @@ def _csv_skip(handle: Any, head: bytes, state: int) -> int:
     return lines
 
 
-def _csv_header(path: Path, limit: int) -> list[str]:
-    header = next((row for _, row in _csv_rows(path, limit)), [])
+def _csv_header(rows: Iterator[tuple[int, list[str] | str]]) -> list[str]:
+    """The first row of ``rows``, taken from it: the column names (none if that row is malformed)."""
+    header = next((row for _, row in rows), [])
     return header if isinstance(header, list) else []
 
 
 def _csv(path: Path, text_field: str, wanted: tuple[str, ...], limit: int) -> Iterator[RawRecord]:
     """Rows of a csv file read here, not with ``datasets``: one malformed row fails alone instead of the file."""
     rows = _csv_rows(path, limit)
-    header = _csv_header(path, limit)
-    next(rows, None)
+    header = _csv_header(rows)
     for line, row in rows:
         if isinstance(row, str):
             yield row
@@ -619,7 +624,7 @@ class Source:
                                 "name the text field with --text-field, and only existing --metadata-fields")  # fmt: skip
             self._records = lambda: _jsonl(path, text_field, wanted, self._byte_limit)
         elif local_format == "csv":
-            _require_fields(str(path), _csv_header(path, self._byte_limit), text_field, wanted,
+            _require_fields(str(path), _csv_header(_csv_rows(path, self._byte_limit)), text_field, wanted,
                             "name the text column with --text-field, and only existing --metadata-fields")  # fmt: skip
             self._records = lambda: _csv(path, text_field, wanted, self._byte_limit)
         else:

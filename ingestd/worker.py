@@ -184,8 +184,7 @@ class Worker:
                 first = outcome.stored[level.index] = step.stored
                 continue
             if learned.names != planned:
-                raise PlanMismatch(_mismatch(self.backend.description, level.node_id, plan.index, chunks,
-                                             learned.names, planned))  # fmt: skip
+                raise PlanMismatch(_mismatch(self.backend.description, level.node_id, plan.index, learned.names, planned))
             first = outcome.stored[level.index] = first + len(chunks)
             if learned.replayed:
                 outcome.replayed[level.index] += len(chunks)
@@ -224,8 +223,7 @@ class Worker:
         self.recovery.session_recreated(level.node_id)
 
 
-def _mismatch(server: str, node_id: str, sample_index: int, chunks: list[list[str]], learned: list[str],
-              planned: list[str]) -> str:  # fmt: skip
+def _mismatch(server: str, node_id: str, sample_index: int, learned: list[str], planned: list[str]) -> str:
     position = next((i for i, (got, want) in enumerate(zip(learned, planned, strict=False)) if got != want),
                     min(len(learned), len(planned)))  # fmt: skip
     got = learned[position] if position < len(learned) else "nothing"

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
-
 from ingestd.engine import config as session_config
 from ingestd.engine import feeders, ledger, rules
 from ingestd.engine.feeders import Claim, Feeder

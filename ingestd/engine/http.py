@@ -14,7 +14,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import orjson
@@ -100,17 +100,27 @@ def _surrogate_in(raw: bytes) -> re.Match[bytes] | None:
     return _SURROGATE.search(raw) if b"\\u" in raw or b"\xed" in raw else None
 
 
+def _walk(value: Any, loc: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """Every value inside a decoded JSON ``value``, with where it is; an object's keys are given as values too.
+    Iterative: bodies nest as deep as Python's parser takes, past what recursion could follow."""
+    pending: list[tuple[Any, tuple[Any, ...]]] = [(value, loc)]
+    while pending:
+        item, where = pending.pop()
+        yield where, item
+        if isinstance(item, dict):
+            pending.extend((key, where) for key in item)
+            pending.extend((child, (*where, key)) for key, child in item.items())
+        elif isinstance(item, list):
+            pending.extend((child, (*where, index)) for index, child in enumerate(item))
+
+
 def _lone_surrogate(value: Any) -> bool:
-    if type(value) is str:
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if type(value) is dict:
-        return any(_lone_surrogate(key) or _lone_surrogate(item) for key, item in value.items())
-    if type(value) is list:
-        return any(_lone_surrogate(item) for item in value)
+    for _, item in _walk(value):
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
     return False
 
 
@@ -133,12 +143,7 @@ async def _json_body(request: Request) -> Any:
         # an integer past Python's 4,300 digits, nesting deeper than Python's parser goes.
         raise KatoError(400, "There was an error parsing the body") from None
     found = _surrogate_in(raw)
-    try:
-        lone = found is not None and _lone_surrogate(body)
-    except RecursionError:
-        raise KatoError(400, "There was an error parsing the body") from None
-    if lone:
-        assert found is not None
+    if found is not None and _lone_surrogate(body):
         # KATO takes the body, and then cannot store or answer it (a lone surrogate is not UTF-8): refused here,
         # in the shape of its other JSON errors, before anything is applied.
         raise RequestInvalid(
@@ -187,16 +192,10 @@ def _query_int(request: Request, name: str, default: int) -> int:
 def _check_finite(value: Any, loc: tuple[str, ...]) -> None:
     """A 422 for NaN or an infinity anywhere in ``value``: Python's json reads them, JSON cannot write them back
     (KATO answers 500 after creating the session)."""
-    pending: list[tuple[Any, tuple[Any, ...]]] = [(value, loc)]
-    while pending:
-        item, where = pending.pop()
+    for where, item in _walk(value, loc):
         if isinstance(item, float) and not math.isfinite(item):
             raise RequestInvalid([{"type": "finite_number", "loc": list(where), "msg": "Input should be a finite "
                                    "number", "input": item}])  # fmt: skip
-        if isinstance(item, dict):
-            pending.extend((child, (*where, key)) for key, child in item.items())
-        elif isinstance(item, list):
-            pending.extend((child, (*where, index)) for index, child in enumerate(item))
 
 
 def _check_ttl(ttl: int, loc: tuple[str, str], *, lowest: int | None) -> None:
@@ -298,10 +297,13 @@ def _quick_sequence(body: Any) -> tuple[list[Observation], dict[str, bool]] | No
 
 
 async def _quick_body(request: Request) -> Any:
-    raw = await request.body()
-    if not raw or not _is_json(request.headers.get("content-type")):
-        return None
-    if _surrogate_in(raw):
+    return _quick_json(await request.body(), request.headers.get("content-type"))
+
+
+def _quick_json(raw: bytes, content_type: str | None) -> Any:
+    """The body decoded by orjson for the fast paths, or None for the full way: not JSON, or holding a
+    surrogate (whose refusal the full way words)."""
+    if not raw or not _is_json(content_type) or _surrogate_in(raw):
         return None
     try:
         return orjson.loads(raw)
@@ -716,14 +718,7 @@ class HotPaths:
                 return JSONResponse(await engine.clear_stm(session_id))
             except SessionNotFound:  # expired in between: the full app says so
                 return None
-        if not raw or not _is_json(content_type.decode("latin-1") if content_type else None):
-            return None
-        if _surrogate_in(raw):
-            return None
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return None
+        body = _quick_json(raw, content_type.decode("latin-1") if content_type else None)
         try:
             if action == "observe":
                 observation = _quick_observation(body)
