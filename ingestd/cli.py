@@ -163,18 +163,16 @@ def run_command(
     import sys
 
     import anyio
-    from rich.console import Console
-
     from ingestd.errors import EXIT_SAMPLES_FAILED
     from ingestd.hierarchy import Hierarchy
     from ingestd.pipeline import Pipeline, RunConfig
-    from ingestd.report import ProgressBar, ProgressLog, summary_table
+    from ingestd.report import ProgressBar, ProgressLog, Terminal, summary_table
     from ingestd.retry import RetryPolicy
     from ingestd.runtime import loop_options, throughput_gc
     from ingestd.source import MIN_CHARS, SourceSpec
 
     _settings(log_format=log_format, log_level=log_level)
-    console = Console()
+    console = Terminal()
     if txt_mode not in ("paragraph", "line"):
         raise typer.BadParameter(f"{txt_mode!r}: use 'paragraph' or 'line'", param_hint="--txt-mode")
     if durability not in ("full", "normal"):
@@ -183,14 +181,14 @@ def run_command(
     pipeline: Pipeline | None = None
 
     def report(result: dict[str, Any]) -> None:
-        """The summary, on the terminal and in --summary-json: after a run, and after an error too."""
-        if result.get("samples") is not None and (result["samples"]["read"] or result.get("error") is None):
-            console.print(summary_table(result))
+        """The summary, in --summary-json and on the terminal: after a run, and after an error too."""
         if summary_json is not None:
             try:
                 summary_json.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             except OSError as error:
                 typer.echo(f"ingestd: warning: cannot write --summary-json {summary_json} ({error.strerror})", err=True)
+        if result.get("samples") is not None and (result["samples"]["read"] or result.get("error") is None):
+            console.print(summary_table(result))
 
     try:
         if hierarchy_file is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from typing import Any
 
@@ -13,6 +15,15 @@ from rich.table import Table
 from ingestd.pipeline import RunStats
 
 log = structlog.get_logger("ingestd.run")
+
+
+class Terminal(Console):
+    """rich's console, except that a reader of standard output that goes away (``ingestd run … | head -0``)
+    costs the display only: the run goes on and exits with its own code (rich exits 1 there)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class ProgressBar:

@@ -502,3 +502,20 @@ def test_a_file_with_carriage_returns_alone_is_refused_as_a_whole(tmp_path: Path
         (tmp_path / f"mac.{suffix}").write_text(content, newline="")
         result = _plain_run(str(tmp_path / f"mac.{suffix}"), "--data", str(tmp_path / "kb"))
         assert result.returncode == 2 and "ends its lines with \\r alone" in result.stderr, result.stderr[-500:]
+
+
+def test_a_reader_of_standard_output_that_goes_away_costs_the_display_only(tmp_path: Path) -> None:
+    """`ingestd run … | head -0`: rich exited 1 on the broken pipe, before --summary-json was written."""
+    import os
+
+    (tmp_path / "s.txt").write_text("A sample that is long enough to be learned.\n\nAnd a second one, just as long.\n")
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run([sys.executable, "-m", "ingestd", "run", str(tmp_path / "s.txt"), "--data",
+                                 str(tmp_path / "kb"), "--no-progress", "--summary-json", str(tmp_path / "s.json")],
+                                stdout=writer, stderr=subprocess.PIPE, text=True, timeout=300, check=False)  # fmt: skip
+    finally:
+        os.close(writer)
+    assert result.returncode == 0, result.stderr[-1000:]
+    assert json.loads((tmp_path / "s.json").read_text())["samples"]["learned"] == 2
