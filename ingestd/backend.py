@@ -31,6 +31,7 @@ import orjson
 from ingestd import metrics
 from ingestd.engine import Engine, EngineSettings, Feeder, KatoError, Learned, Place, SessionNotFound
 from ingestd.engine.ledger import HEADER as LEDGER_HEADER
+from ingestd.engine.load import SampleLoad
 from ingestd.errors import (
     Ambiguous,
     KatoRejected,
@@ -406,6 +407,10 @@ class EmbeddedKato:
                     auto_learn: bool, place: Place | None = None, names: Sequence[str] | None = None) -> Learned:  # fmt: skip
         return await self._call("observe-sequence", self.engine.learn_chunks(session_id, chunks, metadata, place=place,
                                                                              names=names))  # fmt: skip
+
+    async def load(self, run_key: str, samples: Sequence[SampleLoad]) -> list[list[int]]:
+        """Store many samples of a run in one transaction (the engine's bulk loading; see :mod:`ingestd.loader`)."""
+        return await self._call("load", self.engine.load(run_key, samples))
 
     async def healthy(self) -> bool:
         return True

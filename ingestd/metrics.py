@@ -47,7 +47,7 @@ RUN_METRIC_NAMES = (
 
 
 LABEL_VALUES = {
-    "endpoint": ("create-session", "delete-session", "observe-sequence", "clear-stm", "clear-all", "pattern"),
+    "endpoint": ("create-session", "delete-session", "observe-sequence", "clear-stm", "clear-all", "pattern", "load"),
     "status_class": ("2xx", "4xx", "5xx", "error"),
     "cause": ("server_down", "session_lost", "ambiguous"),
     "state": ("queued", "running", "succeeded", "failed", "cancelled"),

@@ -25,6 +25,7 @@ from ingestd.backend import EmbeddedKato, HttpKato, KatoBackend, check_kato_url
 from ingestd.engine import EngineSettings
 from ingestd.errors import IngestError, KatoRejected, ServerDown, Transient, find_ingest_error
 from ingestd.hierarchy import Hierarchy
+from ingestd.loader import LOAD_SAMPLES, LOAD_TOKENS, Loader
 from ingestd.nodes import NodeRegistry
 from ingestd.plan import SamplePlan, plan_levels
 from ingestd.progress import Progress, SourceChanged, fingerprint
@@ -34,6 +35,9 @@ from ingestd.retry import send as send_call
 from ingestd.source import MAX_COUNT, BadRecord, Filtered, Sample, Source, SourceEvent, SourceSpec
 from ingestd.tokenize import Tokenizer, load_tokenizer
 from ingestd.worker import SampleOutcome, Worker, level_setups
+
+LOADERS = 2
+"""Loads in flight at once in-process: while one commits (in a thread of its own), the next is built."""
 
 log = structlog.get_logger("ingestd.pipeline")
 T = TypeVar("T")
@@ -249,6 +253,17 @@ def _plan_batch(samples: list[Sample], tokenizer: Tokenizer, chunk_sizes: list[i
     ]  # fmt: skip
 
 
+def _cut(plans: list[SamplePlan]) -> tuple[int, int]:
+    """How many of ``plans`` (at least one) make one load, and their tokens."""
+    count = tokens = 0
+    for plan in plans:
+        if count and (tokens + plan.token_count > LOAD_TOKENS or count == LOAD_SAMPLES):
+            break
+        count += 1
+        tokens += plan.token_count
+    return count, tokens
+
+
 def _check_unchanged(batch: list[SourceEvent], seen: set[int], progress: Progress, label: str) -> None:
     """Samples this run learned, was learning, or stored part of before failing must be the same records at
     the same indices: an edit that adds, removes or changes records before them shifts every later index,
@@ -350,8 +365,10 @@ class Pipeline:
             watch = self._watch = ServerWatch(backend.healthy, backend.description, config.retry, self.stats.server_outage)
             resume_points = await prepare(config, progress, backend, node_ids, self.stats, self._reliably)
             setups = level_setups(config.hierarchy, node_ids, batching=config.batching)
-            queue_size = config.queue_size or 4 * config.workers
-            send, receive = anyio.create_memory_object_stream[SamplePlan](max_buffer_size=queue_size)
+            # Batches of planned samples: one sample each for workers; in-process, loads of many samples.
+            bulk = isinstance(backend, EmbeddedKato)
+            queue_size = (config.queue_size or 4 * config.workers) if not bulk else (config.queue_size or LOADERS)
+            send, receive = anyio.create_memory_object_stream[list[SamplePlan]](max_buffer_size=queue_size)
             async with anyio.create_task_group() as group:
                 if self.on_progress is not None:
                     group.start_soon(self._report, backend)
@@ -359,11 +376,16 @@ class Pipeline:
                     group.start_soon(self._watch_signals)
                 with self._workers:
                     async with anyio.create_task_group() as pipeline:
-                        pipeline.start_soon(self._produce, source, tokenizer, progress, resume_points, send)
-                        for number in range(config.workers):
-                            worker = Worker(number, backend, setups, config.batch_chunks, policy=config.retry,
-                                            watch=watch, recovery=self.stats, run_key=progress.run_key)  # fmt: skip
-                            pipeline.start_soon(self._work, worker, progress, backend, receive.clone())
+                        pipeline.start_soon(self._produce, source, tokenizer, progress, resume_points, send, bulk)
+                        if isinstance(backend, EmbeddedKato):
+                            loader = Loader(backend, setups, progress.run_key)
+                            for _ in range(LOADERS):
+                                pipeline.start_soon(self._load, loader, progress, backend, receive.clone())
+                        else:
+                            for number in range(config.workers):
+                                worker = Worker(number, backend, setups, config.batch_chunks, policy=config.retry,
+                                                watch=watch, recovery=self.stats, run_key=progress.run_key)  # fmt: skip
+                                pipeline.start_soon(self._work, worker, progress, backend, receive.clone())
                         receive.close()
                 group.cancel_scope.cancel()
             finished = True
@@ -429,18 +451,21 @@ class Pipeline:
             await anyio.sleep(self.progress_interval)
 
     async def _produce(self, source: Source, tokenizer: Tokenizer, progress: Progress, resume_points: dict[int, list[int]],
-                       send: MemoryObjectSendStream[SamplePlan]) -> None:  # fmt: skip
+                       send: MemoryObjectSendStream[list[SamplePlan]], bulk: bool) -> None:  # fmt: skip
         config = self.config
         stats = self.stats
         chunk_sizes = config.hierarchy.chunk_sizes
         events = source.events(skip=config.skip, max_samples=config.max_samples)
         wanted = set(progress.failed) if config.retry_failed else None
         seen = progress.done | set(progress.interrupted) | progress.partly_stored()  # their digests must still match
+        pending: list[SamplePlan] = []  # planned, not yet sent as a load
         with self._intake:
             async with send:
                 while True:
                     batch = await anyio.to_thread.run_sync(_take, events, config.read_batch)
                     if not batch:
+                        if pending:
+                            await self._enqueue(send, pending)
                         return
                     _check_unchanged(batch, seen, progress, source.label)
                     samples = []
@@ -461,48 +486,97 @@ class Pipeline:
                     plans = await anyio.to_thread.run_sync(_plan_batch, samples, tokenizer, chunk_sizes, source.label)
                     for plan in plans:
                         plan.start = resume_points.get(plan.index, plan.start)
-                        await send.send(plan)
-                        self._queued += 1
-                        metrics.QUEUE_DEPTH.inc()
+                    if not bulk:
+                        for plan in plans:
+                            await self._enqueue(send, [plan])
+                        continue
+                    pending += plans
+                    while pending:
+                        count, tokens = _cut(pending)
+                        # A load is sent when full, or at once when a loader is waiting for work.
+                        if count == len(pending) and tokens < LOAD_TOKENS and not send.statistics().tasks_waiting_receive:
+                            break
+                        await self._enqueue(send, pending[:count])
+                        del pending[:count]
+
+    async def _enqueue(self, send: MemoryObjectSendStream[list[SamplePlan]], plans: list[SamplePlan]) -> None:
+        await send.send(plans)
+        self._queued += len(plans)
+        metrics.QUEUE_DEPTH.inc(len(plans))
+
+    def _dequeued(self, plans: list[SamplePlan]) -> None:
+        self._queued -= len(plans)
+        metrics.QUEUE_DEPTH.dec(len(plans))
 
     async def _work(self, worker: Worker, progress: Progress, backend: KatoBackend,
-                    receive: MemoryObjectReceiveStream[SamplePlan]) -> None:  # fmt: skip
-        stats = self.stats
+                    receive: MemoryObjectReceiveStream[list[SamplePlan]]) -> None:  # fmt: skip
         structlog.contextvars.bind_contextvars(worker=worker.number)  # this task's events, and its level tasks'
         try:
             await worker.open()
             async with receive:
-                async for plan in receive:
-                    self._queued -= 1
-                    metrics.QUEUE_DEPTH.dec()
-                    if self.stopping:
-                        return  # queued, not started: left for the next run
-                    progress.started(plan.index, plan.digest)
-                    started = time.perf_counter()
-                    with metrics.IN_FLIGHT.track_inprogress(), metrics.WORKERS_BUSY.track_inprogress():
-                        outcome = await worker.learn(plan)
-                    stats.learned(outcome)
-                    # Chunks progress learns of now: all stored, but what an earlier failure of it recorded.
-                    earlier = progress.failed[plan.index].stored if plan.index in progress.failed else []
-                    confirmed = [max(0, stored - (earlier[level] if level < len(earlier) else 0))
-                                 for level, stored in enumerate(outcome.stored)]  # fmt: skip
-                    if outcome.rejection is not None:
-                        stats.fail(plan.index, outcome.rejection)
-                        progress.fail(plan.index, outcome.rejection, outcome.stored, confirmed, plan.digest)
-                        continue
-                    progress.finished(plan.index, plan.digest, confirmed)
-                    metrics.SAMPLE_SECONDS.observe(time.perf_counter() - started)
-                    stats.samples_learned += 1
-                    stats.tokens += plan.token_count
-                    metrics.SAMPLES_LEARNED.inc()
-                    metrics.TOKENS.inc(plan.token_count)
-                    if backend.ledger:
-                        self._settled.append(plan.index)
-                        if len(self._settled) >= _FORGET_BATCH:
-                            await self._forget_done(backend, progress.run_key)
+                async for plans in receive:
+                    self._dequeued(plans)
+                    for plan in plans:
+                        if self.stopping:
+                            return  # queued, not started: left for the next run
+                        progress.started([(plan.index, plan.digest)])
+                        started = time.perf_counter()
+                        with metrics.IN_FLIGHT.track_inprogress(), metrics.WORKERS_BUSY.track_inprogress():
+                            outcome = await worker.learn(plan)
+                        await self._settle([plan], [outcome], progress, backend, time.perf_counter() - started)
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                 await worker.close()
+
+    async def _load(self, loader: Loader, progress: Progress, backend: KatoBackend,
+                    receive: MemoryObjectReceiveStream[list[SamplePlan]]) -> None:  # fmt: skip
+        async with receive:
+            async for plans in receive:
+                self._dequeued(plans)
+                if self.stopping:
+                    return  # queued, not started: left for the next run
+                progress.started([(plan.index, plan.digest) for plan in plans])
+                started = time.perf_counter()
+                metrics.IN_FLIGHT.inc(len(plans))
+                try:
+                    with metrics.WORKERS_BUSY.track_inprogress():
+                        outcomes = await loader.learn(plans)
+                finally:
+                    metrics.IN_FLIGHT.dec(len(plans))
+                await self._settle(plans, outcomes, progress, backend, time.perf_counter() - started)
+
+    async def _settle(self, plans: list[SamplePlan], outcomes: list[SampleOutcome], progress: Progress,
+                      backend: KatoBackend, seconds: float) -> None:  # fmt: skip
+        """Record what learning these samples did: progress first (one commit), then the run's counts."""
+        stats = self.stats
+        finished: list[tuple[int, int, list[int]]] = []
+        learned: list[SamplePlan] = []
+        for plan, outcome in zip(plans, outcomes, strict=True):
+            stats.learned(outcome)
+            # Chunks progress learns of now: all stored, but what an earlier failure of it recorded.
+            earlier = progress.failed[plan.index].stored if plan.index in progress.failed else []
+            confirmed = [max(0, stored - (earlier[level] if level < len(earlier) else 0))
+                         for level, stored in enumerate(outcome.stored)]  # fmt: skip
+            if outcome.rejection is not None:
+                stats.fail(plan.index, outcome.rejection)
+                progress.fail(plan.index, outcome.rejection, outcome.stored, confirmed, plan.digest)
+                continue
+            finished.append((plan.index, plan.digest, confirmed))
+            learned.append(plan)
+        if not learned:
+            return
+        progress.finished(finished)
+        tokens = sum(plan.token_count for plan in learned)
+        for _ in learned:
+            metrics.SAMPLE_SECONDS.observe(seconds)
+        stats.samples_learned += len(learned)
+        stats.tokens += tokens
+        metrics.SAMPLES_LEARNED.inc(len(learned))
+        metrics.TOKENS.inc(tokens)
+        if backend.ledger:
+            self._settled += [plan.index for plan in learned]
+            if len(self._settled) >= _FORGET_BATCH:
+                await self._forget_done(backend, progress.run_key)
 
     async def _forget_done(self, backend: KatoBackend, run_key: str) -> None:
         """Drop the ledger records of samples recorded as done (they are never sent again); keeps a long

@@ -265,18 +265,24 @@ class Progress:
             (wanted,))  # fmt: skip
         return dict(rows.fetchall())
 
-    def started(self, index: int, digest: int) -> None:
-        self._commit(lambda c: c.execute("INSERT OR REPLACE INTO inflight VALUES (?, ?)", (index, digest)))
+    def started(self, samples: list[tuple[int, int]]) -> None:
+        """These samples (index, digest) are in flight from now: one commit for all of them."""
+        self._commit(lambda c: c.executemany("INSERT OR REPLACE INTO inflight VALUES (?, ?)", samples))
 
-    def finished(self, index: int, digest: int, confirmed: list[int]) -> None:
-        """Sample ``index`` is stored whole; ``confirmed`` = chunks per level this run saw stored."""
+    def finished(self, samples: list[tuple[int, int, list[int]]]) -> None:
+        """Each sample (index, digest, confirmed) is stored whole; ``confirmed`` = chunks per level this run
+        saw stored. One transaction for all of them."""
 
         def change(connection: sqlite3.Connection) -> None:
             connection.execute("BEGIN")
             try:
-                connection.execute("INSERT OR REPLACE INTO done VALUES (?, ?)", (index, digest))
-                connection.execute("DELETE FROM inflight WHERE sample_index = ?", (index,))
-                connection.execute("DELETE FROM failed WHERE sample_index = ?", (index,))
+                connection.executemany("INSERT OR REPLACE INTO done VALUES (?, ?)",
+                                       [(index, digest) for index, digest, _ in samples])  # fmt: skip
+                connection.executemany("DELETE FROM inflight WHERE sample_index = ?", [(index,) for index, _, _ in samples])
+                if any(index in self.failed for index, _, _ in samples):
+                    connection.executemany("DELETE FROM failed WHERE sample_index = ?",
+                                           [(index,) for index, _, _ in samples if index in self.failed])  # fmt: skip
+                confirmed = [sum(level) for level in zip(*(chunks for _, _, chunks in samples), strict=True)] if samples else []
                 self._add_confirmed(connection, confirmed)
                 connection.execute("COMMIT")
             except BaseException:
@@ -284,8 +290,9 @@ class Progress:
                 raise
 
         self._commit(change)
-        self.done.add(index)
-        self.failed.pop(index, None)
+        for index, _, _ in samples:
+            self.done.add(index)
+            self.failed.pop(index, None)
 
     def fail(self, index: int, reason: str, stored: list[int] | None = None, confirmed: list[int] | None = None,
              digest: int | None = None) -> None:  # fmt: skip

@@ -74,8 +74,19 @@ def _kill(process: subprocess.Popen[bytes] | None) -> bool:
     return True
 
 
-def test_kill_9_of_ingestd_at_random_moments_in_process(corpus: Path, clean: Any, tmp_path: Path) -> None:
-    clean_kb, total = clean
+@pytest.fixture(scope="module")
+def long_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]], int]:
+    """All of tinyshakespeare twice (14,284 samples), and its clean knowledge base: in-process, a run learns
+    2,000 paragraphs in about a second, which 14 kills at random moments would outlast."""
+    path = tmp_path_factory.mktemp("crash-long") / "shakespeare.txt"
+    path.write_text("\n\n".join(CORPUS.read_text(encoding="utf-8").split("\n\n") * 2), encoding="utf-8")
+    data = tmp_path_factory.mktemp("crash-long-clean")
+    summary = ok(str(path), *LEVELS, "--data", str(data))
+    return path, kb_dump(data / "kato.sqlite3", NODES), summary["samples"]["learned"]
+
+
+def test_kill_9_of_ingestd_at_random_moments_in_process(long_corpus: Any, tmp_path: Path) -> None:
+    corpus, clean_kb, total = long_corpus
     draw = random.Random(SEED)
     data, run_dir = tmp_path / "kb", tmp_path / "run"
     history = []

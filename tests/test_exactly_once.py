@@ -130,8 +130,12 @@ def test_two_processes_at_once_add_up_and_cannot_share_a_run_directory(corpus: P
     deadline = time.monotonic() + 60
     while samples_done(run_a) < 10:  # "a" is running: a third process on its run directory is refused
         assert time.monotonic() < deadline and first.poll() is None
-        time.sleep(0.01)
-    intruder, _ = ingestd(str(corpus), *LEVELS, *where, "--run-dir", str(run_a))
+        time.sleep(0.002)
+    first.send_signal(signal.SIGSTOP)  # held mid-run (in-process it would finish before a third process starts)
+    try:
+        intruder, _ = ingestd(str(corpus), *LEVELS, *where, "--run-dir", str(run_a))
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=300) == 0, first.stderr.read() if first.stderr else ""
     assert second.wait(timeout=300) == 0, second.stderr.read() if second.stderr else ""
     assert intruder.returncode == 2 and "in use by another ingestd" in intruder.stderr and "--run-id" in intruder.stderr

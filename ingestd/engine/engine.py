@@ -18,9 +18,10 @@ from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 from ingestd.engine import config as session_config
-from ingestd.engine import feeders, ledger, rules
+from ingestd.engine import feeders, ledger, load, rules
 from ingestd.engine.feeders import Claim, Feeder
 from ingestd.engine.ledger import LedgerConflict, Place
+from ingestd.engine.load import SampleLoad
 from ingestd.engine.session import Learn, Observation, Session, new_session_id
 from ingestd.engine.settings import EngineSettings
 from ingestd.engine.store import KnowledgeStore, load_document
@@ -76,6 +77,7 @@ class Engine:
         self._keys_running: dict[str, asyncio.Event] = {}
         self._started_at = time.time()
         self._sweeper: asyncio.Task[None] | None = None
+        self._kb_ids: dict[str, str] = {}
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -444,6 +446,20 @@ class Engine:
             stored = await self._write(draft, learns, applied=None if idempotency_key is None else (idempotency_key, learned),
                                        place=place)  # fmt: skip
         return Learned(learned, not stored)
+
+    async def load(self, run_key: str, samples: Sequence[SampleLoad]) -> list[list[int]]:
+        """Bulk loading (an ingestd extension, not a KATO endpoint): store every chunk of ``samples`` the run
+        ledger of ``run_key`` does not hold yet, in one transaction, exactly as KATO would learn them one
+        by one (see :mod:`ingestd.engine.load`). Returns, per sample and level, the chunks held before."""
+        ledger.check_run_key(run_key)
+        return await self._run(lambda connection: load.load(connection, run_key, samples, self.kb_of))
+
+    def kb_of(self, node_id: str) -> str:
+        """The knowledge-base id of a node (cached: a load asks for it per sample and level)."""
+        kb = self._kb_ids.get(node_id)
+        if kb is None:
+            kb = self._kb_ids[node_id] = rules.kb_id(node_id, self.settings.service_name)
+        return kb
 
     async def learn(self, session_id: str) -> dict[str, Any]:
         async with self._lock(session_id):

@@ -67,6 +67,11 @@ class LedgerConflict(Exception):
         return {"error": "LEDGER_CONFLICT", "message": str(self), "stored_chunks": self.stored}
 
 
+def check_run_key(run_key: str) -> None:
+    if not _RUN_KEY.fullmatch(run_key):
+        raise ValueError(f"run key {run_key!r}: 1 to 64 letters, digits, '_', '.' or '-'")
+
+
 @dataclass(frozen=True, slots=True)
 class Place:
     """Where one learn call sits in a run: chunks ``first_chunk .. first_chunk + chunks - 1`` of a
@@ -78,8 +83,7 @@ class Place:
     chunks: int
 
     def __post_init__(self) -> None:
-        if not _RUN_KEY.fullmatch(self.run_key):
-            raise ValueError(f"run key {self.run_key!r}: 1 to 64 letters, digits, '_', '.' or '-'")
+        check_run_key(self.run_key)
         if self.sample_index < 0 or self.first_chunk < 0 or self.chunks < 1:
             raise ValueError("sample index and first chunk must be >= 0, chunks >= 1")
 
@@ -125,6 +129,26 @@ def record(connection: sqlite3.Connection, place: Place, kb_id: str) -> bool:
         (place.run_key, kb_id, place.chunks, place.chunks),
     )
     return True
+
+
+def positions(connection: sqlite3.Connection, run_key: str, samples: Sequence[int]) -> dict[tuple[int, str], int]:
+    """Per (sample, knowledge base) with a record, how many chunks are stored: for a batch, in one query."""
+    rows = connection.execute(
+        "SELECT sample_index, kb_id, chunks FROM ledger WHERE run_key = ? AND sample_index IN "
+        "(SELECT value FROM json_each(?))", (run_key, "[" + ",".join(str(int(sample)) for sample in samples) + "]"))  # fmt: skip
+    return {(sample, kb): chunks for sample, kb, chunks in rows}
+
+
+def advance(connection: sqlite3.Connection, run_key: str, records: Sequence[tuple[int, str, int]],
+            added: dict[str, int]) -> None:  # fmt: skip
+    """Inside the transaction that stored them: each (sample, knowledge base, chunks) is now stored up to
+    ``chunks``; ``added`` counts, per knowledge base, the chunks newly stored (for the run's totals)."""
+    connection.executemany("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?)",
+                           [(run_key, sample, kb, chunks) for sample, kb, chunks in records])  # fmt: skip
+    connection.executemany(
+        "INSERT INTO ledger_totals VALUES (?, ?, ?) ON CONFLICT (run_key, kb_id) DO UPDATE SET chunks = chunks + excluded.chunks",
+        [(run_key, kb, chunks) for kb, chunks in added.items()],
+    )
 
 
 def status(connection: sqlite3.Connection, run_key: str, kb_ids: Sequence[str],

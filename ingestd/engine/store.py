@@ -245,6 +245,34 @@ class KnowledgeStore:
             )
 
     @staticmethod
+    def add_plain(connection: sqlite3.Connection, rows: Sequence[tuple[str, str, bytes, int, int]]) -> None:
+        """Learns without emotives or metadata, counted: each row (kb, name, pattern data, length, count)
+        is ``count`` learns of one pattern at once (frequencies add; a pattern's data never changes)."""
+        connection.executemany(
+            "INSERT INTO patterns VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (kb_id, name) DO UPDATE SET frequency = frequency + excluded.frequency",
+            [(kb, name, data, length, count, _EMPTY_LIST, _EMPTY_MAP) for kb, name, data, length, count in rows],
+        )  # fmt: skip
+
+    @staticmethod
+    def add_with_metadata(connection: sqlite3.Connection,
+                          rows: Sequence[tuple[str, str, bytes, int, int, dict[str, list[str]]]]) -> None:  # fmt: skip
+        """Learns carrying metadata, counted: each row (kb, name, pattern data, length, count, metadata) is
+        ``count`` learns of one pattern whose metadata, folded together, is ``metadata``; stored metadata
+        is merged as each learn would have (sorted union per key, KATO §5.5)."""
+        merged = []
+        for kb, name, data, length, count, metadata in rows:
+            row = connection.execute("SELECT metadata FROM patterns WHERE kb_id = ? AND name = ?", (kb, name)).fetchone()
+            if row is not None:
+                metadata = rules.merge_metadata(orjson.loads(row[0]), metadata)
+            merged.append((kb, name, data, length, count, _EMPTY_LIST, orjson.dumps(metadata)))
+        connection.executemany(
+            "INSERT INTO patterns VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kb_id, name) "
+            "DO UPDATE SET frequency = frequency + excluded.frequency, metadata = excluded.metadata",
+            merged,
+        )  # fmt: skip
+
+    @staticmethod
     def save_session(connection: sqlite3.Connection, document: dict[str, Any]) -> None:
         connection.execute(
             "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)",
