@@ -147,6 +147,7 @@ def run_command(
     min_chars: Annotated[Optional[int], typer.Option(min=0, max=MAX_COUNT, help="Samples whose stripped text is shorter are filtered (counted, not learned); 0 keeps every sample. Default 11, or the hierarchy file's [run] min_chars.", show_default=False)] = None,
     allow_mixed_kb: Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed (refused otherwise).")] = False,
     workers: Annotated[int, typer.Option(min=1, max=1024, help="Concurrent workers, each with one session per node.")] = 8,
+    planners: Annotated[Optional[int], typer.Option(min=0, max=64, help="Processes that tokenize and plan beside learning (default: one per core beyond the first; 0: in this process).", show_default=False)] = None,
     batch_chunks: Annotated[int, typer.Option(min=1, max=4096, help="Chunks per observe-sequence on batched levels.")] = 64,
     batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Batch levels without metadata through KATO's auto-learn.")] = True,
     kato: Annotated[Optional[str], typer.Option(help="A KATO server, http://host:port. Default: the embedded engine in-process.")] = None,
@@ -201,7 +202,7 @@ def run_command(
                           metadata_fields=tuple(f.strip() for f in (metadata_fields or "").split(",") if f.strip()),
                           label=source_label, max_chars=max_sample_chars,
                           min_chars=min_chars if min_chars is not None else hierarchy.run_options.get("min_chars", MIN_CHARS))
-        config = RunConfig(source=spec, hierarchy=hierarchy, tokenizer=tokenizer, workers=workers,
+        config = RunConfig(source=spec, hierarchy=hierarchy, tokenizer=tokenizer, workers=workers, planners=planners,
                            batch_chunks=batch_chunks, batching=batching, kato_url=kato, data_dir=data,
                            durability=durability, run_id=run_id, fresh=fresh, skip=skip,  # type: ignore[arg-type]
                            max_samples=max_samples, run_dir=run_dir, retry_failed=retry_failed,

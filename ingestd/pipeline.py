@@ -7,9 +7,11 @@ stays flat however large the corpus.
 
 from __future__ import annotations
 
+import inspect
 import re
 import signal
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +29,8 @@ from ingestd.errors import IngestError, KatoRejected, ServerDown, Transient, fin
 from ingestd.hierarchy import Hierarchy
 from ingestd.loader import LOAD_SAMPLES, LOAD_TOKENS, Loader
 from ingestd.nodes import NodeRegistry
-from ingestd.plan import SamplePlan, plan_levels
+from ingestd.plan import SamplePlan
+from ingestd.planners import Planned, Planners, default_planners
 from ingestd.progress import Progress, SourceChanged, fingerprint
 from ingestd.resume import check_store_file, prepare
 from ingestd.retry import RetryPolicy, ServerWatch
@@ -36,7 +39,11 @@ from ingestd.source import MAX_COUNT, BadRecord, Filtered, Sample, Source, Sourc
 from ingestd.tokenize import Tokenizer, load_tokenizer
 from ingestd.worker import SampleOutcome, Worker, level_setups
 
-LOADERS = 2
+LOADERS = 1
+LOAD_WAIT = 2.0
+PLAN_CHARS = 131_072
+"""Characters read and planned per batch at most (about 32k GPT-2 tokens): long documents come in
+smaller batches, so the plans held stay a few MB however long the samples."""
 """Loads in flight at once in-process: while one commits (in a thread of its own), the next is built."""
 
 log = structlog.get_logger("ingestd.pipeline")
@@ -67,6 +74,8 @@ class RunConfig(BaseModel):
     skip: int = Field(default=0, ge=0, le=MAX_COUNT)
     max_samples: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     read_batch: int = Field(default=64, ge=1, le=100_000, description="Samples read, tokenized and planned per thread hop.")
+    planners: int | None = Field(default=None, ge=0, le=64, description="Processes that tokenize and plan beside "
+                                 "learning (default: one per core beyond the first; 0: a thread of this process).")  # fmt: skip
     queue_size: int | None = Field(default=None, ge=1, le=1_000_000, description="Planned samples waiting; default 4 per worker.")
     retry: RetryPolicy = RetryPolicy()
     run_dir: Path | None = Field(default=None, description="Progress and dead letters; default under runs/.")
@@ -235,22 +244,16 @@ class RunOptionsError(IngestError):
 _FORGET_BATCH = 1024  # done samples whose ledger records are dropped in one call
 
 
-def _take(events: Iterator[SourceEvent], count: int) -> list[SourceEvent]:
-    taken = []
+def _take(events: Iterator[SourceEvent], count: int, chars: int = PLAN_CHARS) -> list[SourceEvent]:
+    """The next ``count`` events, fewer if their texts reach ``chars`` characters (long documents)."""
+    taken: list[SourceEvent] = []
     for event in events:
         taken.append(event)
-        if len(taken) >= count:
+        if isinstance(event, Sample):
+            chars -= len(event.text)
+        if len(taken) >= count or chars <= 0:
             break
     return taken
-
-
-def _plan_batch(samples: list[Sample], tokenizer: Tokenizer, chunk_sizes: list[int], label: str) -> list[SamplePlan]:
-    token_lists = tokenizer.tokenize_batch([sample.text for sample in samples])
-    return [
-        SamplePlan(sample.index, len(tokens), plan_levels(tokens, chunk_sizes),
-                   {"source": label, "sample_index": sample.index, **sample.fields}, digest=sample.digest)
-        for sample, tokens in zip(samples, token_lists, strict=True)
-    ]  # fmt: skip
 
 
 def _cut(plans: list[SamplePlan]) -> tuple[int, int]:
@@ -264,12 +267,12 @@ def _cut(plans: list[SamplePlan]) -> tuple[int, int]:
     return count, tokens
 
 
-def _check_unchanged(batch: list[SourceEvent], seen: set[int], progress: Progress, label: str) -> None:
+def _check_unchanged(batch: list[SourceEvent], seen: Callable[[int], bool], progress: Progress, label: str) -> None:
     """Samples this run learned, was learning, or stored part of before failing must be the same records at
     the same indices: an edit that adds, removes or changes records before them shifts every later index,
     and resuming would then learn some texts twice and others never (a failed sample's stored part cannot
     be taken back either, so its record must not change)."""
-    indices = [event.index for event in batch if not isinstance(event, Filtered) and event.index in seen]
+    indices = [event.index for event in batch if not isinstance(event, Filtered) and seen(event.index)]
     if not indices:
         return
     recorded = progress.digests(indices)
@@ -311,6 +314,8 @@ class Pipeline:
         self._settled: list[int] = []  # done samples whose ledger records can go
         self._watch: ServerWatch | None = None
         self._run_dir: Path | None = None
+        self._seen: Callable[[int], bool] = lambda index: False  # whose records must be unchanged (_check_unchanged)
+        self._wanted: set[int] | None = None  # with --retry-failed, the samples to redo
 
     def describe(self) -> dict[str, Any]:
         config = self.config
@@ -453,51 +458,77 @@ class Pipeline:
     async def _produce(self, source: Source, tokenizer: Tokenizer, progress: Progress, resume_points: dict[int, list[int]],
                        send: MemoryObjectSendStream[list[SamplePlan]], bulk: bool) -> None:  # fmt: skip
         config = self.config
-        stats = self.stats
-        chunk_sizes = config.hierarchy.chunk_sizes
         events = source.events(skip=config.skip, max_samples=config.max_samples)
-        wanted = set(progress.failed) if config.retry_failed else None
-        seen = progress.done | set(progress.interrupted) | progress.partly_stored()  # their digests must still match
+        planners = Planners(tokenizer, config.hierarchy.chunk_sizes,
+                            default_planners() if config.planners is None else config.planners)
+        self._wanted = set(progress.failed) if config.retry_failed else None
+        interrupted, partly_stored = set(progress.interrupted), progress.partly_stored()
+        self._seen = lambda index: index in progress.done or index in interrupted or index in partly_stored
+        planning: deque[tuple[list[Sample], Awaitable[list[Planned]]]] = deque()  # read, being planned
         pending: list[SamplePlan] = []  # planned, not yet sent as a load
-        with self._intake:
-            async with send:
-                while True:
-                    batch = await anyio.to_thread.run_sync(_take, events, config.read_batch)
-                    if not batch:
-                        if pending:
-                            await self._enqueue(send, pending)
-                        return
-                    _check_unchanged(batch, seen, progress, source.label)
-                    samples = []
-                    metrics.SAMPLES_READ.inc(len(batch))
-                    for event in batch:
-                        stats.samples_read += 1
-                        if isinstance(event, Filtered):
-                            stats.samples_filtered += 1
-                            metrics.SAMPLES_FILTERED.inc()
-                        elif event.index in progress.done or (wanted is not None and event.index not in wanted):
-                            stats.skipped += 1
-                            metrics.SAMPLES_SKIPPED.inc()
-                        elif isinstance(event, Sample):
-                            samples.append(event)
-                        elif isinstance(event, BadRecord):
-                            stats.fail(event.index, event.reason)
-                            progress.fail(event.index, event.reason)
-                    plans = await anyio.to_thread.run_sync(_plan_batch, samples, tokenizer, chunk_sizes, source.label)
-                    for plan in plans:
-                        plan.start = resume_points.get(plan.index, plan.start)
-                    if not bulk:
-                        for plan in plans:
-                            await self._enqueue(send, [plan])
-                        continue
-                    pending += plans
-                    while pending:
-                        count, tokens = _cut(pending)
-                        # A load is sent when full, or at once when a loader is waiting for work.
-                        if count == len(pending) and tokens < LOAD_TOKENS and not send.statistics().tasks_waiting_receive:
-                            break
-                        await self._enqueue(send, pending[:count])
-                        del pending[:count]
+        oldest = 0.0  # when the first of them was planned
+        exhausted = False
+        try:
+            with self._intake:
+                async with send:
+                    while planning or not exhausted:
+                        if not exhausted and len(planning) < planners.ahead:
+                            batch = await anyio.to_thread.run_sync(_take, events, config.read_batch * planners.scale)
+                            exhausted = not batch
+                            samples = self._screen(batch, progress, source.label)
+                            if samples:
+                                planning.append((samples, planners.plan([sample.text for sample in samples])))
+                            continue
+                        samples, planned = planning.popleft()
+                        plans = [SamplePlan(sample.index, tokens, levels, {"source": source.label, "sample_index": sample.index,
+                                                                           **sample.fields},
+                                            start=resume_points.get(sample.index, []), digest=sample.digest)
+                                 for sample, (tokens, levels) in zip(samples, await planned, strict=True)]  # fmt: skip
+                        if not bulk:
+                            for plan in plans:
+                                await self._enqueue(send, [plan])
+                            continue
+                        if not pending:
+                            oldest = time.monotonic()
+                        pending += plans
+                        while pending:
+                            count, tokens = _cut(pending)
+                            # A load is sent when full (small loads cost far more per token), or when what is
+                            # pending has waited LOAD_WAIT seconds (a slow source still shows progress).
+                            if count == len(pending) and tokens < LOAD_TOKENS and time.monotonic() - oldest < LOAD_WAIT:
+                                break
+                            await self._enqueue(send, pending[:count])
+                            del pending[:count]
+                            oldest = time.monotonic()
+                    if pending:  # the source ended with a load not full
+                        await self._enqueue(send, pending)
+        finally:
+            for _, planned in planning:
+                if inspect.iscoroutine(planned):
+                    planned.close()  # never started (a stop or an error): nothing to wait for
+            planners.close()
+
+    def _screen(self, batch: list[SourceEvent], progress: Progress, label: str) -> list[Sample]:
+        """Count what was read and record what failed or is skipped; the samples left to learn."""
+        stats = self.stats
+        wanted = self._wanted
+        _check_unchanged(batch, self._seen, progress, label)
+        samples = []
+        metrics.SAMPLES_READ.inc(len(batch))
+        for event in batch:
+            stats.samples_read += 1
+            if isinstance(event, Filtered):
+                stats.samples_filtered += 1
+                metrics.SAMPLES_FILTERED.inc()
+            elif event.index in progress.done or (wanted is not None and event.index not in wanted):
+                stats.skipped += 1
+                metrics.SAMPLES_SKIPPED.inc()
+            elif isinstance(event, Sample):
+                samples.append(event)
+            elif isinstance(event, BadRecord):
+                stats.fail(event.index, event.reason)
+                progress.fail(event.index, event.reason)
+        return samples
 
     async def _enqueue(self, send: MemoryObjectSendStream[list[SamplePlan]], plans: list[SamplePlan]) -> None:
         await send.send(plans)

@@ -401,7 +401,9 @@ def test_a_sample_failing_on_its_metadata_level_is_retried_exactly(metadata_corp
 
 def test_a_signal_stop_keeps_no_ledger_records_of_done_samples(corpus: Path, tmp_path: Path) -> None:
     """The ledger only holds what a later run may need: after a run ends, nothing of its done samples."""
-    base = [str(corpus), *LEVELS, "--data", str(tmp_path / "kb"), "--run-dir", str(tmp_path / "run")]
+    longer = tmp_path / "twice.txt"  # in-process, 900 paragraphs are one load: the signal must find work left
+    longer.write_text("\n\n".join(CORPUS.read_text(encoding="utf-8").split("\n\n") * 2), encoding="utf-8")
+    base = [str(longer), *LEVELS, "--data", str(tmp_path / "kb"), "--run-dir", str(tmp_path / "run")]
     process = start(*base)
     deadline = time.monotonic() + 60
     while samples_done(tmp_path / "run") < 200:

@@ -63,6 +63,10 @@ class _Pattern:
         self.metadata: dict[str, set[str]] | None = None
 
 
+def _key(item: tuple[tuple[str, str], _Pattern]) -> tuple[str, str]:
+    return item[0]
+
+
 def load(connection: sqlite3.Connection, run_key: str, samples: Sequence[SampleLoad],
          kb_of: Callable[[str], str]) -> list[list[int]]:  # fmt: skip
     """Inside a transaction: store every chunk of ``samples`` the run ledger does not hold yet, and move the
@@ -97,9 +101,11 @@ def load(connection: sqlite3.Connection, run_key: str, samples: Sequence[SampleL
             advanced.append((sample.index, kb, total))
             added[kb] = added.get(kb, 0) + total - start
         before.append(positions)
-    plain = [(kb, name, p.data, p.length, p.count) for (kb, name), p in patterns.items() if p.metadata is None]
+    # In key order: each B-tree page is then visited once per load, not once per pattern on it.
+    ordered = sorted(patterns.items(), key=_key)
+    plain = [(kb, name, p.data, p.length, p.count) for (kb, name), p in ordered if p.metadata is None]
     tagged = [(kb, name, p.data, p.length, p.count, {field: sorted(values) for field, values in p.metadata.items()})
-              for (kb, name), p in patterns.items() if p.metadata is not None]  # fmt: skip
+              for (kb, name), p in ordered if p.metadata is not None]  # fmt: skip
     KnowledgeStore.add_plain(connection, plain)
     KnowledgeStore.add_with_metadata(connection, tagged)
     ledger.advance(connection, run_key, advanced, added)
