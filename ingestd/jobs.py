@@ -73,6 +73,8 @@ class JobSpec(BaseModel):
     run_id: str = ""
     kato_url: str | None = Field(default=None, description="A KATO server; None = the daemon's embedded engine.")
     workers: int = Field(default=8, ge=1, le=MAX_WORKERS)
+    planners: int | None = Field(default=None, ge=0, le=64, description="Processes that tokenize and plan "
+                                 "(default: one per core beyond the first).")  # fmt: skip
     tokenizer: str = "gpt2"
     skip: int = Field(default=0, ge=0, le=MAX_COUNT)
     max_samples: int | None = Field(default=None, ge=0, le=MAX_COUNT)
@@ -103,6 +105,7 @@ class JobSpec(BaseModel):
                             split=self.split, txt_mode=self.txt_mode, metadata_fields=tuple(self.metadata_fields),
                             label=self.label, min_chars=self.min_chars)  # fmt: skip
         return RunConfig(source=source, hierarchy=hierarchy, tokenizer=self.tokenizer, workers=self.workers,
+                         planners=self.planners,
                          kato_url=self.kato_url, data_dir=state_dir / "kato-data", run_id=self.run_id,
                          skip=self.skip, max_samples=self.max_samples, run_dir=state_dir / "runs" / job_id,
                          retry_failed=retry_failed, drain_timeout=drain_timeout, allow_mixed_kb=self.allow_mixed_kb,
