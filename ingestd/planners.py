@@ -94,12 +94,20 @@ class _Planner:
         def write() -> None:
             with self._writing:
                 with self._queue:
-                    self._waiting.append(future)
-                try:
-                    stdin.write(request)
-                    stdin.flush()
-                except (OSError, ValueError):  # the process is gone: its reader fails what waits
-                    self._stop()
+                    queued = self.alive  # its reader answers (or fails) every future queued while it lives
+                    if queued:
+                        self._waiting.append(future)
+                if queued:
+                    try:
+                        stdin.write(request)
+                        stdin.flush()
+                        return
+                    except (OSError, ValueError):  # the process is gone, or closed
+                        self._stop()
+                    with self._queue:
+                        if future in self._waiting:
+                            self._waiting.remove(future)
+                self._hand(future, None, PlannerDied("the planner process ended"))
 
         threading.Thread(target=write, name="planner-request", daemon=True).start()  # a pipe may block
         return future
@@ -115,15 +123,22 @@ class _Planner:
                 with self._queue:
                     future = self._waiting.popleft()
                 failure = PlannerDied(f"the planner failed a batch ({answer})") if isinstance(answer, str) else None
-                self.loop.call_soon_threadsafe(_settle, future, answer, failure)
+                self._hand(future, answer, failure)
         except (EOFError, OSError, pickle.UnpicklingError, IndexError, ValueError):
             pass
         finally:
-            self.alive = False
             with self._queue:
+                self.alive = False
                 waiting, self._waiting = list(self._waiting), collections.deque()
             for future in waiting:
-                self.loop.call_soon_threadsafe(_settle, future, None, PlannerDied("the planner process ended"))
+                self._hand(future, None, PlannerDied("the planner process ended"))
+
+    def _hand(self, future: asyncio.Future[Any], answer: Any, failure: BaseException | None) -> None:
+        """Settle ``future`` on the event loop (from this object's threads); nothing if the loop is gone."""
+        try:
+            self.loop.call_soon_threadsafe(_settle, future, answer, failure)
+        except RuntimeError:  # the run's loop is closed: nobody waits for it any more
+            pass
 
     def _stop(self) -> None:
         self.alive = False
