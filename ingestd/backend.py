@@ -59,9 +59,7 @@ class KatoBackend(Protocol):
     async def create_session(self, node_id: str, config: dict[str, Any], *, key: str | None = None) -> str: ...
     async def delete_session(self, session_id: str) -> None: ...
     async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
-                    auto_learn: bool, place: Place | None = None, names: Sequence[str] | None = None) -> Learned:
-        """Learn ``chunks`` (one call); ``names`` are the plan's names of them, which a backend may use
-        instead of computing them again (the embedded engine in-process does; a server names them itself)."""
+                    auto_learn: bool, place: Place | None = None) -> Learned: ...  # fmt: skip
     async def healthy(self) -> bool: ...
     async def clear_stm(self, session_id: str) -> None: ...
     async def clear_all(self, node_id: str) -> None: ...
@@ -268,10 +266,9 @@ class HttpKato:
         await self._call("DELETE", f"/sessions/{session_id}")
 
     async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
-                    auto_learn: bool, place: Place | None = None, names: Sequence[str] | None = None) -> Learned:  # fmt: skip
-        """One ``observe-sequence`` call; the server names the patterns itself (``names`` is not sent). ``place``
-        goes out in the ``ingestd-ledger`` header (the embedded engine stores a chunk of a run once; KATO ignores
-        the header)."""
+                    auto_learn: bool, place: Place | None = None) -> Learned:  # fmt: skip
+        """One ``observe-sequence`` call. ``place`` goes out in the ``ingestd-ledger`` header (the embedded
+        engine stores a chunk of a run once; KATO ignores the header)."""
         path = f"/sessions/{session_id}/observe-sequence"
         if auto_learn:
             # Whole chunks back to back: KATO learns each as STM reaches chunk_size; learn_at_end
@@ -404,9 +401,8 @@ class EmbeddedKato:
         await self._call("delete-session", self.engine.delete_session(session_id))
 
     async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
-                    auto_learn: bool, place: Place | None = None, names: Sequence[str] | None = None) -> Learned:  # fmt: skip
-        return await self._call("observe-sequence", self.engine.learn_chunks(session_id, chunks, metadata, place=place,
-                                                                             names=names))  # fmt: skip
+                    auto_learn: bool, place: Place | None = None) -> Learned:  # fmt: skip
+        return await self._call("observe-sequence", self.engine.learn_chunks(session_id, chunks, metadata, place=place))
 
     async def load(self, run_key: str, samples: Sequence[SampleLoad]) -> list[list[int]]:
         """Store many samples of a run in one transaction (the engine's bulk loading; see :mod:`ingestd.loader`)."""

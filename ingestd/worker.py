@@ -169,8 +169,8 @@ class Worker:
             try:
                 learned = await self._send(
                     level, plan.index,
-                    lambda session_id, chunks=chunks, place=place, planned=planned: self.backend.learn(
-                        session_id, chunks, metadata=metadata, auto_learn=level.batched, place=place, names=planned),
+                    lambda session_id, chunks=chunks, place=place: self.backend.learn(
+                        session_id, chunks, metadata=metadata, auto_learn=level.batched, place=place),
                     resend_may_duplicate=True,
                 )  # fmt: skip
             except LedgerOutOfStep as step:

@@ -126,30 +126,3 @@ def test_in_process_bodies_equal_http_bodies(tmp_path: Path, engine_server: Engi
                  if isinstance(v, str) else rename(v)) for k, v in body.items()})  # fmt: skip
 
     assert [rename(body) for body in actual] == [_strip_volatile(body) for body in expected]
-
-
-def test_planned_names_are_taken_only_where_the_pattern_is_the_chunk(tmp_path: Path) -> None:
-    """learn_chunks takes the caller's planned names instead of hashing again, but only where the pattern
-    learned is exactly the chunk (STM empty at its start, all of it when learned). Bogus names passed where
-    that does not hold (an auto-learn inside a chunk, a rolling STM) must not name anything."""
-    from ingestd.engine.rules import chunk_name
-
-    chunks = [["a", "b", "c", "d", "e", "f", "g", "h"], ["i", "j", "k", "l", "m", "n", "o", "p"]]
-    bogus = ["PTRN|" + "0" * 40, "PTRN|" + "1" * 40]
-
-    async def main() -> tuple[list[str], list[str], list[str]]:
-        async with Engine(EngineSettings(data_dir=tmp_path)) as engine:
-            async def learned(config: dict[str, Any], names: list[str]) -> list[str]:
-                session = (await engine.create_session(f"n{len(config)}{config.get('max_pattern_length')}",
-                                                       {"process_predictions": False, **config}))["session_id"]  # fmt: skip
-                return (await engine.learn_chunks(session, chunks, names=names)).names
-
-            exact = await learned({"max_pattern_length": 8, "stm_mode": "CLEAR"}, [chunk_name(c) for c in chunks])
-            inside = await learned({"max_pattern_length": 4, "stm_mode": "CLEAR"}, bogus)
-            rolling = await learned({"max_pattern_length": 3, "stm_mode": "ROLLING"}, bogus)
-            return exact, inside, rolling
-
-    exact, inside, rolling = asyncio.run(main())
-    assert exact == [chunk_name(chunk) for chunk in chunks]
-    assert inside == [chunk_name(chunk[start : start + 4]) for chunk in chunks for start in (0, 4)]
-    assert not set(bogus) & set(rolling) and rolling

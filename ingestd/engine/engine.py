@@ -411,7 +411,7 @@ class Engine:
 
     async def learn_chunks(
         self, session_id: str, chunks: Sequence[Sequence[str]], metadata: dict[str, Any] | None = None,
-        *, idempotency_key: str | None = None, place: Place | None = None, names: Sequence[str] | None = None,
+        *, idempotency_key: str | None = None, place: Place | None = None,
     ) -> Learned:  # fmt: skip
         """In-process shortcut (not a KATO endpoint) with exactly the effect of, per chunk, one
         ``observe-sequence`` of its symbols, one per event (``metadata`` on the first), with
@@ -419,12 +419,6 @@ class Engine:
         It skips building KATO's per-observation response, and stores everything in one transaction.
         A call whose ``idempotency_key`` was already applied returns the names of that time, applying
         nothing; so does a call whose ledger ``place`` is recorded as stored (:mod:`ingestd.engine.ledger`).
-
-        ``names`` (the caller's plan) are taken instead of hashing a chunk again where the pattern learned is
-        exactly that chunk: STM empty when it began and holding all of it, one symbol per event, when
-        learned. They are trusted, not checked: the plan is computed in this process by the same rule
-        (:func:`ingestd.engine.rules.chunk_name`), and the equivalence and golden tests hold the two to
-        KATO's names. Anywhere else (a rolling STM, an auto-learn inside a chunk) the name is computed.
         """
         async with self._once(idempotency_key) as replay, self._lock(session_id):
             if replay is not None:
@@ -432,20 +426,19 @@ class Engine:
                 return Learned(list(replay), True)
             draft = self.live_session(session_id).copy()
             learns: list[Learn] = []
-            learned: list[str] = []
+            names: list[str] = []
             plain: dict[str, Any] = {}
-            for index, chunk in enumerate(chunks):
-                known = (len(chunk), rules.strip_prefix(names[index])) if names is not None and not draft.stm else None
+            for chunk in chunks:
                 for position, symbol in enumerate(chunk):
                     observation = Observation([symbol], {}, metadata if position == 0 and metadata else plain)
-                    auto_learned = draft.observe(observation, learns, known=known)
+                    auto_learned = draft.observe(observation, learns)
                     if auto_learned:
-                        learned.append(auto_learned)
+                        names.append(auto_learned)
                 if draft.stm:
-                    learned.append(draft.learn(learns, known=known))
-            stored = await self._write(draft, learns, applied=None if idempotency_key is None else (idempotency_key, learned),
+                    names.append(draft.learn(learns))
+            stored = await self._write(draft, learns, applied=None if idempotency_key is None else (idempotency_key, names),
                                        place=place)  # fmt: skip
-        return Learned(learned, not stored)
+        return Learned(names, not stored)
 
     async def load(self, run_key: str, samples: Sequence[SampleLoad]) -> list[list[int]]:
         """Bulk loading (an ingestd extension, not a KATO endpoint): store every chunk of ``samples`` the run

@@ -96,17 +96,14 @@ class Session:
             del self.metadata_accumulator[:-STM_LIMIT]
 
     # -- learning ----------------------------------------------------------
-    def learn(self, learns: list[Learn], *, with_accumulators: bool = True, known: tuple[int, str] | None = None) -> str:
-        """Empty STM and, when it held >= 2 symbols, queue its pattern (§5.3). Returns the name or "".
-
-        ``known`` = (events, digest) of a chunk whose name the caller has: taken when STM holds that many
-        events (see :meth:`ingestd.engine.Engine.learn_chunks` for when that is exactly the chunk)."""
+    def learn(self, learns: list[Learn], *, with_accumulators: bool = True) -> str:
+        """Empty STM and, when it held >= 2 symbols, queue its pattern (§5.3). Returns the name or ""."""
         events = self.stm
         self.stm = []
         length = rules.symbol_count(events)
         if length < rules.MIN_PATTERN_SYMBOLS:
             return ""
-        digest = known[1] if known is not None and known[0] == len(events) == length else rules.pattern_hash(events)
+        digest = rules.pattern_hash(events)
         if with_accumulators:
             emotives = list(self.emotives_accumulator)
             metadata = rules.fold_metadata(self.metadata_accumulator)
@@ -115,7 +112,7 @@ class Session:
         learns.append(Learn(self.kb_id, digest, events, length, emotives, metadata))
         return rules.PATTERN_PREFIX + digest
 
-    def _auto_learn(self, learns: list[Learn], known: tuple[int, str] | None = None) -> str | None:
+    def _auto_learn(self, learns: list[Learn]) -> str | None:
         """Auto-learn when STM reaches ``max_pattern_length`` (§5.8); no emotives or metadata."""
         limit = self.config.get("max_pattern_length") or 0
         if limit <= 0 or len(self.stm) < limit:
@@ -126,17 +123,17 @@ class Session:
             name = self.learn(learns, with_accumulators=False)
             self.stm = [list(event) for event in keep]
         else:
-            name = self.learn(learns, with_accumulators=False, known=known)
+            name = self.learn(learns, with_accumulators=False)
         return name or None
 
-    def observe(self, observation: Observation, learns: list[Learn], known: tuple[int, str] | None = None) -> str | None:
+    def observe(self, observation: Observation, learns: list[Learn]) -> str | None:
         """One observation (§5.1): append the sorted event, auto-learn, advance time, collect."""
         auto_learned = None
         strings = observation.strings
         if strings:
             self.stm.append(rules.sort_event(strings) if len(strings) > 1 else list(strings))
             if len(self.stm) >= (self.config.get("max_pattern_length") or 0) > 0:
-                auto_learned = self._auto_learn(learns, known)
+                auto_learned = self._auto_learn(learns)
         self.time += 1
         if observation.emotives:
             self.emotives_accumulator.append(observation.emotives)
