@@ -39,12 +39,11 @@ from ingestd.source import MAX_COUNT, BadRecord, Filtered, Sample, Source, Sourc
 from ingestd.tokenize import Tokenizer, load_tokenizer
 from ingestd.worker import SampleOutcome, Worker, level_setups
 
-LOADERS = 1
 LOAD_WAIT = 2.0
+"""Seconds planned samples wait for a load to fill before it is sent anyway (a slow source still shows progress)."""
 PLAN_CHARS = 131_072
 """Characters read and planned per batch at most (about 32k GPT-2 tokens): long documents come in
 smaller batches, so the plans held stay a few MB however long the samples."""
-"""Loads in flight at once in-process: while one commits (in a thread of its own), the next is built."""
 
 log = structlog.get_logger("ingestd.pipeline")
 T = TypeVar("T")
@@ -76,7 +75,7 @@ class RunConfig(BaseModel):
     read_batch: int = Field(default=64, ge=1, le=100_000, description="Samples read, tokenized and planned per thread hop.")
     planners: int | None = Field(default=None, ge=0, le=64, description="Processes that tokenize and plan beside "
                                  "learning (default: one per core beyond the first; 0: a thread of this process).")  # fmt: skip
-    queue_size: int | None = Field(default=None, ge=1, le=1_000_000, description="Planned samples waiting; default 4 per worker.")
+    queue_size: int | None = Field(default=None, ge=1, le=1_000_000, description="Batches waiting: default 4 samples per worker; in-process, 1 load.")
     retry: RetryPolicy = RetryPolicy()
     run_dir: Path | None = Field(default=None, description="Progress and dead letters; default under runs/.")
     retry_failed: bool = Field(default=False, description="Only redo the samples this run recorded as failed.")
@@ -314,8 +313,6 @@ class Pipeline:
         self._settled: list[int] = []  # done samples whose ledger records can go
         self._watch: ServerWatch | None = None
         self._run_dir: Path | None = None
-        self._seen: Callable[[int], bool] = lambda index: False  # whose records must be unchanged (_check_unchanged)
-        self._wanted: set[int] | None = None  # with --retry-failed, the samples to redo
 
     def describe(self) -> dict[str, Any]:
         config = self.config
@@ -372,7 +369,7 @@ class Pipeline:
             setups = level_setups(config.hierarchy, node_ids, batching=config.batching)
             # Batches of planned samples: one sample each for workers; in-process, loads of many samples.
             bulk = isinstance(backend, EmbeddedKato)
-            queue_size = (config.queue_size or 4 * config.workers) if not bulk else (config.queue_size or LOADERS)
+            queue_size = config.queue_size or (1 if bulk else 4 * config.workers)  # in-process: one load waiting
             send, receive = anyio.create_memory_object_stream[list[SamplePlan]](max_buffer_size=queue_size)
             async with anyio.create_task_group() as group:
                 if self.on_progress is not None:
@@ -382,10 +379,9 @@ class Pipeline:
                 with self._workers:
                     async with anyio.create_task_group() as pipeline:
                         pipeline.start_soon(self._produce, source, tokenizer, progress, resume_points, send, bulk)
-                        if isinstance(backend, EmbeddedKato):
-                            loader = Loader(backend, setups, progress.run_key)
-                            for _ in range(LOADERS):
-                                pipeline.start_soon(self._load, loader, progress, backend, receive.clone())
+                        if isinstance(backend, EmbeddedKato):  # bulk, as a type the Loader takes
+                            pipeline.start_soon(self._load, Loader(backend, setups, progress.run_key), progress, backend,
+                                                receive.clone())  # fmt: skip
                         else:
                             for number in range(config.workers):
                                 worker = Worker(number, backend, setups, config.batch_chunks, policy=config.retry,
@@ -461,9 +457,12 @@ class Pipeline:
         events = source.events(skip=config.skip, max_samples=config.max_samples)
         planners = Planners(tokenizer, config.hierarchy.chunk_sizes,
                             default_planners() if config.planners is None else config.planners)
-        self._wanted = set(progress.failed) if config.retry_failed else None
+        wanted = set(progress.failed) if config.retry_failed else None  # with --retry-failed, the samples to redo
         interrupted, partly_stored = set(progress.interrupted), progress.partly_stored()
-        self._seen = lambda index: index in progress.done or index in interrupted or index in partly_stored
+
+        def seen(index: int) -> bool:  # its record must be unchanged (see _check_unchanged)
+            return index in progress.done or index in interrupted or index in partly_stored
+
         planning: deque[tuple[list[Sample], Awaitable[list[Planned]]]] = deque()  # read, being planned
         pending: list[SamplePlan] = []  # planned, not yet sent as a load
         oldest = 0.0  # when the first of them was planned
@@ -475,7 +474,7 @@ class Pipeline:
                         if not exhausted and len(planning) < planners.ahead:
                             batch = await anyio.to_thread.run_sync(_take, events, config.read_batch * planners.scale)
                             exhausted = not batch
-                            samples = self._screen(batch, progress, source.label)
+                            samples = self._screen(batch, progress, source.label, seen, wanted)
                             if samples:
                                 planning.append((samples, planners.plan([sample.text for sample in samples])))
                             continue
@@ -508,11 +507,11 @@ class Pipeline:
                     planned.close()  # never started (a stop or an error): nothing to wait for
             planners.close()
 
-    def _screen(self, batch: list[SourceEvent], progress: Progress, label: str) -> list[Sample]:
+    def _screen(self, batch: list[SourceEvent], progress: Progress, label: str, seen: Callable[[int], bool],
+                wanted: set[int] | None) -> list[Sample]:  # fmt: skip
         """Count what was read and record what failed or is skipped; the samples left to learn."""
         stats = self.stats
-        wanted = self._wanted
-        _check_unchanged(batch, self._seen, progress, label)
+        _check_unchanged(batch, seen, progress, label)
         samples = []
         metrics.SAMPLES_READ.inc(len(batch))
         for event in batch:

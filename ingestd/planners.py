@@ -229,11 +229,8 @@ class Planners:
         except OSError as error:  # cannot start a process here: plan in this one
             log.warning("cannot start planner processes; planning here", reason=str(error))
             self.processes = 0
-        log.debug("planner processes starting", processes=len(self._planners))
-
-    @property
-    def pids(self) -> list[int]:
-        return [planner.process.pid for planner in self._planners]
+        else:
+            log.debug("planner processes starting", processes=self.processes)
 
     def close(self) -> None:
         for planner in self._planners:

@@ -310,9 +310,8 @@ class Progress:
                 connection.executemany("INSERT OR REPLACE INTO done VALUES (?, ?)",
                                        [(index, digest) for index, digest, _ in samples])  # fmt: skip
                 connection.executemany("DELETE FROM inflight WHERE sample_index = ?", [(index,) for index, _, _ in samples])
-                if any(index in self.failed for index, _, _ in samples):
-                    connection.executemany("DELETE FROM failed WHERE sample_index = ?",
-                                           [(index,) for index, _, _ in samples if index in self.failed])  # fmt: skip
+                connection.executemany("DELETE FROM failed WHERE sample_index = ?",
+                                       [(index,) for index, _, _ in samples if index in self.failed])  # fmt: skip
                 confirmed = [sum(level) for level in zip(*(chunks for _, _, chunks in samples), strict=True)] if samples else []
                 self._add_confirmed(connection, confirmed)
                 connection.execute("COMMIT")
