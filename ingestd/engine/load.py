@@ -54,13 +54,18 @@ class SampleLoad:
 class _Pattern:
     """What a batch learns of one pattern: how often, and the union of its learns' metadata (None: none)."""
 
-    __slots__ = ("count", "data", "length", "metadata")
+    __slots__ = ("chunk", "count", "metadata")
 
     def __init__(self, chunk: Sequence[str]) -> None:
+        self.chunk = chunk
         self.count = 0
-        self.data = orjson.dumps([[symbol] for symbol in chunk])
-        self.length = len(chunk)
         self.metadata: dict[str, set[str]] | None = None
+
+
+def _data(chunk: Sequence[str]) -> bytes:
+    """A chunk's pattern data as stored: one event per symbol. Made as rows are written, not kept: orjson
+    (from 3.12) gives every result a buffer of at least 4 KB, which a load of 9k patterns would hold at once."""
+    return orjson.dumps([[symbol] for symbol in chunk])
 
 
 def _key(item: tuple[tuple[str, str], _Pattern]) -> tuple[str, str]:
@@ -103,8 +108,9 @@ def load(connection: sqlite3.Connection, run_key: str, samples: Sequence[SampleL
         before.append(positions)
     # In key order: each B-tree page is then visited once per load, not once per pattern on it.
     ordered = sorted(patterns.items(), key=_key)
-    plain = [(kb, name, p.data, p.length, p.count) for (kb, name), p in ordered if p.metadata is None]
-    tagged = [(kb, name, p.data, p.length, p.count, {field: sorted(values) for field, values in p.metadata.items()})
+    plain = ((kb, name, _data(p.chunk), len(p.chunk), p.count) for (kb, name), p in ordered if p.metadata is None)
+    tagged = [(kb, name, _data(p.chunk), len(p.chunk), p.count,
+               {field: sorted(values) for field, values in p.metadata.items()})
               for (kb, name), p in ordered if p.metadata is not None]  # fmt: skip
     KnowledgeStore.add_plain(connection, plain)
     KnowledgeStore.add_with_metadata(connection, tagged)

@@ -23,7 +23,7 @@ import concurrent.futures
 import json
 import secrets
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -245,13 +245,14 @@ class KnowledgeStore:
             )
 
     @staticmethod
-    def add_plain(connection: sqlite3.Connection, rows: Sequence[tuple[str, str, bytes, int, int]]) -> None:
+    def add_plain(connection: sqlite3.Connection, rows: Iterable[tuple[str, str, bytes, int, int]]) -> None:
         """Learns without emotives or metadata, counted: each row (kb, name, pattern data, length, count)
         is ``count`` learns of one pattern at once (frequencies add; a pattern's data never changes)."""
         connection.executemany(
             "INSERT INTO patterns VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (kb_id, name) DO UPDATE SET frequency = frequency + excluded.frequency",
-            [(kb, name, data, length, count, _EMPTY_LIST, _EMPTY_MAP) for kb, name, data, length, count in rows],
+            # A generator: each row's values are dropped once it is written (rows may be made as they go).
+            ((kb, name, data, length, count, _EMPTY_LIST, _EMPTY_MAP) for kb, name, data, length, count in rows),
         )  # fmt: skip
 
     @staticmethod
