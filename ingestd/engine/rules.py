@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ingestd.engine._unicode13 import PRINTABLE_RANGES, UNICODE_VERSION
+from ingestd.engine._unicode_divergent import DIVERGENT_RANGES
 
 PATTERN_PREFIX = "PTRN|"
 MIN_PATTERN_SYMBOLS = 2
@@ -44,10 +45,20 @@ def _divergent_characters() -> frozenset[str]:
 
     KATO's image runs CPython 3.10 (Unicode 13.0); ``repr`` escapes what
     ``isprintable`` rejects, so a symbol with such a character hashes
-    differently under another Unicode version. Built once, on first need.
+    differently under another Unicode version. Read from the table made by
+    ``scripts/gen_unicode_divergent.py`` for the Unicode versions of the
+    supported Pythons; found by a scan of every code point for any other.
     """
     if unicodedata.unidata_version == UNICODE_VERSION:
         return frozenset()
+    known = DIVERGENT_RANGES.get(unicodedata.unidata_version)
+    if known is not None:
+        return frozenset(chr(code) for low, high in known for code in range(low, high + 1))
+    return scan_divergent_characters()
+
+
+def scan_divergent_characters() -> frozenset[str]:
+    """:func:`_divergent_characters` the long way: every code point's printability, now and in Unicode 13.0."""
     printable_then = bytearray(0x110000)
     for low, high in PRINTABLE_RANGES:
         printable_then[low : high + 1] = b"\x01" * (high - low + 1)

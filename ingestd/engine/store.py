@@ -105,6 +105,7 @@ class KnowledgeStore:
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA synchronous={self.synchronous}")
         connection.execute("PRAGMA busy_timeout=10000")
+        connection.execute("PRAGMA temp_store=MEMORY")
         connection.executescript(_SCHEMA)
         connection.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (secrets.token_hex(8),))
         self.store_id = connection.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
