@@ -136,3 +136,32 @@ def test_a_sample_that_cannot_be_stored_fails_alone(tmp_path: Path) -> None:
     assert outcomes[4].stored == [0, 0, 0] and outcomes[3].stored == [len(level.names) for level in plans[3].levels]
     stored = sum(row[4] for row in _patterns(tmp_path))
     assert stored == sum(len(level.names) for index, plan in enumerate(plans) if index != 4 for level in plan.levels)
+
+
+def test_a_store_made_with_the_earlier_clustered_layout_learns_the_same_as_a_new_one(tmp_path: Path) -> None:
+    # Stores created before ``patterns`` became a rowid table keep their WITHOUT ROWID table; both layouts
+    # must take calls and loads alike, also when the older one already holds patterns.
+    old = tmp_path / "old"
+    old.mkdir()
+    with sqlite3.connect(old / "kato.sqlite3") as connection:
+        connection.execute("CREATE TABLE patterns (kb_id TEXT NOT NULL, name TEXT NOT NULL, pattern_data BLOB NOT NULL, "
+                           "length INTEGER NOT NULL, frequency INTEGER NOT NULL, emotives BLOB NOT NULL, "
+                           "metadata BLOB NOT NULL, PRIMARY KEY (kb_id, name)) WITHOUT ROWID")  # fmt: skip
+    first, second = _samples(60, seed=3), _samples(60, seed=4)
+
+    async def learn(data_dir: Path) -> None:
+        for run_key, samples in (("first", first), ("second", second)):
+            async with Engine(EngineSettings(data_dir=data_dir)) as engine:
+                await _one_by_one(engine, samples[:30])
+                await engine.load(run_key, [_load(tokens, metadata, index) for index, (tokens, metadata)
+                                            in enumerate(samples[30:])])  # fmt: skip
+
+    asyncio.run(learn(old))
+    asyncio.run(learn(tmp_path / "new"))
+    with sqlite3.connect(old / "kato.sqlite3") as connection:
+        assert "WITHOUT ROWID" in connection.execute("SELECT sql FROM sqlite_master WHERE name = 'patterns'").fetchone()[0]
+    with sqlite3.connect(tmp_path / "new" / "kato.sqlite3") as connection:
+        assert "WITHOUT ROWID" not in connection.execute("SELECT sql FROM sqlite_master WHERE name = 'patterns'").fetchone()[0]
+    expected = _patterns(tmp_path / "new")
+    assert len(expected) > 50 and any(row[4] > 2 for row in expected)
+    assert _patterns(old) == expected

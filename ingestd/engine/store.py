@@ -35,6 +35,12 @@ from ingestd.engine.session import Learn
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], Any]
 
+# ``patterns`` is a rowid table with its key in an index, not a ``WITHOUT ROWID`` table clustered on the key
+# (a store created with that earlier layout keeps it, and works the same): names are SHA-1s, so every new
+# pattern lands on a random page of the key's B-tree, and a commit writes each page it dirtied to the WAL in
+# full. Index entries are a third of a row, and new rows append to the table's last pages, so a commit
+# dirties about half as many pages: measured on 200k upserts, 20 us a row instead of 33, and a server's
+# pwrites -40%. The file is about a quarter larger.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS patterns (
     kb_id TEXT NOT NULL,
@@ -45,7 +51,7 @@ CREATE TABLE IF NOT EXISTS patterns (
     emotives BLOB NOT NULL,
     metadata BLOB NOT NULL,
     PRIMARY KEY (kb_id, name)
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS sessions (
     session_id TEXT PRIMARY KEY,
     expires_at REAL NOT NULL,
