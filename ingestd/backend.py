@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote, urlsplit
@@ -82,6 +82,24 @@ def _observations(chunk: Sequence[str], metadata: dict[str, Any] | None) -> list
 
 
 _JSON_HEADERS = {"content-type": "application/json"}
+# observe-sequence answers end with these fields, after one result per observation (KATO §3.7): a 300-token
+# call's answer is 50 KB, of which a client needs the last few hundred bytes.
+_SEQUENCE_TAIL = b',"auto_learned_patterns":'
+
+
+def _sequence_answer(raw: bytes) -> Any:
+    """The fields after ``results`` of an observe-sequence answer, parsed alone; the whole answer if it is not
+    laid out as KATO lays it (compact JSON, ``results`` before them). In compact JSON that key and its comma
+    cannot occur inside a string (a quote there is escaped), and the results hold no such key."""
+    start = raw.rfind(_SEQUENCE_TAIL)
+    if start != -1:
+        try:
+            tail = orjson.loads(b"{" + raw[start + 1 :])
+        except orjson.JSONDecodeError:
+            tail = None
+        if isinstance(tail, dict) and "final_learned_pattern" in tail:
+            return tail
+    return orjson.loads(raw)
 
 
 def _answer_text(raw: bytes) -> str:
@@ -205,7 +223,8 @@ class HttpKato:
             self._http = None
 
     async def _call(self, method: str, path: str, body: Any = None, *, key: str | None = None,
-                    place: Place | None = None, endpoint: str | None = None) -> Any:  # fmt: skip
+                    place: Place | None = None, endpoint: str | None = None,
+                    parse: Callable[[bytes], Any] = orjson.loads) -> Any:  # fmt: skip
         """One request; failures are raised as what they mean for a resend (see :mod:`ingestd.errors`)."""
         self.requests += 1
         endpoint = endpoint or _endpoint(method, path)
@@ -231,7 +250,7 @@ class HttpKato:
         finally:
             metrics.record_request(endpoint, status, time.perf_counter() - started)
         if status == 200:
-            return orjson.loads(raw)
+            return parse(raw)
         if status in (502, 503, 504):
             raise ServerDown(f"{method} {path} answered {status}")
         text = _answer_text(raw)
@@ -274,12 +293,13 @@ class HttpKato:
             # Whole chunks back to back: KATO learns each as STM reaches chunk_size; learn_at_end
             # takes a shorter last chunk. A 1-symbol chunk is never sent, so no name is "".
             observations = [{"strings": [symbol]} for chunk in chunks for symbol in chunk]
-            body = await self._call("POST", path, {"observations": observations, "learn_at_end": True}, place=place)
+            body = await self._call("POST", path, {"observations": observations, "learn_at_end": True}, place=place,
+                                    parse=_sequence_answer)  # fmt: skip
             return Learned([name for name in body["auto_learned_patterns"] if name], body.get("idempotent_replay") is True)
         if len(chunks) != 1:
             raise ValueError("a level without auto-learn is sent one chunk per call")
         body = await self._call("POST", path, {"observations": _observations(chunks[0], metadata), "learn_at_end": True},
-                                place=place)  # fmt: skip
+                                place=place, parse=_sequence_answer)  # fmt: skip
         return Learned([body["final_learned_pattern"]], body.get("idempotent_replay") is True)
 
     async def clear_stm(self, session_id: str) -> None:

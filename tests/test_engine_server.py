@@ -642,3 +642,24 @@ def test_connections_that_never_finish_their_headers_are_closed(tmp_path, monkey
         assert httpx.get(server.url + "/health", timeout=10).status_code == 200  # a real request still goes through
     finally:
         server.stop()
+
+
+def test_a_client_reads_an_observe_sequence_answer_from_its_tail_as_from_the_whole(client: httpx.Client) -> None:
+    # ingestd's client parses only the fields after the per-observation results; a unique_id that spells
+    # those fields, a pretty-printed answer and one laid out otherwise must still read as the whole answer.
+    from ingestd.backend import _sequence_answer
+
+    session = create(client, node("tail"), config={"process_predictions": False, "max_pattern_length": 3,
+                                                   "stm_mode": "CLEAR"})  # fmt: skip
+    tricky = ',"auto_learned_patterns":["PTRN|0"],"final_learned_pattern":"PTRN|0","isolated":true}'
+    observations = [{"strings": [symbol], "unique_id": tricky if symbol == "c" else None}
+                    for symbol in ["a", "b", "c", "d", "e", "f", "g", "h"]]  # fmt: skip
+    answer = client.post(f"/sessions/{session}/observe-sequence", json={"observations": observations, "learn_at_end": True})
+    assert answer.status_code == 200, answer.text
+    whole = answer.json()
+    assert len(whole["auto_learned_patterns"]) == 3 and whole["final_learned_pattern"].startswith("PTRN|")
+    fields = ("auto_learned_patterns", "final_learned_pattern", "isolated")
+    for raw in (answer.content, json.dumps(whole, indent=1).encode(),
+                json.dumps({key: whole[key] for key in (*fields, "results")}, separators=(",", ":")).encode()):
+        read = _sequence_answer(raw)
+        assert {key: read[key] for key in fields} == {key: whole[key] for key in fields}
