@@ -109,9 +109,9 @@ def load(connection: sqlite3.Connection, run_key: str, samples: Sequence[SampleL
     # In key order: each B-tree page is then visited once per load, not once per pattern on it.
     ordered = sorted(patterns.items(), key=_key)
     plain = ((kb, name, _data(p.chunk), len(p.chunk), p.count) for (kb, name), p in ordered if p.metadata is None)
-    tagged = [(kb, name, _data(p.chunk), len(p.chunk), p.count,
+    tagged = ((kb, name, _data(p.chunk), len(p.chunk), p.count,
                {field: sorted(values) for field, values in p.metadata.items()})
-              for (kb, name), p in ordered if p.metadata is not None]  # fmt: skip
+              for (kb, name), p in ordered if p.metadata is not None)  # fmt: skip
     KnowledgeStore.add_plain(connection, plain)
     KnowledgeStore.add_with_metadata(connection, tagged)
     ledger.advance(connection, run_key, advanced, added)

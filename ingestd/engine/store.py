@@ -71,6 +71,12 @@ _EMPTY_MAP = b"{}"
 _MAX_GROUP = 512
 
 
+def _exact(value: bytes) -> bytes:
+    """A copy of its own length, for bytes held while a batch is built: orjson (from 3.12) gives every result a
+    buffer of at least 4 KB, which a list of a thousand of them would hold at once."""
+    return bytes(memoryview(value))
+
+
 class StoreClosed(RuntimeError):
     """The store was closed; no more jobs are accepted."""
 
@@ -264,7 +270,7 @@ class KnowledgeStore:
 
     @staticmethod
     def add_with_metadata(connection: sqlite3.Connection,
-                          rows: Sequence[tuple[str, str, bytes, int, int, dict[str, list[str]]]]) -> None:  # fmt: skip
+                          rows: Iterable[tuple[str, str, bytes, int, int, dict[str, list[str]]]]) -> None:  # fmt: skip
         """Learns carrying metadata, counted: each row (kb, name, pattern data, length, count, metadata) is
         ``count`` learns of one pattern whose metadata, folded together, is ``metadata``; stored metadata
         is merged as each learn would have (sorted union per key, KATO §5.5)."""
@@ -273,7 +279,7 @@ class KnowledgeStore:
             row = connection.execute("SELECT metadata FROM patterns WHERE kb_id = ? AND name = ?", (kb, name)).fetchone()
             if row is not None:
                 metadata = rules.merge_metadata(orjson.loads(row[0]), metadata)
-            merged.append((kb, name, data, length, count, _EMPTY_LIST, orjson.dumps(metadata)))
+            merged.append((kb, name, _exact(data), length, count, _EMPTY_LIST, _exact(orjson.dumps(metadata))))
         connection.executemany(
             "INSERT INTO patterns VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (kb_id, name) "
             "DO UPDATE SET frequency = frequency + excluded.frequency, metadata = excluded.metadata",
