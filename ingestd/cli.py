@@ -11,6 +11,7 @@ import typer
 
 from ingestd import __version__
 from ingestd.errors import IngestError, find_ingest_error
+from ingestd.kb.cli import inspect_app
 from ingestd.settings import Settings
 from ingestd.source import MAX_COUNT
 
@@ -27,6 +28,7 @@ app.add_typer(kato_app, name="kato")
 jobs_app = typer.Typer(help="Talk to a running daemon (`ingestd serve`): submit, list, show, cancel jobs.",
                        no_args_is_help=True)  # fmt: skip
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(inspect_app, name="inspect")
 
 
 def _version(value: bool) -> None:

@@ -353,6 +353,23 @@ class Progress:
             raise ProgressError(f"cannot append to {self.dead_letters} ({error}): free space or fix its permissions") from None
 
 
+def read_identity(run_dir: Path) -> dict[str, Any] | None:
+    """The configuration a run directory holds (source, tokenizer, hierarchy), read without locking it or
+    writing to it (a run may be using it); None when it holds no run."""
+    path = Path(run_dir) / "progress.sqlite3"
+    if not path.is_file():
+        return None
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            row = connection.execute("SELECT value FROM run WHERE key = 'identity'").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return None
+    return None if row is None else orjson.loads(row[0])
+
+
 def _difference(stored: bytes | None, identity: dict[str, Any]) -> str:
     if stored is None:
         return "unknown"

@@ -26,10 +26,12 @@ class TokenizerNotFound(IngestError):
 
 @dataclass(frozen=True)
 class Tokenizer:
-    """Turns texts into token strings; no special tokens added, nothing truncated."""
+    """Turns texts into token strings and token strings back into text; no special tokens added, nothing
+    truncated."""
 
     name: str
     _tokenize_batch: Callable[[list[str]], list[list[str]]]
+    _decode: Callable[[list[str]], str]
 
     def tokenize(self, text: str) -> list[str]:
         return self._tokenize_batch([text])[0]
@@ -37,6 +39,12 @@ class Tokenizer:
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[str]]:
         """Token strings of each text. Runs in Rust without the GIL for fast tokenizers."""
         return self._tokenize_batch(list(texts))
+
+    def decode(self, tokens: Sequence[str]) -> str:
+        """The text of consecutive token strings, by the tokenizer's own decoder (GPT-2: its byte-level
+        decoder, so ``Ġ`` is a space and a character split over tokens is whole again). Bytes that are not
+        whole characters (a span cut inside one) decode to U+FFFD."""
+        return self._decode(list(tokens))
 
 
 def _gpt2_backend():  # type: ignore[no-untyped-def]
@@ -72,7 +80,14 @@ def _from_backend(name: str, backend) -> Tokenizer:  # type: ignore[no-untyped-d
             token_lists.append(tokens if None not in tokens else encoding.tokens)  # an id without a string: as is
         return token_lists
 
-    return Tokenizer(name, tokenize_batch)
+    decoder = backend.decoder
+    if decoder is not None:
+        decode = decoder.decode
+    else:  # a model without a decoder: the ids joined as the model would
+        def decode(tokens: list[str]) -> str:
+            return backend.decode([backend.token_to_id(token) for token in tokens], skip_special_tokens=False)
+
+    return Tokenizer(name, tokenize_batch, decode)
 
 
 def load_tokenizer(name: str = GPT2) -> Tokenizer:
@@ -91,4 +106,4 @@ def load_tokenizer(name: str = GPT2) -> Tokenizer:
         ) from error
     if getattr(loaded, "is_fast", False):
         return _from_backend(name, loaded.backend_tokenizer)
-    return Tokenizer(name, lambda texts: [loaded.tokenize(text) for text in texts])
+    return Tokenizer(name, lambda texts: [loaded.tokenize(text) for text in texts], loaded.convert_tokens_to_string)
