@@ -32,6 +32,7 @@ from ingestd import metrics
 from ingestd.engine import Engine, EngineSettings, Feeder, KatoError, Learned, Place, SessionNotFound
 from ingestd.engine.ledger import HEADER as LEDGER_HEADER
 from ingestd.engine.load import SampleLoad
+from ingestd.engine.store import StoreBusy
 from ingestd.errors import (
     Ambiguous,
     KatoRejected,
@@ -69,6 +70,8 @@ class KatoBackend(Protocol):
     async def ledger_forget(self, run_key: str, *, samples: Sequence[int] | None = None, keep: Sequence[int] = (),
                             everything: bool = False) -> None: ...  # fmt: skip
     async def claim_nodes(self, claims: Sequence[tuple[str, Feeder]], *, allow_mixed: bool) -> dict[str, list[Feeder]]: ...
+    async def pattern_counts(self, node_ids: Sequence[str]) -> dict[str, int] | None:
+        """Per node id, the distinct patterns stored; None where the server cannot say (KATO has no such call)."""
 
 
 _LEDGER_BATCH = 5000
@@ -345,6 +348,12 @@ class HttpKato:
             "allow_mixed": allow_mixed}, endpoint="claim-nodes")  # fmt: skip
         return {node_id: [Feeder(**other) for other in others] for node_id, others in body["conflicts"].items()}
 
+    async def pattern_counts(self, node_ids: Sequence[str]) -> dict[str, int] | None:
+        if not self.extensions:
+            return None
+        body = await self._call("POST", "/ingestd/nodes/counts", {"node_ids": list(node_ids)}, endpoint="node-counts")
+        return {node_id: int(count) for node_id, count in body["patterns"].items()}
+
 
 class EmbeddedKato:
     """The embedded engine in this process, on a local directory (the default backend).
@@ -365,6 +374,8 @@ class EmbeddedKato:
         store = Path(self.engine.settings.data_dir) / "kato.sqlite3"
         try:
             await self.engine.start()
+        except StoreBusy as error:
+            raise StoreUnusable(f"the embedded engine cannot open its store now: {error}") from None
         except OSError as error:
             raise StoreUnusable(
                 f"the embedded engine cannot use {self.engine.settings.data_dir} ({error}): give a writable --data "
@@ -453,3 +464,6 @@ class EmbeddedKato:
 
     async def claim_nodes(self, claims: Sequence[tuple[str, Feeder]], *, allow_mixed: bool) -> dict[str, list[Feeder]]:
         return await self._call("claim-nodes", self.engine.claim_nodes(claims, allow_mixed=allow_mixed))
+
+    async def pattern_counts(self, node_ids: Sequence[str]) -> dict[str, int] | None:
+        return self.engine.pattern_counts(node_ids)

@@ -29,6 +29,9 @@ jobs_app = typer.Typer(help="Talk to a running daemon (`ingestd serve`): submit,
                        no_args_is_help=True)  # fmt: skip
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(inspect_app, name="inspect")
+runs_app = typer.Typer(help="The run catalogue: what each run was, and how it went (<run dir>/manifest.json).",
+                       no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})  # fmt: skip
+app.add_typer(runs_app, name="runs")
 
 
 def _version(value: bool) -> None:
@@ -398,3 +401,98 @@ def kato_demo(
 
 if __name__ == "__main__":
     app()
+
+
+_RUN_ROOTS = Annotated[Optional[list[Path]], typer.Option("--in", help="Also look for runs below this folder (repeat).")]
+
+
+def _run_roots(data: Path, extra: list[Path] | None) -> list[Path]:
+    return [data / "runs", Path("ingestd-runs"), *(extra or [])]
+
+
+def _when(moment: str | None) -> str:
+    return moment.replace("T", " ").replace("Z", " UTC") if moment else ""
+
+
+@runs_app.command("list")
+def runs_list(data: Annotated[Path, typer.Option("--data", help="A data directory whose runs to list.")] = Path("kato-data"),
+              roots: _RUN_ROOTS = None,
+              as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:  # fmt: skip
+    """Every run under <data>/runs and ./ingestd-runs (and --in folders), newest first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ingestd import catalogue
+
+    manifests = catalogue.find(_run_roots(data, roots))
+    if as_json:
+        typer.echo(json.dumps(manifests, indent=2, ensure_ascii=False))
+        return
+    if not manifests:
+        typer.echo(f"no runs under {', '.join(str(root) for root in _run_roots(data, roots))}")
+        return
+    table = Table(title=f"{len(manifests)} run(s)", title_justify="left")
+    table.add_column("run id", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("started (UTC)", no_wrap=True)
+    table.add_column("done", justify="right", no_wrap=True)
+    for column in ("source", "backend"):
+        table.add_column(column, overflow="fold")
+    for manifest in manifests:
+        summary = manifest.get("summary") or {}
+        backend = manifest.get("backend") or {}
+        samples = summary.get("samples") or {}  # the last time it ran: learned then, and done before
+        table.add_row(manifest.get("run_id", "?"), manifest.get("status", "?"), _when(manifest.get("started_at"))[:16],
+                      f"{samples.get('learned', 0) + samples.get('skipped', 0):,}",
+                      Path(str((manifest.get("source") or {}).get("source", "?"))).name,
+                      backend.get("url") or "embedded")  # fmt: skip
+    Console().print(table)
+
+
+@runs_app.command("show")
+def runs_show(run: Annotated[str, typer.Argument(help="A run directory, or a run id under --data or ./ingestd-runs.")],
+              data: Annotated[Path, typer.Option("--data", help="The data directory of the run.")] = Path("kato-data"),
+              roots: _RUN_ROOTS = None,
+              as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False) -> None:  # fmt: skip
+    """One run: what it learned from, into which nodes, how it went, and each time it was run."""
+    from ingestd import catalogue
+
+    manifest = catalogue.read(Path(run).expanduser())
+    if manifest is None:
+        matches = [found for found in catalogue.find(_run_roots(data, roots))
+                   if run in (found.get("run_id"), Path(found["run_dir"]).name)]  # fmt: skip
+        if len(matches) > 1:
+            typer.echo(f"ingestd: error: {len(matches)} runs are called {run!r}: give its directory "
+                       f"({', '.join(found['run_dir'] for found in matches)})", err=True)  # fmt: skip
+            raise typer.Exit(2)
+        manifest = matches[0] if matches else None
+    if manifest is None:
+        typer.echo(f"ingestd: error: no run {run!r}: give a run directory, or a run id listed by `ingestd runs list`", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=2, ensure_ascii=False))
+        return
+    summary = manifest.get("summary") or {}
+    samples = summary.get("samples") or {}
+    lines = [
+        f"run {manifest.get('run_id')}: {manifest.get('status')}  ({manifest['run_dir']})",
+        f"ingestd {manifest.get('ingestd_version')}; started {_when(manifest.get('started_at'))}, "
+        f"finished {_when(manifest.get('finished_at')) or '-'}; first run {_when(manifest.get('created_at'))}",
+        f"source: {(manifest.get('source') or {}).get('source')}   tokenizer: {manifest.get('tokenizer')}",
+        "hierarchy: " + ", ".join(f"{level['node_id']} (chunk {level['chunk_size']}{', metadata' if level.get('capture_metadata') else ''})"
+                                  for level in manifest.get("hierarchy") or []),
+        f"backend: {json.dumps(manifest.get('backend'))}",
+    ]  # fmt: skip
+    if summary:
+        lines += [
+            f"samples: {samples.get('learned', 0):,} learned, {samples.get('filtered', 0):,} filtered, "
+            f"{samples.get('failed', 0):,} failed, {samples.get('skipped', 0):,} skipped; {summary.get('tokens', 0):,} tokens",
+            f"patterns learned per level: {summary.get('patterns_per_level')}",
+            f"distinct patterns per level: {summary.get('distinct_patterns_per_level')}",
+        ]  # fmt: skip
+    lines.append("history:")
+    for entry in manifest.get("history") or []:
+        learned = (entry.get("samples") or {}).get("learned")
+        lines.append(f"  {_when(entry.get('started_at'))} → {_when(entry.get('finished_at')) or '-'}: {entry.get('status')}"
+                     + (f", {learned:,} learned" if learned is not None else ""))  # fmt: skip
+    typer.echo("\n".join(lines))

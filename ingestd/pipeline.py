@@ -22,7 +22,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ingestd import metrics
+from ingestd import __version__, catalogue, metrics
 from ingestd.backend import EmbeddedKato, HttpKato, KatoBackend, check_kato_url
 from ingestd.engine import EngineSettings
 from ingestd.errors import IngestError, KatoRejected, ServerDown, Transient, find_ingest_error
@@ -146,6 +146,9 @@ class RunStats:
     error: dict[str, Any] | None = None  # what stopped the run, if something did: message, exit code, kind
     started: float = field(default_factory=time.perf_counter)
     finished: float | None = None
+    started_at: str = field(default_factory=catalogue.now)
+    finished_at: str | None = None
+    distinct_patterns_per_level: list[int] | None = None  # stored in each node at the end (None: the server cannot say)
 
     def __post_init__(self) -> None:
         self.patterns_per_level = [0] * self.levels
@@ -206,6 +209,9 @@ class RunSummary:
         stats = self.stats
         elapsed = stats.elapsed
         return {
+            "ingestd_version": __version__,
+            "started_at": stats.started_at,
+            "finished_at": stats.finished_at,
             "samples": {"read": stats.samples_read, "learned": stats.samples_learned,
                         "filtered": stats.samples_filtered, "failed": stats.samples_failed,
                         "skipped": stats.skipped, "unfinished": stats.unfinished},
@@ -218,6 +224,7 @@ class RunSummary:
             "tokens": stats.tokens,
             "patterns_per_level": stats.patterns_per_level,
             "replayed_per_level": stats.replayed_per_level,
+            "distinct_patterns_per_level": stats.distinct_patterns_per_level,
             "requests": stats.requests,
             "requests_per_sample": round(stats.requests / stats.samples_learned, 3) if stats.samples_learned else None,
             "wall_seconds": round(elapsed, 3),
@@ -313,6 +320,7 @@ class Pipeline:
         self._settled: list[int] = []  # done samples whose ledger records can go
         self._watch: ServerWatch | None = None
         self._run_dir: Path | None = None
+        self._catalogued = False
 
     def describe(self) -> dict[str, Any]:
         config = self.config
@@ -337,6 +345,7 @@ class Pipeline:
             else:  # a server's default run directory is named by its store, known once it answers
                 await backend.start()
                 progress = self._open_progress(source, config.resolved_run_dir(backend.store))
+            self._catalogue_start(progress, backend)
             await self._learn(source, tokenizer, progress, backend)
         except BaseException as failure:
             found = find_ingest_error(failure)
@@ -345,13 +354,35 @@ class Pipeline:
             raise
         finally:
             self.stats.finished = self.stats.finished or time.perf_counter()
+            self.stats.finished_at = catalogue.now()
             if progress is not None:
                 progress.close()
+                if self._catalogued:
+                    self._catalogue(lambda: catalogue.finished(progress.run_dir, self.summary().as_dict()))
             with anyio.CancelScope(shield=True):
                 await backend.aclose()
         if self.on_progress is not None:
             self.on_progress(self.stats)
         return self.summary()
+
+    def _catalogue_start(self, progress: Progress, backend: KatoBackend) -> None:
+        config = self.config
+        where = ({"kind": "embedded", "data_dir": str(Path(config.data_dir).resolve()), "store_id": backend.store}
+                 if config.kato_url is None else {"kind": "kato", "url": config.kato_url, "store": backend.store})  # fmt: skip
+        run_id = config.run_id or fingerprint(config.identity())[:16]
+        self._catalogued = self._catalogue(lambda: catalogue.started(progress.run_dir, run_id=run_id,
+                                                                     identity=config.identity(), backend=where,
+                                                                     version=__version__))  # fmt: skip
+
+    @staticmethod
+    def _catalogue(write: Callable[[], None]) -> bool:
+        """The manifest is a record for people: failing to write it never fails the run."""
+        try:
+            write()
+        except OSError as error:
+            log.warning("could not write the run's manifest (the run itself is unaffected)", reason=str(error))
+            return False
+        return True
 
     def _open_progress(self, source: Source, run_dir: Path) -> Progress:
         self._run_dir = run_dir
@@ -396,6 +427,7 @@ class Pipeline:
             with anyio.CancelScope(shield=True):
                 if finished and backend.ledger:
                     await self._forget_settled(backend, progress)
+                await self._count_patterns(backend)
                 self.stats.requests = backend.requests
                 self.stats.finished = time.perf_counter()
 
@@ -420,6 +452,19 @@ class Pipeline:
         except (Transient, KatoRejected, TimeoutError) as failure:
             log.warning("could not drop the run's ledger records (they only take space; the next run of this "
                         "directory drops them)", reason=str(failure) or type(failure).__name__)  # fmt: skip
+
+    async def _count_patterns(self, backend: KatoBackend) -> None:
+        """The distinct patterns in each node at the end, for the summary; where a server cannot say, none."""
+        node_ids = self.config.node_ids()
+        try:
+            with anyio.fail_after(30):
+                counts = await backend.pattern_counts(node_ids)
+        except (Transient, KatoRejected, TimeoutError, OSError) as failure:
+            log.warning("could not count the patterns stored (the summary leaves them out)",
+                        reason=str(failure) or type(failure).__name__)  # fmt: skip
+            return
+        if counts is not None:
+            self.stats.distinct_patterns_per_level = [counts[node_id] for node_id in node_ids]
 
     def summary(self) -> RunSummary:
         """What the run has done so far (the final summary once ``run`` returned)."""

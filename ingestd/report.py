@@ -70,7 +70,8 @@ class ProgressLog:
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
-    table = Table(title="ingestd run", show_header=False, title_justify="left")
+    table = Table(title=f"ingestd {summary.get('ingestd_version', '')} run".replace("  ", " "), show_header=False,
+                  title_justify="left")  # fmt: skip
     table.add_column(style="bold")
     table.add_column(justify="right")
     samples = summary["samples"]
@@ -84,9 +85,13 @@ def summary_table(summary: dict[str, Any]) -> Table:
         *((f"patterns learned, level {level}", f"{count:,}") for level, count in enumerate(summary["patterns_per_level"])),
         *((f"already stored, level {level}", f"{count:,}")
           for level, count in enumerate(summary["replayed_per_level"]) if count),
+        *((f"distinct patterns in node, level {level}", f"{count:,}")
+          for level, count in enumerate(summary.get("distinct_patterns_per_level") or [])),
         ("requests", f"{summary['requests']:,}"),
         ("requests per sample", f"{summary['requests_per_sample'] or 0:.2f}"),
         ("wall time", f"{summary['wall_seconds']:.2f} s"),
+        *((("started", summary["started_at"].replace("T", " ")), ("finished", (summary.get("finished_at") or "").replace("T", " ")))
+          if summary.get("started_at") else ()),
         ("samples/s", f"{summary['samples_per_second'] or 0:,.1f}"),
         ("tokens/s", f"{summary['tokens_per_second'] or 0:,.0f}"),
     ]

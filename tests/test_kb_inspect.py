@@ -228,3 +228,100 @@ def test_inspect_reads_while_a_run_writes(tmp_path: Path) -> None:
     final = inspect_json("stats", "--data", str(data))[0]["total_frequency"]
     assert final == sql(data, "SELECT sum(frequency) FROM patterns WHERE kb_id = ?", kb_id("node0"))[0][0]
     assert final >= seen[-1]
+
+
+def test_prune_dry_run_then_prune_then_stats(learned: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "kb"
+    shutil.copytree(learned[0], data)
+    before = {node: dict(sql(data, "SELECT name, frequency FROM patterns WHERE kb_id = ?", kb_id(node))) for node in NODES}
+    dry = inspect_json("prune", "--below", "2", "--levels", "0,1", "--dry-run", "--data", str(data))
+    assert [(row["node_id"], row["removed"]) for row in dry] == [
+        (node, sum(frequency < 2 for frequency in before[node].values())) for node in ("node0", "node1")]
+    assert dry[0]["removed"] > 0
+    assert dry[0]["frequency_removed"] == sum(frequency for frequency in before["node0"].values() if frequency < 2)
+    assert {node: dict(sql(data, "SELECT name, frequency FROM patterns WHERE kb_id = ?", kb_id(node))) for node in NODES} == before
+    pruned = inspect_json("prune", "--below", "2", "--levels", "0,1", "--data", str(data))
+    assert [row["removed"] for row in pruned] == [row["removed"] for row in dry]
+    for node in NODES:
+        after = dict(sql(data, "SELECT name, frequency FROM patterns WHERE kb_id = ?", kb_id(node)))
+        kept = before[node] if node in ("node2", "node3") else {n: f for n, f in before[node].items() if f >= 2}
+        assert after == kept
+    stats = inspect_json("stats", "--data", str(data))
+    assert [row["patterns"] for row in stats] == [len({n for n, f in before[node].items() if f >= 2}) if node in ("node0", "node1")
+                                                  else len(before[node]) for node in NODES]  # fmt: skip
+    assert stats[0]["singletons"] == 0
+    # again: nothing more to remove
+    assert [row["removed"] for row in inspect_json("prune", "--below", "2", "--levels", "0,1", "--data", str(data))] == [0, 0]
+    # a higher pattern over pruned ones unravels with gaps, named
+    name = sql(data, "SELECT name FROM patterns WHERE kb_id = ? LIMIT 1", kb_id("node2"))[0][0]
+    shown = inspect_json("show", name, "--data", str(data))
+    assert shown["missing"] and "⟨missing PTRN|" in shown["text"]
+
+
+def test_prune_is_refused_while_the_store_is_learned_into(learned: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
+    import shutil
+
+    from ingestd.engine.store import writer_lock
+
+    from .conftest import EngineServer
+
+    data = tmp_path / "kb"
+    shutil.copytree(learned[0], data)
+    count = sql(data, "SELECT count(*) FROM patterns")[0][0]
+    server = EngineServer(data).start()
+    try:
+        refused = inspect("prune", "--below", "5", "--data", str(data), expect=4)
+        assert "being learned into" in refused.stderr and "stop the server" in refused.stderr
+        assert inspect_json("prune", "--below", "5", "--dry-run", "--data", str(data))[0]["removed"] > 0  # counting is fine
+    finally:
+        server.stop()
+    assert sql(data, "SELECT count(*) FROM patterns")[0][0] == count
+    # and the other way round: while the store is held for maintenance, a run is refused, with no traceback
+    with writer_lock(data, exclusive=True):
+        result = subprocess.run([sys.executable, "-m", "ingestd", "run", str(CORPUS), "--data", str(data), "--max-samples",
+                                 "1600", "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2 and "being changed by ingestd (pid" in result.stderr and "Traceback" not in result.stderr
+    assert sql(data, "SELECT count(*) FROM patterns")[0][0] == count
+    inspect("prune", "--below", "5", "--data", str(data))
+    assert sql(data, "SELECT count(*) FROM patterns")[0][0] < count
+
+
+def test_html_report_renders_in_a_real_browser(learned: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> None:
+    import re
+
+    import matplotlib.image
+
+    from .tools import chromium
+
+    data, _ = learned
+    report = tmp_path / "report.html"
+    inspect("report", "--data", str(data), "--out", str(report), "--top", "5", "--samples", "2")
+    page = report.read_text(encoding="utf-8")
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)  # self-contained: nothing fetched
+    browser, env = chromium()
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,2600",
+              "--virtual-time-budget=5000"]  # fmt: skip
+    dom = subprocess.run([*common, "--dump-dom", report.as_uri()], env=env, capture_output=True, text=True, timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    tables = re.findall(r"<table>.*?</table>", dom.stdout, flags=re.S)
+    # the nodes table, then per level its top patterns and its draws
+    assert len(tables) == 1 + 2 * 4
+    assert [len(re.findall(r"<tr>", table)) - 1 for table in tables] == [4] + [5, 2, 5, 2, 5, 2, 1, 2]
+    stats = inspect_json("stats", "--data", str(data))
+    for row in stats:
+        assert f"<td>{row['node_id']}</td>" in tables[0] and f"{row['patterns']:,}" in tables[0]
+    top = inspect_json("top", "--data", str(data), "--level", "1", "-n", "5")
+    for row in top:
+        assert row["name"] in tables[3]
+    shot = tmp_path / "shot.png"
+    taken = subprocess.run([*common, f"--screenshot={shot}", report.as_uri()], env=env, capture_output=True, text=True,
+                           timeout=180)  # fmt: skip
+    assert taken.returncode == 0 and shot.is_file(), taken.stderr[-2000:]
+    pixels = matplotlib.image.imread(shot)[..., :3]
+    # matplotlib's first colour (#1f77b4) marks the histogram's points: they are drawn only if the image decoded
+    marker = (abs(pixels[..., 0] - 0x1F / 255) < 0.08) & (abs(pixels[..., 1] - 0x77 / 255) < 0.08) & (abs(pixels[..., 2] - 0xB4 / 255) < 0.08)
+    assert marker.sum() > 50, marker.sum()
+    dark = (pixels < 0.3).all(axis=-1).mean()
+    assert dark > 0.002  # text of the tables was drawn too

@@ -526,6 +526,12 @@ class Engine:
         resolved = [Claim(node_id, rules.kb_id(node_id, self.settings.service_name), feeder) for node_id, feeder in claims]
         return await self._run(lambda connection: feeders.claim(connection, resolved, allow_mixed=allow_mixed))
 
+    def pattern_counts(self, node_ids: Sequence[str]) -> dict[str, int]:
+        """Per node id, the distinct patterns its knowledge base holds (committed; not a KATO endpoint)."""
+        kbs = {node_id: rules.kb_id(node_id, self.settings.service_name) for node_id in node_ids}
+        return self.store.read(lambda connection: {node_id: connection.execute(
+            "SELECT count(*) FROM patterns WHERE kb_id = ?", (kb,)).fetchone()[0] for node_id, kb in kbs.items()})  # fmt: skip
+
     async def patterns(self, node_id: str) -> list[dict[str, Any]]:
         """Every pattern stored for a node (not a KATO endpoint; for exports and checks)."""
         kb = rules.kb_id(node_id, self.settings.service_name)

@@ -37,6 +37,7 @@ from ingestd.engine.schemas import (
     CreateSessionRequest,
     LedgerForgetRequest,
     LedgerStatusRequest,
+    NodeCountsRequest,
     ObservationData,
     ObservationSequenceRequest,
 )
@@ -449,6 +450,10 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
         return JSONResponse({"conflicts": {node_id: [feeder.as_dict() for feeder in others]
                                            for node_id, others in conflicts.items()}})  # fmt: skip
 
+    async def node_counts(request: Request) -> Response:
+        body: NodeCountsRequest = await _body_model(request, NodeCountsRequest)
+        return JSONResponse({"patterns": engine.pattern_counts(body.node_ids)})
+
     def not_implemented(method: str, path: str) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             return JSONResponse(
@@ -482,6 +487,7 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
         Route("/ingestd/ledger/{run_key}", ledger_status, methods=["POST"]),
         Route("/ingestd/ledger/{run_key}/forget", ledger_forget, methods=["POST"]),
         Route("/ingestd/nodes/claim", claim_nodes, methods=["POST"]),
+        Route("/ingestd/nodes/counts", node_counts, methods=["POST"]),
         *(Route(path, not_implemented(method, path), methods=[method]) for method, path in NOT_IMPLEMENTED),
     ]
 

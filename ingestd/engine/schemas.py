@@ -46,6 +46,10 @@ class LedgerStatusRequest(BaseModel):
     samples: list[SampleIndex] = Field(default_factory=list, max_length=10_000)
 
 
+class NodeCountsRequest(BaseModel):
+    node_ids: list[str] = Field(min_length=1, max_length=64)
+
+
 class LedgerForgetRequest(BaseModel):
     samples: list[SampleIndex] | None = Field(default=None, max_length=100_000)
     keep: list[SampleIndex] = Field(default_factory=list, max_length=1_000_000)

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
 import json
+import os
 import secrets
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import orjson
 
@@ -81,6 +83,40 @@ class StoreClosed(RuntimeError):
     """The store was closed; no more jobs are accepted."""
 
 
+class StoreBusy(OSError):
+    """Another process has the store to itself (maintenance such as ``ingestd inspect prune``), or, asking for it
+    alone, others are writing to it."""
+
+
+LOCK_FILE = "kato.lock"
+
+
+def writer_lock(directory: Path, *, exclusive: bool) -> IO[str]:
+    """Hold ``<directory>/kato.lock``: shared by every process that learns into the store (runs, servers), to
+    itself for maintenance that must not interleave with learning. Released when the returned file is closed
+    (or the process dies). Raises :class:`StoreBusy` at once rather than wait."""
+    path = Path(directory) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        if exclusive:
+            raise StoreBusy(f"{path.parent} is being learned into (a run or a server has it open): wait for the run "
+                            "to finish, or stop the server, then try again") from None  # fmt: skip
+        raise StoreBusy(f"{path.parent} is being changed by {holder or 'a maintenance command'}: wait for it to "
+                        "finish, then try again") from None  # fmt: skip
+    if exclusive:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"ingestd (pid {os.getpid()})")
+        handle.flush()
+    return handle
+
+
 class KnowledgeStore:
     """Knowledge bases and sessions in ``<directory>/kato.sqlite3``, used from one event loop."""
 
@@ -95,12 +131,19 @@ class KnowledgeStore:
         self._idle: asyncio.Event | None = None
         self._syncer: concurrent.futures.ThreadPoolExecutor | None = None
         self._closed = False
+        self._writer_lock: IO[str] | None = None
         self.store_id = ""  # random, made with the file: tells one knowledge store from another
 
     # -- lifecycle -----------------------------------------------------------
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._connection = self._connect()  # fail here, in the caller, if the file is unusable
+        self._writer_lock = writer_lock(self.path.parent, exclusive=False)
+        try:
+            self._connection = self._connect()  # fail here, in the caller, if the file is unusable
+        except BaseException:
+            self._writer_lock.close()
+            self._writer_lock = None
+            raise
         self._reader = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
                                        check_same_thread=False)  # fmt: skip
         if self.synchronous == "FULL":
@@ -110,6 +153,7 @@ class KnowledgeStore:
         """Open the file as :meth:`open` would, and close it: raises ``sqlite3.Error`` or ``OSError`` if it
         cannot serve (damaged, locked by another process, a directory, not writable)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        writer_lock(self.path.parent, exclusive=False).close()
         self._connect().close()
 
     def _connect(self) -> sqlite3.Connection:
@@ -143,6 +187,9 @@ class KnowledgeStore:
             self._reader = None
         if self._syncer is not None:
             self._syncer.shutdown()
+        if self._writer_lock is not None:
+            self._writer_lock.close()
+            self._writer_lock = None
 
     async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``job`` in the next group; returns its result once that group committed."""

@@ -221,6 +221,45 @@ def export_command(out: Annotated[Path, typer.Option("--out", "-o", help="The pa
     typer.echo(f"{rows:,} patterns of {node.node_id} written to {out}")
 
 
+@inspect_app.command("report")
+def report_command(out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),
+                   data: _DATA = Path("kato-data"), node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
+                   run_dir: _RUN_DIR = None, tokenizer: _TOKENIZER = None,
+                   top: Annotated[int, typer.Option(min=1, max=1000, help="Top patterns per level.")] = 10,
+                   samples: Annotated[int, typer.Option(min=0, max=1000, help="Patterns drawn per level.")] = 3,
+                   seed: Annotated[int, typer.Option(help="Seed of the draws.")] = 0) -> None:  # fmt: skip
+    """A self-contained HTML page: statistics, histograms, top and sampled patterns as text, per level."""
+    from ingestd.kb.report import write_report
+
+    with _opened(data, node_ids, run_id, run_dir, tokenizer) as kb:
+        try:
+            write_report(kb, out, top=top, samples=samples, seed=seed)
+        except OSError as error:
+            raise IngestError(f"cannot write {out} ({error.strerror or error}): give a writable path") from None
+    typer.echo(f"report: {out}")
+
+
+@inspect_app.command("prune")
+def prune_command(below: Annotated[int, typer.Option("--below", min=1, help="Remove patterns whose frequency is "
+                                                     "below this.")],
+                  data: _DATA = Path("kato-data"), node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
+                  run_dir: _RUN_DIR = None, levels: _LEVELS = None,
+                  dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would go.")] = False,
+                  as_json: _JSON = False) -> None:  # fmt: skip
+    """Remove rare patterns from nodes (all, or --levels); refused while a run or server learns into the store.
+    Higher patterns that contained a removed one unravel with a gap there."""
+    with _opened(data, node_ids, run_id, run_dir) as kb:
+        records = _records(kb.prune(below, _levels(levels), dry_run=dry_run))
+    if as_json:
+        _echo_json(records)
+        return
+    verb = "would remove" if dry_run else "removed"
+    _table(f"patterns with frequency < {below}: {'dry run, nothing changed' if dry_run else 'pruned'}",
+           ["level", "node", "patterns", verb, "remaining", "learns they stood for"],
+           [[r["level"], r["node_id"], r["patterns"], r["removed"], r["remaining"], r["frequency_removed"]]
+            for r in records])  # fmt: skip
+
+
 @inspect_app.command("diff")
 def diff_command(run_a: Annotated[str, typer.Argument(help="A run: its run id under --data, or its run directory.")],
                  run_b: Annotated[str, typer.Argument(help="The other run, the same way.")],

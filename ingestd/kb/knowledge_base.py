@@ -43,7 +43,7 @@ class Missing:
     name: str
 
     def __str__(self) -> str:
-        return f"⟨missing node{self.level} {self.name}⟩"
+        return f"⟨missing {self.name[:13]}…⟩"
 
 
 @dataclass
@@ -290,6 +290,13 @@ class KnowledgeBase:
         return pd.DataFrame([{"draw": draw, "name": name, "frequency": frequencies[index], "text": view.text}
                              for draw, (index, name, view) in enumerate(zip(drawn, chosen, unravelled, strict=True))],
                             columns=["draw", "name", "frequency", "text"])  # fmt: skip
+
+    def prune(self, below: int, levels: Sequence[int | str] | None = None, *, dry_run: bool = False) -> pd.DataFrame:
+        """Remove the patterns of frequency < ``below`` from the chosen nodes (see :mod:`ingestd.kb.prune`): the
+        one method that writes; refused while a run or a server learns into the store."""
+        from ingestd.kb.prune import prune
+
+        return prune(self, below, levels, dry_run=dry_run)
 
     def iter_patterns(self, level: int | str, batch: int = 10_000) -> Iterator[list[StoredPattern]]:
         """Every pattern of a node, by name, in lists of at most ``batch``."""

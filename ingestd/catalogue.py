@@ -1,0 +1,131 @@
+"""The run catalogue: every run directory holds a ``manifest.json`` saying what the run was and how it went.
+
+Written when a run starts and again when it ends (whole, by rename: a reader never sees half a file), by the
+CLI, the Python API and the daemon's jobs alike, since they all run :class:`ingestd.pipeline.Pipeline`. It
+names the ingestd version, the times, the source, tokenizer, hierarchy and node ids, the backend, and the
+final summary (distinct patterns per level included); ``history`` keeps one line per time the directory was
+run (resumes, retries). A manifest left ``running`` by a process that is gone reads as ``interrupted``.
+
+``ingestd runs list`` and ``ingestd runs show`` read them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+HISTORY = 100  # lines of history kept
+
+
+def now() -> str:
+    """The time, as the catalogue writes it: ISO 8601, UTC, to the second."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def read(run_dir: Path) -> dict[str, Any] | None:
+    """A run directory's manifest (None if it has none or it cannot be read), its status checked."""
+    try:
+        manifest = json.loads((Path(run_dir) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    if manifest.get("status") == "running" and not _alive(manifest.get("host"), manifest.get("pid")):
+        manifest["status"] = "interrupted"  # killed, or its machine went down
+    manifest["run_dir"] = str(Path(run_dir))
+    return manifest
+
+
+def started(run_dir: Path, *, run_id: str, identity: dict[str, Any], backend: dict[str, Any], version: str) -> None:
+    """Record that a run of ``run_dir`` started (a new manifest, or the next invocation of an existing one)."""
+    earlier = read(run_dir) or {}
+    history = list(earlier.get("history", []))
+    if earlier.get("status") == "interrupted" and history and history[-1].get("status") == "running":
+        history[-1]["status"] = "interrupted"
+    moment = now()
+    history.append({"started_at": moment, "finished_at": None, "status": "running", "version": version})
+    _write(run_dir, {
+        "run_id": run_id, "status": "running", "ingestd_version": version,
+        "created_at": earlier.get("created_at", moment), "started_at": moment, "finished_at": None,
+        "host": socket.gethostname(), "pid": os.getpid(),
+        "source": identity["source"], "tokenizer": identity["tokenizer"], "hierarchy": identity["hierarchy"],
+        "node_ids": [level["node_id"] for level in identity["hierarchy"]], "backend": backend,
+        "summary": earlier.get("summary"), "history": history[-HISTORY:],
+    })  # fmt: skip
+
+
+def finished(run_dir: Path, summary: dict[str, Any]) -> None:
+    """Record how the run ended: its status, its end time and its summary."""
+    manifest = read(run_dir)
+    if manifest is None:
+        return
+    manifest.pop("run_dir", None)
+    status = status_of(summary)
+    moment = now()
+    compact = {key: summary.get(key) for key in ("samples", "tokens", "patterns_per_level", "distinct_patterns_per_level",
+                                                 "wall_seconds")}  # fmt: skip
+    if manifest["history"]:
+        manifest["history"][-1].update({"finished_at": moment, "status": status, **compact})
+    manifest.update({"status": status, "finished_at": moment,
+                     "summary": {key: value for key, value in summary.items() if key != "config"}})  # fmt: skip
+    _write(run_dir, manifest)
+
+
+def status_of(summary: dict[str, Any]) -> str:
+    """``failed`` (an error stopped it), ``stopped`` (a signal did), ``finished with failures`` (samples failed)
+    or ``finished``."""
+    if summary.get("error"):
+        return "failed"
+    if summary.get("stopped_early"):
+        return "stopped"
+    if summary.get("samples", {}).get("failed"):
+        return "finished with failures"
+    return "finished"
+
+
+def find(roots: Iterable[Path], depth: int = 3) -> list[dict[str, Any]]:
+    """Every run below these folders (a run directory, a data directory's ``runs``, ``ingestd-runs``), newest first."""
+    seen: set[Path] = set()
+    found = []
+    for root in roots:
+        root = Path(root)
+        candidates = [root / MANIFEST] if (root / MANIFEST).is_file() else []
+        for level in range(1, depth + 1):
+            candidates += root.glob("*/" * level + MANIFEST)
+        for candidate in candidates:
+            run_dir = candidate.parent
+            key = run_dir.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            manifest = read(run_dir)
+            if manifest is not None:
+                found.append(manifest)
+    return sorted(found, key=lambda manifest: manifest.get("started_at") or "", reverse=True)
+
+
+def _write(run_dir: Path, manifest: dict[str, Any]) -> None:
+    path = Path(run_dir) / MANIFEST
+    partial = path.with_name(f".{MANIFEST}.partial")
+    partial.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    partial.replace(path)
+
+
+def _alive(host: Any, pid: Any) -> bool:
+    if host != socket.gethostname():
+        return True  # another machine's run: it cannot be checked from here
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,112 @@
+"""The run catalogue: every run leaves a manifest beside its progress, kept through resumes, kills and signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ingestd import Hierarchy, run
+from ingestd.engine.rules import kb_id
+
+from .conftest import CORPUS, EngineServer
+from .golden import run_cli, samples_done
+
+
+def cli(*arguments: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "ingestd", *arguments], capture_output=True, text=True, timeout=300)
+    assert result.returncode == expect, result.stderr[-3000:]
+    return result
+
+
+def manifest(run_dir: Path) -> dict[str, Any]:
+    return json.loads(cli("runs", "show", str(run_dir), "--json").stdout)
+
+
+def distinct(data: Path, nodes: list[str]) -> list[int]:
+    with sqlite3.connect(data / "kato.sqlite3") as connection:
+        return [connection.execute("SELECT count(*) FROM patterns WHERE kb_id = ?", (kb_id(node),)).fetchone()[0]
+                for node in nodes]  # fmt: skip
+
+
+def test_a_run_run_twice_is_one_manifest_with_its_history(tmp_path: Path) -> None:
+    data = tmp_path / "kb"
+    first = run_cli(str(CORPUS), "--data", str(data), "--max-samples", "200", "--metadata-levels", "2", "--run-dir",
+                    str(data / "runs" / "mine"))  # fmt: skip
+    second = run_cli(str(CORPUS), "--data", str(data), "--max-samples", "500", "--metadata-levels", "2", "--run-dir",
+                     str(data / "runs" / "mine"))  # fmt: skip
+    nodes = [f"node{level}" for level in range(4)]
+    for summary in (first, second):
+        assert summary["ingestd_version"] and summary["started_at"] <= summary["finished_at"]
+    assert 0 < first["distinct_patterns_per_level"][0] < first["patterns_per_level"][0]  # node0 repeats some chunks
+    assert second["distinct_patterns_per_level"] == distinct(data, nodes)
+    found = manifest(data / "runs" / "mine")
+    assert found["status"] == "finished" and found["node_ids"] == nodes
+    assert found["backend"]["kind"] == "embedded" and found["backend"]["data_dir"] == str(data.resolve())
+    assert found["hierarchy"][2]["capture_metadata"] is True and found["tokenizer"] == "gpt2"
+    assert found["source"]["source"] == str(CORPUS.resolve())
+    assert [entry["status"] for entry in found["history"]] == ["finished", "finished"]
+    assert [entry["samples"]["learned"] for entry in found["history"]] == [200, 300]
+    assert found["created_at"] == found["history"][0]["started_at"] <= found["started_at"] == found["history"][1]["started_at"]
+    assert found["summary"]["distinct_patterns_per_level"] == distinct(data, nodes)
+    listed = json.loads(cli("runs", "list", "--data", str(data), "--json").stdout)
+    assert [entry["run_dir"] for entry in listed] == [str(data / "runs" / "mine")]
+    # by run id too, and as a table for people
+    assert json.loads(cli("runs", "show", "mine", "--data", str(data), "--json").stdout)["run_id"] == found["run_id"]
+    table = cli("runs", "list", "--data", str(data)).stdout
+    assert "finished" in table and "500" in table  # samples done by the run directory, over both times
+
+
+def test_a_killed_run_reads_as_interrupted_and_its_resume_as_finished(tmp_path: Path) -> None:
+    data = tmp_path / "kb"
+    run_dir = tmp_path / "run"
+    source = tmp_path / "big.txt"
+    source.write_text((CORPUS.read_text(encoding="utf-8") + "\n\n") * 4, encoding="utf-8")
+    arguments = [sys.executable, "-m", "ingestd", "run", str(source), "--data", str(data), "--run-dir", str(run_dir),
+                 "--no-progress", "--log-level", "warning", "--planners", "0"]  # fmt: skip
+    process = subprocess.Popen(arguments, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while samples_done(run_dir) < 500 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert manifest(run_dir)["status"] == "interrupted"
+    run_cli(str(source), "--data", str(data), "--run-dir", str(run_dir), "--max-samples", "3000")
+    found = manifest(run_dir)
+    assert found["status"] == "finished"
+    assert [entry["status"] for entry in found["history"]] == ["interrupted", "finished"]
+
+
+def test_a_stopped_run_and_one_over_http(tmp_path: Path, fresh_server: EngineServer) -> None:
+    run_dir = tmp_path / "run"
+    source = tmp_path / "big.txt"
+    source.write_text((CORPUS.read_text(encoding="utf-8") + "\n\n") * 4, encoding="utf-8")
+    process = subprocess.Popen([sys.executable, "-m", "ingestd", "run", str(source), "--kato", fresh_server.url,
+                                "--run-dir", str(run_dir), "--no-progress", "--log-level", "warning"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while samples_done(run_dir) < 50 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 0
+    found = manifest(run_dir)
+    assert found["status"] == "stopped" and found["summary"]["stopped_early"] is True
+    assert found["backend"] == {"kind": "kato", "url": fresh_server.url, "store": found["backend"]["store"]}
+    # ingestd's own engine says how many distinct patterns its nodes hold, over HTTP too
+    nodes = [f"node{level}" for level in range(4)]
+    assert found["summary"]["distinct_patterns_per_level"] == distinct(fresh_server.data_dir, nodes)
+
+
+def test_the_python_api_writes_a_manifest(tmp_path: Path) -> None:
+    summary = run(str(CORPUS), Hierarchy.from_chunk_sizes([4, 4]), data_dir=tmp_path / "kb", max_samples=30)
+    runs = list((tmp_path / "kb" / "runs").iterdir())
+    assert len(runs) == 1
+    found = manifest(runs[0])
+    assert found["status"] == "finished" and found["summary"]["samples"]["learned"] == summary.stats.samples_learned == 30
+    assert found["node_ids"] == ["node0", "node1"]
