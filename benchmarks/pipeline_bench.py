@@ -86,7 +86,7 @@ def ingestd_run(corpus: Path, prefix: str, workers: int, **options: Any) -> dict
     options.setdefault("run_dir", corpus.parent / f"run-{prefix}-{'http' if 'kato_url' in options else 'inproc'}")
     hierarchy = Hierarchy.from_chunk_sizes(CHUNKS, METADATA_LEVELS, node_id_template=f"{prefix}-node{{level}}")
     # The same entry point as ``ingestd run`` (uvloop where installed).
-    summary = run(str(corpus), hierarchy, workers=workers, label="bench", **options).as_dict()
+    summary = run(str(corpus), hierarchy, workers=workers, source_label="bench", **options).as_dict()
     return {"samples": summary["samples"]["learned"], "tokens": summary["tokens"], "requests": summary["requests"],
             "seconds": summary["wall_seconds"]}  # fmt: skip
 

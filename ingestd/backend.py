@@ -189,7 +189,7 @@ class HttpKato:
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
             raise KatoUnavailable(
                 f"cannot reach KATO at {self.url} ({type(error).__name__}: {error or 'no answer'}): start the server, "
-                "or check its address (--kato http://host:port; a daemon job's kato_url)"
+                "or check its address (--kato-url http://host:port; a daemon job's kato_url)"
             ) from None
         try:
             body = orjson.loads(raw)
@@ -198,7 +198,7 @@ class HttpKato:
         if status != 200 or not isinstance(body, dict) or "status" not in body:
             raise KatoUnavailable(
                 f"{self.url} is not a KATO server (GET /health answered {status} "
-                f"{content_type or 'without a content type'}): check the --kato address"
+                f"{content_type or 'without a content type'}): check the --kato-url address"
             )
         store_id = await self._engine_store_id()
         self.extensions = self.ledger = store_id is not None
@@ -378,16 +378,16 @@ class EmbeddedKato:
             raise StoreUnusable(f"the embedded engine cannot open its store now: {error}") from None
         except OSError as error:
             raise StoreUnusable(
-                f"the embedded engine cannot use {self.engine.settings.data_dir} ({error}): give a writable --data "
+                f"the embedded engine cannot use {self.engine.settings.data_dir} ({error}): give a writable --data-dir "
                 "directory"
             ) from None
         except sqlite3.Error as error:
             if "locked" in str(error):
                 hint = "another process holds it (a stopped or paused `ingestd kato serve` on it?): let it go on, or stop it"
             elif store.is_dir():
-                hint = "it is a directory: move it away, or give another --data"
+                hint = "it is a directory: move it away, or give another --data-dir"
             else:
-                hint = "it is damaged or not a knowledge store: give another --data, or move it away to start an empty one"
+                hint = "it is damaged or not a knowledge store: give another --data-dir, or move it away to start an empty one"
             raise StoreUnusable(f"the embedded engine cannot open {store} ({error}): {hint}") from None
         self.store = self.engine.store_id
 

@@ -18,15 +18,17 @@ from ingestd.source import MAX_COUNT
 app = typer.Typer(
     help="ingestd streams text corpora into a KATO hierarchy, fast and exactly.",
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_show_locals=False,
 )
 kato_app = typer.Typer(
     help="The embedded KATO 3.10.1-compatible engine.",
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(kato_app, name="kato")
 jobs_app = typer.Typer(help="Talk to a running daemon (`ingestd serve`): submit, list, show, cancel jobs.",
-                       no_args_is_help=True)  # fmt: skip
+                       no_args_is_help=True, context_settings={"help_option_names": ["-h", "--help"]})  # fmt: skip
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(inspect_app, name="inspect")
 runs_app = typer.Typer(help="The run catalogue: what each run was, and how it went (<run dir>/manifest.json).",
@@ -58,7 +60,7 @@ def kato_serve(
     host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port to listen on (default 8000).")] = None,
     data: Annotated[
-        Optional[Path], typer.Option("--data", help="Directory of the knowledge store (default ./kato-data).")
+        Optional[Path], typer.Option("--data-dir", "--data", help="Directory of the knowledge store (default ./kato-data).")
     ] = None,
     durability: Annotated[
         Optional[str],
@@ -67,7 +69,7 @@ def kato_serve(
     persistence: Annotated[Optional[int], typer.Option(help="KATO's PERSISTENCE, emotives kept per pattern (default 5).")] = None,
     session_ttl: Annotated[Optional[int], typer.Option(help="KATO's SESSION_TTL in seconds (default 3600).")] = None,
 ) -> None:
-    """Serve KATO 3.10.1's HTTP API from the embedded engine, storing knowledge bases in --data.
+    """Serve KATO 3.10.1's HTTP API from the embedded engine, storing knowledge bases in --data-dir.
 
     Sessions and knowledge bases are durable: a restart (even kill -9) loses no
     acknowledged learn, and sessions that have not expired survive it.
@@ -109,7 +111,7 @@ def _kato_url(url: str | None) -> str | None:
     try:
         return None if url is None else check_kato_url(url)
     except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--kato") from None
+        raise typer.BadParameter(str(error), param_hint="--kato-url") from None
 
 
 def _int_list(text: str | None, what: str) -> list[int]:
@@ -128,41 +130,41 @@ def _int_list(text: str | None, what: str) -> list[int]:
 @app.command("run")
 def run_command(
     source: Annotated[str, typer.Argument(help="A dataset key (wikitext, c4, refinedweb, openwebtext, redpajama_sample, pile, dolma, bookcorpus, simple_wiki), a hub dataset name, or a local .txt/.jsonl/.parquet/.csv file.")],
-    hierarchy_file: Annotated[Optional[Path], typer.Option("--hierarchy", help="TOML or YAML file with the levels (overrides --chunk-sizes).")] = None,
-    chunk_sizes: Annotated[str, typer.Option(help="Chunk size per level, node0 first.")] = "8,8,8,8",
-    metadata_levels: Annotated[Optional[str], typer.Option(help="Levels whose patterns get the sample's metadata, e.g. 2,3.")] = None,
-    node_ids: Annotated[str, typer.Option(help="Node id template; {level} and {run_id} are filled in.")] = "node{level}",
-    run_id: Annotated[str, typer.Option(help="Run name, available to --node-ids as {run_id}.")] = "",
-    fresh: Annotated[bool, typer.Option("--fresh", help="clear-all every node's knowledge base and the run's progress first.")] = False,
-    run_dir: Annotated[Optional[Path], typer.Option(help="Progress and failed.jsonl (default: <data>/runs/<run id>, or ingestd-runs/<store>/<run id> with --kato). A run resumes from it.")] = None,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Only redo the samples this run recorded as failed (failed.jsonl).")] = False,
-    patience: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for a KATO that is down, per outage.")] = 600.0,
-    request_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for one answer before resending.")] = 120.0,
-    drain_timeout: Annotated[float, typer.Option(min=0.1, help="After SIGINT/SIGTERM, seconds for in-flight samples.")] = 30.0,
-    metrics_port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Serve Prometheus metrics on this port (loopback) during the run.")] = None,
-    text_field: Annotated[Optional[str], typer.Option(help="Field with the text (default: the dataset's, else 'text').")] = None,
-    metadata_fields: Annotated[Optional[str], typer.Option(help="Record fields added to the metadata, e.g. url,timestamp.")] = None,
-    source_label: Annotated[Optional[str], typer.Option(help="metadata 'source' (default: dataset key or file name).")] = None,
-    hub_config: Annotated[Optional[str], typer.Option(help="Hub dataset config name.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Hub dataset split (default train).")] = None,
-    txt_mode: Annotated[str, typer.Option(help="For .txt files: one sample per 'paragraph' or per 'line'.")] = "paragraph",
-    max_samples: Annotated[Optional[int], typer.Option(min=0, max=MAX_COUNT, help="Stop after this many samples.")] = None,
-    skip: Annotated[int, typer.Option(min=0, max=MAX_COUNT, help="Skip this many samples of the filtered stream first.")] = 0,
-    max_sample_chars: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Longer samples fail alone (to failed.jsonl) instead of being learned.")] = 1_000_000,
-    min_chars: Annotated[Optional[int], typer.Option(min=0, max=MAX_COUNT, help="Samples whose stripped text is shorter are filtered (counted, not learned); 0 keeps every sample. Default 11, or the hierarchy file's [run] min_chars.", show_default=False)] = None,
-    allow_mixed_kb: Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed (refused otherwise).")] = False,
-    workers: Annotated[int, typer.Option(min=1, max=1024, help="Concurrent workers, each with one session per node.")] = 8,
-    planners: Annotated[Optional[int], typer.Option(min=0, max=64, help="Processes that tokenize and plan beside learning (default: one per core beyond the first; 0: in this process).", show_default=False)] = None,
-    batch_chunks: Annotated[int, typer.Option(min=1, max=4096, help="Chunks per observe-sequence on batched levels.")] = 64,
-    batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Batch levels without metadata through KATO's auto-learn.")] = True,
-    kato: Annotated[Optional[str], typer.Option(help="A KATO server, http://host:port. Default: the embedded engine in-process.")] = None,
-    data: Annotated[Path, typer.Option(help="Directory of the embedded engine's knowledge store.")] = Path("kato-data"),
-    durability: Annotated[str, typer.Option(help="Embedded engine: full (fsync) or normal.")] = "full",
-    tokenizer: Annotated[str, typer.Option(help="'gpt2' (bundled) or a tokenizer transformers can load offline.")] = "gpt2",
-    summary_json: Annotated[Optional[Path], typer.Option(help="Also write the summary here as JSON.")] = None,
-    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Live progress bar (default: when on a terminal).")] = None,
-    log_format: _LOG_FORMAT = None,
-    log_level: _LOG_LEVEL = None,
+    text_field: Annotated[Optional[str], typer.Option(help="Field with the text (default: the dataset's, else 'text').", rich_help_panel="Source")] = None,
+    metadata_fields: Annotated[Optional[str], typer.Option(help="Record fields added to the metadata, e.g. url,timestamp.", rich_help_panel="Source")] = None,
+    source_label: Annotated[Optional[str], typer.Option(help="metadata 'source' (default: dataset key or file name).", rich_help_panel="Source")] = None,
+    hub_config: Annotated[Optional[str], typer.Option(help="Hub dataset config name.", rich_help_panel="Source")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Hub dataset split (default train).", rich_help_panel="Source")] = None,
+    txt_mode: Annotated[str, typer.Option(help="For .txt files: one sample per 'paragraph' or per 'line'.", rich_help_panel="Source")] = "paragraph",
+    max_samples: Annotated[Optional[int], typer.Option(min=0, max=MAX_COUNT, help="Stop after this many samples.", rich_help_panel="Source")] = None,
+    skip: Annotated[int, typer.Option(min=0, max=MAX_COUNT, help="Skip this many samples of the filtered stream first.", rich_help_panel="Source")] = 0,
+    max_sample_chars: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Longer samples fail alone (to failed.jsonl) instead of being learned.", rich_help_panel="Source")] = 1_000_000,
+    min_chars: Annotated[Optional[int], typer.Option(min=0, max=MAX_COUNT, help="Samples whose stripped text is shorter are filtered (counted, not learned); 0 keeps every sample. Default 11, or the hierarchy file's [run] min_chars.", show_default=False, rich_help_panel="Source")] = None,
+    tokenizer: Annotated[str, typer.Option(help="'gpt2' (bundled) or a tokenizer transformers can load offline.", rich_help_panel="Source")] = "gpt2",
+    hierarchy_file: Annotated[Optional[Path], typer.Option("--hierarchy", help="TOML or YAML file with the levels (overrides --chunk-sizes).", rich_help_panel="Hierarchy")] = None,
+    chunk_sizes: Annotated[str, typer.Option(help="Chunk size per level, node0 first.", rich_help_panel="Hierarchy")] = "8,8,8,8",
+    metadata_levels: Annotated[Optional[str], typer.Option(help="Levels whose patterns get the sample's metadata, e.g. 2,3.", rich_help_panel="Hierarchy")] = None,
+    node_ids: Annotated[str, typer.Option(help="Node id template; {level} and {run_id} are filled in.", rich_help_panel="Hierarchy")] = "node{level}",
+    run_id: Annotated[str, typer.Option(help="Run name, available to --node-ids as {run_id}.", rich_help_panel="Hierarchy")] = "",
+    allow_mixed_kb: Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed (refused otherwise).", rich_help_panel="Hierarchy")] = False,
+    patience: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for a KATO that is down, per outage.", rich_help_panel="Backend")] = 600.0,
+    request_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for one answer before resending.", rich_help_panel="Backend")] = 120.0,
+    workers: Annotated[int, typer.Option(min=1, max=1024, help="Concurrent workers, each with one session per node.", rich_help_panel="Backend")] = 8,
+    planners: Annotated[Optional[int], typer.Option(min=0, max=64, help="Processes that tokenize and plan beside learning (default: one per core beyond the first; 0: in this process).", show_default=False, rich_help_panel="Backend")] = None,
+    batch_chunks: Annotated[int, typer.Option(min=1, max=4096, help="Chunks per observe-sequence on batched levels.", rich_help_panel="Backend")] = 64,
+    batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Batch levels without metadata through KATO's auto-learn.", rich_help_panel="Backend")] = True,
+    kato: Annotated[Optional[str], typer.Option("--kato-url", "--kato", help="A KATO server, http://host:port. Default: the embedded engine in-process.", rich_help_panel="Backend")] = None,
+    data: Annotated[Path, typer.Option("--data-dir", "--data", help="Directory of the embedded engine's knowledge store.", rich_help_panel="Backend")] = Path("kato-data"),
+    durability: Annotated[str, typer.Option(help="Embedded engine: full (fsync) or normal.", rich_help_panel="Backend")] = "full",
+    fresh: Annotated[bool, typer.Option("--fresh", help="clear-all every node's knowledge base and the run's progress first.", rich_help_panel="Run control")] = False,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Progress and failed.jsonl (default: <data>/runs/<run id>, or ingestd-runs/<store>/<run id> with --kato-url). A run resumes from it.", rich_help_panel="Run control")] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Only redo the samples this run recorded as failed (failed.jsonl).", rich_help_panel="Run control")] = False,
+    drain_timeout: Annotated[float, typer.Option(min=0.1, help="After SIGINT/SIGTERM, seconds for in-flight samples.", rich_help_panel="Run control")] = 30.0,
+    metrics_port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Serve Prometheus metrics on this port (loopback) during the run.", rich_help_panel="Output")] = None,
+    summary_json: Annotated[Optional[Path], typer.Option(help="Also write the summary here as JSON.", rich_help_panel="Output")] = None,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Live progress bar (default: when on a terminal).", rich_help_panel="Output")] = None,
+    log_format: Annotated[Optional[str], typer.Option(help="json, console, or auto (JSON unless stderr is a terminal); INGESTD_LOG_FORMAT.", show_default=False, rich_help_panel="Output")] = None,
+    log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning or error (INGESTD_LOG_LEVEL, default info).", show_default=False, rich_help_panel="Output")] = None,
 ) -> None:
     """Learn every sample of SOURCE into a KATO hierarchy, and print a summary."""
     import json
@@ -229,7 +231,7 @@ def run_command(
 
         with throughput_gc():
             if show_bar:
-                with ProgressBar(console, max_samples) as bar:
+                with ProgressBar(console) as bar:
                     summary = anyio.run(learn, bar, **loop_options())
             else:
                 summary = anyio.run(learn, ProgressLog(), **loop_options())
@@ -286,8 +288,8 @@ def serve_command(
     serve(settings)
 
 
-def _request(url: str, token: str | None, method: str, path: str, body: Any = None) -> Any:
-    """One call to a running daemon; prints its JSON answer. 401 → exit 5, other errors → exit 2."""
+def _request(url: str, token: str | None, method: str, path: str, body: Any = None, *, show: bool = True) -> Any:
+    """One call to a running daemon; its JSON answer (printed with ``show``). 401 → exit 5, other errors → exit 2."""
     import httpx
 
     if token is None:
@@ -311,8 +313,55 @@ def _request(url: str, token: str | None, method: str, path: str, body: Any = No
         typer.echo(f"ingestd: error: the daemon answered {response.status_code}: {response.text[:500]}", err=True)
         raise typer.Exit(2)
     answer = response.json()
-    typer.echo(json.dumps(answer, indent=2, ensure_ascii=False))
+    if show:
+        typer.echo(json.dumps(answer, indent=2, ensure_ascii=False))
     return answer
+
+
+def _clock(epoch: float | None) -> str:
+    """An epoch time as people read it: local time, to the second."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S") if epoch else "-"
+
+
+def _print_jobs(jobs: list[dict[str, Any]], *, title: str = "") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title or None, title_justify="left")
+    table.add_column("job id", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    table.add_column("learned", justify="right")
+    table.add_column("failed", justify="right")
+    table.add_column("source", overflow="fold")
+    for job in jobs:
+        samples = (job.get("progress") or {}).get("samples") or {}
+        table.add_row(job["id"], job["state"] + (" (retry failed)" if job.get("retry_failed") else ""),
+                      _clock(job.get("created_at")), f"{samples.get('learned', 0):,}", f"{samples.get('failed', 0):,}",
+                      Path(str(job.get("spec", {}).get("source", "?"))).name)  # fmt: skip
+    Console().print(table)
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    progress = job.get("progress") or {}
+    samples = progress.get("samples") or {}
+    spec = job.get("spec") or {}
+    lines = [f"job {job['id']}: {job['state']}" + (" (retrying failed samples)" if job.get("retry_failed") else ""),
+             f"created {_clock(job.get('created_at'))}, started {_clock(job.get('started_at'))}, "
+             f"finished {_clock(job.get('finished_at'))}",
+             f"source: {spec.get('source')}"]  # fmt: skip
+    if samples:
+        lines.append(f"samples: {samples.get('read', 0):,} read, {samples.get('learned', 0):,} learned, "
+                     f"{samples.get('filtered', 0):,} filtered, {samples.get('failed', 0):,} failed, "
+                     f"{samples.get('skipped', 0):,} skipped; {progress.get('tokens', 0):,} tokens")  # fmt: skip
+        lines.append(f"patterns learned per level: {progress.get('patterns_per_level')}")
+        if progress.get("samples_per_second") is not None:
+            lines.append(f"rate: {progress['samples_per_second']:,} samples/s")
+    if job.get("error"):
+        lines.append(f"error: {job['error']}")
+    typer.echo("\n".join(lines))
 
 
 _URL = Annotated[str, typer.Option(envvar="INGESTD_URL", help="The daemon's address.")]
@@ -323,64 +372,107 @@ _DAEMON = "http://127.0.0.1:8080"
 @jobs_app.command("submit")
 def jobs_submit(
     source: Annotated[str, typer.Argument(help="Dataset key, hub name or a file path as the daemon sees it.")],
-    chunk_sizes: Annotated[str, typer.Option(help="Chunk size per level, node0 first.")] = "8,8,8,8",
-    metadata_levels: Annotated[Optional[str], typer.Option(help="Levels with metadata, e.g. 2,3.")] = None,
-    node_ids: Annotated[str, typer.Option(help="Node id template.")] = "node{level}",
-    run_id: Annotated[str, typer.Option(help="Run name ({run_id} in --node-ids).")] = "",
-    kato: Annotated[Optional[str], typer.Option(help="KATO server for this job (default: the daemon's embedded engine).")] = None,
-    workers: Annotated[int, typer.Option(min=1, max=1024)] = 8,
-    max_samples: Annotated[Optional[int], typer.Option(min=0, max=MAX_COUNT)] = None,
-    skip: Annotated[int, typer.Option(min=0, max=MAX_COUNT, help="Skip this many samples of the filtered stream first.")] = 0,
-    text_field: Annotated[Optional[str], typer.Option(help="Field with the text (default: the dataset's, else 'text').")] = None,
-    metadata_fields: Annotated[Optional[str], typer.Option(help="Record fields added to the metadata, e.g. url,timestamp.")] = None,
-    source_label: Annotated[Optional[str], typer.Option(help="metadata 'source' (default: dataset key or file name).")] = None,
-    hub_config: Annotated[Optional[str], typer.Option(help="Hub dataset config name.")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Hub dataset split (default train).")] = None,
-    txt_mode: Annotated[str, typer.Option(help="For .txt files: one sample per 'paragraph' or per 'line'.")] = "paragraph",
-    tokenizer: Annotated[str, typer.Option(help="'gpt2' (bundled) or a tokenizer the daemon can load offline.")] = "gpt2",
-    min_chars: Annotated[int, typer.Option(min=0, max=MAX_COUNT, help="Samples whose stripped text is shorter are filtered; 0 keeps every sample.")] = 11,
-    allow_mixed_kb: Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed.")] = False,
+    text_field: Annotated[Optional[str], typer.Option(help="Field with the text (default: the dataset's, else 'text').", rich_help_panel="Source")] = None,
+    metadata_fields: Annotated[Optional[str], typer.Option(help="Record fields added to the metadata, e.g. url,timestamp.", rich_help_panel="Source")] = None,
+    source_label: Annotated[Optional[str], typer.Option(help="metadata 'source' (default: dataset key or file name).", rich_help_panel="Source")] = None,
+    hub_config: Annotated[Optional[str], typer.Option(help="Hub dataset config name.", rich_help_panel="Source")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Hub dataset split (default train).", rich_help_panel="Source")] = None,
+    txt_mode: Annotated[str, typer.Option(help="For .txt files: one sample per 'paragraph' or per 'line'.", rich_help_panel="Source")] = "paragraph",
+    max_samples: Annotated[Optional[int], typer.Option(min=0, max=MAX_COUNT, help="Stop after this many samples.", rich_help_panel="Source")] = None,
+    skip: Annotated[int, typer.Option(min=0, max=MAX_COUNT, help="Skip this many samples of the filtered stream first.", rich_help_panel="Source")] = 0,
+    max_sample_chars: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Longer samples fail alone instead of being learned.", rich_help_panel="Source")] = 1_000_000,
+    min_chars: Annotated[Optional[int], typer.Option(min=0, max=MAX_COUNT, help="Samples whose stripped text is shorter are filtered; 0 keeps every sample (default 11, or the hierarchy file's).", show_default=False, rich_help_panel="Source")] = None,
+    tokenizer: Annotated[str, typer.Option(help="'gpt2' (bundled) or a tokenizer the daemon can load offline.", rich_help_panel="Source")] = "gpt2",
+    hierarchy_file: Annotated[Optional[Path], typer.Option("--hierarchy", help="TOML or YAML file with the levels, read here and sent with the job (instead of --chunk-sizes).", rich_help_panel="Hierarchy")] = None,
+    chunk_sizes: Annotated[Optional[str], typer.Option(help="Chunk size per level, node0 first (default 8,8,8,8).", show_default=False, rich_help_panel="Hierarchy")] = None,
+    metadata_levels: Annotated[Optional[str], typer.Option(help="Levels with metadata, e.g. 2,3.", rich_help_panel="Hierarchy")] = None,
+    node_ids: Annotated[Optional[str], typer.Option(help="Node id template (default node{level}).", show_default=False, rich_help_panel="Hierarchy")] = None,
+    run_id: Annotated[str, typer.Option(help="Run name ({run_id} in --node-ids).", rich_help_panel="Hierarchy")] = "",
+    allow_mixed_kb: Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed.", rich_help_panel="Hierarchy")] = False,
+    kato: Annotated[Optional[str], typer.Option("--kato-url", "--kato", help="KATO server for this job (default: the daemon's embedded engine).", rich_help_panel="Backend")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=1024, help="Concurrent workers, each with one session per node.", rich_help_panel="Backend")] = 8,
+    planners: Annotated[Optional[int], typer.Option(min=0, max=64, help="Processes that tokenize and plan (default: one per core beyond the first).", show_default=False, rich_help_panel="Backend")] = None,
+    batch_chunks: Annotated[int, typer.Option(min=1, max=4096, help="Chunks per observe-sequence on batched levels.", rich_help_panel="Backend")] = 64,
+    batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Batch levels without metadata through KATO's auto-learn.", rich_help_panel="Backend")] = True,
+    durability: Annotated[str, typer.Option(help="Embedded engine: full (fsync) or normal.", rich_help_panel="Backend")] = "full",
+    patience: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for a KATO that is down, per outage.", rich_help_panel="Backend")] = 600.0,
+    request_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for one answer before resending.", rich_help_panel="Backend")] = 120.0,
+    fresh: Annotated[bool, typer.Option("--fresh", help="clear-all the job's nodes when it first starts (never on a resume).", rich_help_panel="Run control")] = False,
     url: _URL = _DAEMON,
     token: _TOKEN = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the daemon's JSON answer.")] = False,
 ) -> None:
-    """Submit a job (the same choices as `ingestd run`); prints it, with its id."""
-    spec = {"source": source, "chunk_sizes": _int_list(chunk_sizes, "--chunk-sizes"),
-            "metadata_levels": _int_list(metadata_levels, "--metadata-levels"), "node_ids": node_ids,
-            "run_id": run_id, "kato_url": _kato_url(kato), "workers": workers, "max_samples": max_samples,
-            "skip": skip, "text_field": text_field, "label": source_label, "hub_config": hub_config, "split": split,
-            "txt_mode": txt_mode, "tokenizer": tokenizer, "min_chars": min_chars, "allow_mixed_kb": allow_mixed_kb,
-            "metadata_fields": [f.strip() for f in (metadata_fields or "").split(",") if f.strip()]}  # fmt: skip
-    _request(url, token, "POST", "/jobs", spec)
+    """Submit a job: every choice of `ingestd run` that a job can make; prints it, with its id."""
+    from ingestd.hierarchy import HierarchyError, read_file
+
+    spec: dict[str, Any] = {
+        "source": source, "text_field": text_field, "source_label": source_label, "hub_config": hub_config,
+        "split": split, "txt_mode": txt_mode, "max_samples": max_samples, "skip": skip,
+        "max_sample_chars": max_sample_chars, "min_chars": min_chars, "tokenizer": tokenizer, "run_id": run_id,
+        "allow_mixed_kb": allow_mixed_kb, "kato_url": _kato_url(kato), "workers": workers, "planners": planners,
+        "batch_chunks": batch_chunks, "batching": batching, "durability": durability, "patience": patience,
+        "request_timeout": request_timeout, "fresh": fresh,
+        "metadata_fields": [f.strip() for f in (metadata_fields or "").split(",") if f.strip()],
+    }  # fmt: skip
+    if hierarchy_file is not None:
+        if chunk_sizes or metadata_levels or node_ids:
+            typer.echo("ingestd: error: give --hierarchy or --chunk-sizes/--metadata-levels/--node-ids, not both", err=True)
+            raise typer.Exit(2)
+        try:
+            spec["hierarchy"] = read_file(hierarchy_file)
+        except HierarchyError as error:
+            typer.echo(f"ingestd: error: {error}", err=True)
+            raise typer.Exit(2) from None
+    else:
+        spec.update({"chunk_sizes": _int_list(chunk_sizes or "8,8,8,8", "--chunk-sizes"),
+                     "metadata_levels": _int_list(metadata_levels, "--metadata-levels"), "node_ids": node_ids or "node{level}"})  # fmt: skip
+    job = _request(url, token, "POST", "/jobs", {key: value for key, value in spec.items() if value is not None}, show=as_json)
+    if not as_json:
+        _print_jobs([job])
+
+
+_AS_JSON = Annotated[bool, typer.Option("--json", help="Print the daemon's JSON answer.")]
 
 
 @jobs_app.command("list")
-def jobs_list(url: _URL = _DAEMON, token: _TOKEN = None) -> None:
+def jobs_list(url: _URL = _DAEMON, token: _TOKEN = None, as_json: _AS_JSON = False,
+              limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many jobs.")] = 100,
+              offset: Annotated[int, typer.Option(min=0, help="Skip this many first.")] = 0) -> None:  # fmt: skip
     """Every job with its state and progress."""
-    _request(url, token, "GET", "/jobs")
+    answer = _request(url, token, "GET", f"/jobs?limit={limit}&offset={offset}", show=as_json)
+    if not as_json:
+        more = f" (more: --offset {answer['next_offset']})" if answer.get("next_offset") is not None else ""
+        _print_jobs(answer["jobs"], title=f"{answer['total']} job(s){more}")
+
+
+def _job_command(method: str, path: str, job_id: str, url: str, token: str | None, as_json: bool) -> None:
+    job = _request(url, token, method, path.format(job_id=job_id), show=as_json)
+    if not as_json:
+        _print_job(job)
 
 
 @jobs_app.command("show")
-def jobs_show(job_id: str, url: _URL = _DAEMON, token: _TOKEN = None) -> None:
+def jobs_show(job_id: str, url: _URL = _DAEMON, token: _TOKEN = None, as_json: _AS_JSON = False) -> None:
     """One job: state, progress counts, rates, errors, possible duplicates."""
-    _request(url, token, "GET", f"/jobs/{job_id}")
+    _job_command("GET", "/jobs/{job_id}", job_id, url, token, as_json)
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: str, url: _URL = _DAEMON, token: _TOKEN = None) -> None:
+def jobs_cancel(job_id: str, url: _URL = _DAEMON, token: _TOKEN = None, as_json: _AS_JSON = False) -> None:
     """Cancel a job: queued ones never start, running ones finish their in-flight samples and stop."""
-    _request(url, token, "POST", f"/jobs/{job_id}/cancel")
+    _job_command("POST", "/jobs/{job_id}/cancel", job_id, url, token, as_json)
 
 
 @jobs_app.command("resume")
-def jobs_resume(job_id: str, url: _URL = _DAEMON, token: _TOKEN = None) -> None:
+def jobs_resume(job_id: str, url: _URL = _DAEMON, token: _TOKEN = None, as_json: _AS_JSON = False) -> None:
     """Queue a failed or cancelled job again: it continues from its progress (learned samples are not redone)."""
-    _request(url, token, "POST", f"/jobs/{job_id}/resume")
+    _job_command("POST", "/jobs/{job_id}/resume", job_id, url, token, as_json)
 
 
 @jobs_app.command("retry-failed")
-def jobs_retry_failed(job_id: str, url: _URL = _DAEMON, token: _TOKEN = None) -> None:
+def jobs_retry_failed(job_id: str, url: _URL = _DAEMON, token: _TOKEN = None, as_json: _AS_JSON = False) -> None:
     """Queue a finished job again for the samples it recorded as failed."""
-    _request(url, token, "POST", f"/jobs/{job_id}/retry-failed")
+    _job_command("POST", "/jobs/{job_id}/retry-failed", job_id, url, token, as_json)
 
 
 @kato_app.command("demo")
@@ -415,7 +507,7 @@ def _when(moment: str | None) -> str:
 
 
 @runs_app.command("list")
-def runs_list(data: Annotated[Path, typer.Option("--data", help="A data directory whose runs to list.")] = Path("kato-data"),
+def runs_list(data: Annotated[Path, typer.Option("--data-dir", "--data", help="A data directory whose runs to list.")] = Path("kato-data"),
               roots: _RUN_ROOTS = None,
               as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:  # fmt: skip
     """Every run under <data>/runs and ./ingestd-runs (and --in folders), newest first."""
@@ -450,8 +542,8 @@ def runs_list(data: Annotated[Path, typer.Option("--data", help="A data director
 
 
 @runs_app.command("show")
-def runs_show(run: Annotated[str, typer.Argument(help="A run directory, or a run id under --data or ./ingestd-runs.")],
-              data: Annotated[Path, typer.Option("--data", help="The data directory of the run.")] = Path("kato-data"),
+def runs_show(run: Annotated[str, typer.Argument(help="A run directory, or a run id under --data-dir or ./ingestd-runs.")],
+              data: Annotated[Path, typer.Option("--data-dir", "--data", help="The data directory of the run.")] = Path("kato-data"),
               roots: _RUN_ROOTS = None,
               as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False) -> None:  # fmt: skip
     """One run: what it learned from, into which nodes, how it went, and each time it was run."""

@@ -142,31 +142,21 @@ class Hierarchy(BaseModel):
     @classmethod
     def from_file(cls, path: Path) -> Hierarchy:
         """A hierarchy file: TOML or YAML with ``levels = [{chunk_size = 8, ...}, ...]``."""
-        try:
-            raw = path.read_bytes()
-        except OSError as error:
-            raise HierarchyError(f"hierarchy file {path} cannot be read ({error.strerror}): check the path") from None
-        try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
+        return cls.from_mapping(read_file(path), f"hierarchy file {path}")
 
-                data = yaml.safe_load(raw.decode("utf-8"))
-            else:
-                data = tomllib.loads(raw.decode("utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as error:
-            raise HierarchyError(f"hierarchy file {path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'TOML'}: "
-                                 f"{str(error).splitlines()[0]}") from None  # fmt: skip
-        except Exception as error:  # noqa: BLE001 - yaml.YAMLError without importing yaml up front
-            raise HierarchyError(f"hierarchy file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    @classmethod
+    def from_mapping(cls, data: Any, where: str = "hierarchy") -> Hierarchy:
+        """A hierarchy file's content, already parsed (a job's ``hierarchy`` field is one)."""
         if not isinstance(data, dict):
-            raise HierarchyError(f"hierarchy file {path} must hold a table with a 'levels' list")
+            raise HierarchyError(f"{where} must hold a table with a 'levels' list")
+        data = dict(data)
         run = data.pop("run", None) or {}
         data = data.get("hierarchy", data)
         try:
             hierarchy = cls.model_validate(data)
             hierarchy._run_options = FileRunOptions.model_validate(run)
         except ValidationError as error:
-            raise HierarchyError(f"hierarchy file {path}: {_first_error(error)}") from None
+            raise HierarchyError(f"{where}: {_first_error(error)}") from None
         hierarchy.validate_usable()
         return hierarchy
 
@@ -174,6 +164,28 @@ class Hierarchy(BaseModel):
         return [{"chunk_size": level.chunk_size, "node_id": node_id, "capture_metadata": level.capture_metadata,
                  "session_config": level.session_config}
                 for level, node_id in zip(self.levels, self.node_ids(run_id), strict=True)]  # fmt: skip
+
+
+
+def read_file(path: Path) -> Any:
+    """A hierarchy file's content (TOML, or YAML by its suffix), parsed but not yet checked."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise HierarchyError(f"hierarchy file {path} cannot be read ({error.strerror}): check the path") from None
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(raw.decode("utf-8"))
+        else:
+            data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as error:
+        raise HierarchyError(f"hierarchy file {path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'TOML'}: "
+                             f"{str(error).splitlines()[0]}") from None  # fmt: skip
+    except Exception as error:  # noqa: BLE001 - yaml.YAMLError without importing yaml up front
+        raise HierarchyError(f"hierarchy file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    return data
 
 
 def _first_error(error: ValidationError) -> str:

@@ -18,14 +18,15 @@ from typing import Any, Literal
 import anyio
 import orjson
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ingestd import metrics
 from ingestd.backend import check_kato_url
 from ingestd.errors import IngestError, find_ingest_error, first_cause
 from ingestd.hierarchy import MAX_LEVELS, Hierarchy, HierarchyError
-from ingestd.pipeline import MAX_WORKERS, Pipeline, RunConfig
-from ingestd.source import MAX_COUNT, SourceError, SourceSpec
+from ingestd.pipeline import MAX_BATCH_CHUNKS, MAX_WORKERS, Pipeline, RunConfig
+from ingestd.retry import RetryPolicy
+from ingestd.source import MAX_COUNT, MAX_TEXT_CHARS, MIN_CHARS, SourceError, SourceSpec
 
 log = structlog.get_logger("ingestd.jobs")
 
@@ -63,13 +64,17 @@ class JobSpec(BaseModel):
     source: str
     text_field: str | None = None
     metadata_fields: list[str] = []
-    label: str | None = None
+    source_label: str | None = Field(default=None, validation_alias=AliasChoices("source_label", "label"),
+                                     description="metadata 'source' (default: dataset key or file name).")  # fmt: skip
     txt_mode: Literal["line", "paragraph"] = "paragraph"
     hub_config: str | None = None
     split: str | None = None
-    chunk_sizes: list[int] = Field(default=[8, 8, 8, 8], min_length=1, max_length=MAX_LEVELS)
-    metadata_levels: list[int] = []
-    node_ids: str = "node{level}"
+    hierarchy: dict[str, Any] | None = Field(default=None, description="A hierarchy file's content (levels, "
+                                             "node_id_template, [run]); instead of chunk_sizes/metadata_levels/node_ids.")  # fmt: skip
+    # Without a hierarchy: 8,8,8,8, no metadata, node{level} (None, so that a stored job says what was given).
+    chunk_sizes: list[int] | None = Field(default=None, min_length=1, max_length=MAX_LEVELS)
+    metadata_levels: list[int] | None = None
+    node_ids: str | None = None
     run_id: str = ""
     kato_url: str | None = Field(default=None, description="A KATO server; None = the daemon's embedded engine.")
     workers: int = Field(default=8, ge=1, le=MAX_WORKERS)
@@ -78,8 +83,16 @@ class JobSpec(BaseModel):
     tokenizer: str = "gpt2"
     skip: int = Field(default=0, ge=0, le=MAX_COUNT)
     max_samples: int | None = Field(default=None, ge=0, le=MAX_COUNT)
-    min_chars: int = Field(default=11, ge=0, le=MAX_COUNT, description="Shorter samples (stripped) are filtered; 0 keeps all.")
+    min_chars: int | None = Field(default=None, ge=0, le=MAX_COUNT, description="Shorter samples (stripped) are "
+                                  "filtered; 0 keeps all (default 11, or the hierarchy's [run] min_chars).")  # fmt: skip
+    max_sample_chars: int = Field(default=MAX_TEXT_CHARS, ge=1, le=MAX_COUNT, description="Longer samples fail alone.")
     allow_mixed_kb: bool = Field(default=False, description="Feed nodes another level, chunk size or tokenizer fed.")
+    fresh: bool = Field(default=False, description="clear-all the job's nodes before its first start (never on a resume).")
+    batch_chunks: int = Field(default=64, ge=1, le=MAX_BATCH_CHUNKS)
+    batching: bool = True
+    durability: Literal["full", "normal"] = "full"
+    patience: float = Field(default=600.0, gt=0, description="Seconds a KATO may stay unusable before the job fails.")
+    request_timeout: float = Field(default=120.0, gt=0, description="Seconds to wait for one answer before resending.")
 
     @field_validator("kato_url")
     @classmethod
@@ -88,26 +101,39 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _hierarchy_is_valid(self) -> JobSpec:
-        self.hierarchy()  # refused at submission (422), not when the job starts
+        self.built_hierarchy()  # refused at submission (422), not when the job starts
         return self
 
-    def hierarchy(self) -> Hierarchy:
+    def built_hierarchy(self) -> Hierarchy:
+        shape = {name for name in ("chunk_sizes", "metadata_levels", "node_ids") if getattr(self, name) is not None}
         try:
-            hierarchy = Hierarchy.from_chunk_sizes(self.chunk_sizes, set(self.metadata_levels), self.node_ids)
+            if self.hierarchy is not None:
+                if shape:
+                    raise HierarchyError(f"give hierarchy or {', '.join(sorted(shape))}, not both")
+                hierarchy = Hierarchy.from_mapping(self.hierarchy)
+            else:
+                hierarchy = Hierarchy.from_chunk_sizes(self.chunk_sizes or [8, 8, 8, 8], set(self.metadata_levels or ()),
+                                                       self.node_ids or "node{level}")  # fmt: skip
             hierarchy.validate_usable(self.run_id)
         except HierarchyError as error:
             raise ValueError(str(error)) from None
         return hierarchy
 
     def run_config(self, state_dir: Path, job_id: str, *, retry_failed: bool, drain_timeout: float) -> RunConfig:
-        hierarchy = self.hierarchy()
+        hierarchy = self.built_hierarchy()
+        min_chars = self.min_chars if self.min_chars is not None else hierarchy.run_options.get("min_chars", MIN_CHARS)
         source = SourceSpec(source=self.source, text_field=self.text_field, hub_config=self.hub_config,
                             split=self.split, txt_mode=self.txt_mode, metadata_fields=tuple(self.metadata_fields),
-                            label=self.label, min_chars=self.min_chars)  # fmt: skip
+                            label=self.source_label, min_chars=min_chars, max_chars=self.max_sample_chars)  # fmt: skip
+        run_dir = state_dir / "runs" / job_id
+        # --fresh clears the nodes when the job first starts; a resumed job goes on from its progress
+        fresh = self.fresh and not (run_dir / "progress.sqlite3").exists()
         return RunConfig(source=source, hierarchy=hierarchy, tokenizer=self.tokenizer, workers=self.workers,
-                         planners=self.planners,
+                         planners=self.planners, batch_chunks=self.batch_chunks, batching=self.batching,
+                         durability=self.durability, fresh=fresh,
+                         retry=RetryPolicy(patience=self.patience, request_timeout=self.request_timeout),
                          kato_url=self.kato_url, data_dir=state_dir / "kato-data", run_id=self.run_id,
-                         skip=self.skip, max_samples=self.max_samples, run_dir=state_dir / "runs" / job_id,
+                         skip=self.skip, max_samples=self.max_samples, run_dir=run_dir,
                          retry_failed=retry_failed, drain_timeout=drain_timeout, allow_mixed_kb=self.allow_mixed_kb,
                          node_registry=state_dir / "kato-nodes.sqlite3")  # fmt: skip
 

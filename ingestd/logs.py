@@ -20,6 +20,20 @@ LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is when a line is written: a live progress bar puts a proxy there that prints log
+    lines above the bar; a stream taken once, before the bar started, would write through it and break it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+_STDERR = _CurrentStderr()
+
+
 def configure_logging(log_format: LogFormat = "auto", level: LogLevel = "info") -> None:
     """Log to stderr; ``auto`` is JSON unless stderr is a terminal."""
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
@@ -34,10 +48,10 @@ def configure_logging(log_format: LogFormat = "auto", level: LogLevel = "info") 
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, structlog.processors.add_log_level, stamp, *renderers],
         wrapper_class=structlog.make_filtering_bound_logger(threshold),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_STDERR),
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_STDERR)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[structlog.contextvars.merge_contextvars, structlog.stdlib.add_log_level,
                            structlog.stdlib.add_logger_name, stamp],

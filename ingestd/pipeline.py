@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import re
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -149,6 +150,7 @@ class RunStats:
     started_at: str = field(default_factory=catalogue.now)
     finished_at: str | None = None
     distinct_patterns_per_level: list[int] | None = None  # stored in each node at the end (None: the server cannot say)
+    samples_expected: int | None = None  # how many samples the run will read, once known (for a progress total)
 
     def __post_init__(self) -> None:
         self.patterns_per_level = [0] * self.levels
@@ -337,6 +339,7 @@ class Pipeline:
         progress: Progress | None = None
         try:
             source = await anyio.to_thread.run_sync(Source, config.source)
+            self._expect(source)
             tokenizer = await anyio.to_thread.run_sync(load_tokenizer, config.tokenizer)
             if config.kato_url is None:
                 progress = self._open_progress(source, config.resolved_run_dir())
@@ -364,6 +367,21 @@ class Pipeline:
         if self.on_progress is not None:
             self.on_progress(self.stats)
         return self.summary()
+
+    def _expect(self, source: Source) -> None:
+        """Count the source's records on a thread of their own (a scan of a text file: it must not delay the run,
+        and the run does not wait for it), for a progress display's total and time left."""
+        config = self.config
+        if config.max_samples is not None:
+            self.stats.samples_expected = config.max_samples
+
+        def count() -> None:
+            records = source.count_records()
+            if records is not None:
+                expected = max(0, records - config.skip)
+                self.stats.samples_expected = expected if config.max_samples is None else min(expected, config.max_samples)
+
+        threading.Thread(target=count, name="ingestd-count", daemon=True).start()
 
     def _catalogue_start(self, progress: Progress, backend: KatoBackend) -> None:
         config = self.config
@@ -477,6 +495,11 @@ class Pipeline:
             self.stats.stopped_early = True
             self._intake.cancel()
             self._workers.deadline = anyio.current_time() + self.config.drain_timeout
+
+    def cancel(self) -> None:
+        """Stop now: samples being learned are cut off (their progress is kept, and the next run redoes them)."""
+        self.stop()
+        self._workers.cancel()
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -9,7 +10,17 @@ from typing import Any
 
 import structlog
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 from rich.table import Table
 
 from ingestd.pipeline import RunStats
@@ -26,29 +37,70 @@ class Terminal(Console):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-class ProgressBar:
-    """A live bar: samples, tokens, patterns per level, samples/s."""
+class _TwoLines(Progress):
+    """The bar on one line, what it stands for on the next: each fits in 80 columns."""
 
-    def __init__(self, console: Console, total: int | None) -> None:
-        self.progress = Progress(
-            SpinnerColumn(), TextColumn("[bold]learning"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console, transient=False,
+    detail = Text("")
+
+    def get_renderables(self):  # type: ignore[no-untyped-def]
+        yield self.make_tasks_table(self.tasks)
+        yield self.detail
+
+
+class ProgressBar:
+    """A live bar: samples read of the total (once known: from --max-samples, or counted in the source) with
+    the time left; below it samples/s, tokens, patterns per level, failures. Log lines print above it."""
+
+    def __init__(self, console: Console, total: int | None = None) -> None:
+        self.progress = _TwoLines(
+            SpinnerColumn(), TextColumn("[bold]learning"), BarColumn(bar_width=None), MofNCompleteColumn(),
+            TaskProgressColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(compact=True),
+            console=console, transient=False, expand=False,
         )  # fmt: skip
-        self.task = self.progress.add_task("learning", total=total, detail="")
+        self.task = self.progress.add_task("learning", total=total)
+        self._terminal: list[Any] | None = None
 
     def __enter__(self) -> ProgressBar:
+        self._quiet_control_keys()
         self.progress.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.progress.stop()
+        if self._terminal is not None:
+            import termios
+
+            with contextlib.suppress(OSError, termios.error):
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, self._terminal)
+
+    def _quiet_control_keys(self) -> None:
+        """Ctrl-C stops a run gracefully, and says so in a log line; the terminal's own echo of it (``^C``) would
+        land in the middle of the bar. So the terminal does not echo control keys while the bar is shown."""
+        try:
+            import termios
+
+            if not sys.stdin.isatty():
+                return
+            attributes = termios.tcgetattr(sys.stdin.fileno())
+            quiet = list(attributes)
+            quiet[3] &= ~termios.ECHOCTL
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, quiet)
+            self._terminal = attributes
+        except (ImportError, OSError, ValueError, AttributeError):
+            return
 
     def __call__(self, stats: RunStats) -> None:
         rate = stats.samples_learned / stats.elapsed if stats.elapsed else 0.0
-        levels = "/".join(str(count) for count in stats.patterns_per_level)
-        detail = (f"samples/s {rate:,.1f} · tokens {stats.tokens:,} · patterns {levels} · "
-                  f"filtered {stats.samples_filtered:,} · failed {stats.samples_failed:,}")  # fmt: skip
-        self.progress.update(self.task, completed=stats.samples_learned, detail=detail)
+        levels = "/".join(_short(count) for count in stats.patterns_per_level)
+        detail = (f"  {rate:,.1f} samples/s · {_short(stats.tokens)} tokens · patterns {levels} · "
+                  f"failed {stats.samples_failed:,}")  # fmt: skip
+        self.progress.detail = Text(detail, no_wrap=True, overflow="ellipsis", style="dim")
+        # done: the total is what was read (filtered samples and a --max-samples cut make an estimate inexact)
+        done = stats.finished is not None and not stats.stopped_early and stats.error is None
+        total = stats.samples_read if done else stats.samples_expected
+        if total is not None:
+            total = max(total, stats.samples_read)
+        self.progress.update(self.task, completed=stats.samples_read, total=total)
 
 
 class ProgressLog:
@@ -67,6 +119,14 @@ class ProgressLog:
                  samples_filtered=stats.samples_filtered, samples_failed=stats.samples_failed, tokens=stats.tokens,
                  patterns_per_level=stats.patterns_per_level, requests=stats.requests,
                  samples_per_second=round(stats.samples_learned / stats.elapsed, 2) if stats.elapsed else None)  # fmt: skip
+
+
+def _short(count: int) -> str:
+    """1234 → 1.2k, 4220000 → 4.2M: counts that fit a progress line."""
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= limit:
+            return f"{count / limit:.1f}{suffix}"
+    return str(count)
 
 
 def summary_table(summary: dict[str, Any]) -> Table:

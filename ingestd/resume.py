@@ -72,7 +72,7 @@ async def prepare(config: RunConfig, progress: Progress, backend: KatoBackend, n
     elif progress.learned_before and progress.store not in (None, backend.store):
         raise KnowledgeBaseMismatch(
             f"{progress.path} records samples learned into another knowledge store ({progress.store}) than "
-            f"{backend.description} ({backend.store}): point --data or --kato at the one this run learned into, "
+            f"{backend.description} ({backend.store}): point --data-dir or --kato-url at the one this run learned into, "
             "or give this run its own --run-id or --run-dir (a new run), or start it over with --fresh"
         )
     progress.bind_store(backend.store)

@@ -20,7 +20,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -296,6 +296,46 @@ def _txt_paragraphs(path: Path, limit: int) -> Iterator[RawRecord]:
         yield ("\n".join(lines), {}) if problem is None else problem
 
 
+def _count_lines(path: Path, *, non_blank: bool) -> int:
+    """Lines of a file (a last line without its newline counts), or only those with more than whitespace."""
+    count = 0
+    with path.open("rb") as handle:
+        if not non_blank:
+            last = b"\n"
+            while block := handle.read(1 << 20):
+                count += block.count(b"\n")
+                last = block[-1:]
+            return count + (last != b"\n")
+        for line in handle:
+            count += not line.isspace()
+    return count
+
+
+def _count_paragraphs(path: Path) -> int:
+    """Maximal runs of non-blank lines, as :func:`_txt_paragraphs` reads them."""
+    count = 0
+    blank = True
+    with path.open("rb") as handle:
+        for line in handle:
+            now_blank = not line.strip()
+            count += blank and not now_blank
+            blank = now_blank
+    return count
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.ParquetFile(path).metadata.num_rows)
+
+
+def _card_rows(dataset: Any, split: str) -> int | None:
+    splits = getattr(getattr(dataset, "info", None), "splits", None) or {}
+    found = splits.get(split) if hasattr(splits, "get") else None
+    examples = getattr(found, "num_examples", None)
+    return int(examples) if examples else None
+
+
 MAX_METADATA_DEPTH = 64
 """Lists and objects in a metadata field may nest this deep: far beyond real metadata, and well within what
 JSON encoders and KATO take."""
@@ -563,7 +603,18 @@ class Source:
         # character at most), plus room for a jsonl record's quoting and metadata fields.
         self._byte_limit = 4 * spec.max_chars + (1 << 20)
         self._records: Any = None
+        self._count: Callable[[], int | None] = lambda: None
         self._open()
+
+    def count_records(self) -> int | None:
+        """How many records the source holds, before filtering (for a progress total), or None if it cannot say
+        cheaply. A scan of the file for text formats (run it in a thread; it reads the file once more), the
+        file's metadata for parquet, the dataset's card for the hub. csv rows are counted as lines, so a quoted
+        value with line breaks makes it an overestimate."""
+        try:
+            return self._count()
+        except Exception:  # noqa: BLE001 - only a display depends on it
+            return None
 
     def _open(self) -> None:
         spec = self.spec
@@ -614,6 +665,7 @@ class Source:
                                   f"{','.join(wanted)} or use a jsonl, parquet or csv file")  # fmt: skip
             reader = _txt_lines if spec.txt_mode == "line" else _txt_paragraphs
             self._records = lambda: reader(path, self._byte_limit)
+            self._count = (lambda: _count_lines(path, non_blank=False)) if spec.txt_mode == "line" else (lambda: _count_paragraphs(path))
         elif local_format == "jsonl":
             if _starts_with_array(path):
                 raise SourceError(f"{path} holds one JSON array, not JSON lines (one object per line): convert it "
@@ -623,10 +675,12 @@ class Source:
                 _require_fields(f"{path} (first record)", list(first), text_field, wanted,
                                 "name the text field with --text-field, and only existing --metadata-fields")  # fmt: skip
             self._records = lambda: _jsonl(path, text_field, wanted, self._byte_limit)
+            self._count = lambda: _count_lines(path, non_blank=True)
         elif local_format == "csv":
             _require_fields(str(path), _csv_header(_csv_rows(path, self._byte_limit)), text_field, wanted,
                             "name the text column with --text-field, and only existing --metadata-fields")  # fmt: skip
             self._records = lambda: _csv(path, text_field, wanted, self._byte_limit)
+            self._count = lambda: max(0, _count_lines(path, non_blank=True) - 1)  # less the header
         else:
             datasets = _datasets()
 
@@ -639,6 +693,8 @@ class Source:
             _require_fields(str(path), columns, text_field, wanted,
                             "name the text column with --text-field, and only existing --metadata-fields")  # fmt: skip
             self._records = lambda: _datasets_records(dataset, text_field, wanted, str(path))
+            if local_format == "parquet":
+                self._count = lambda: _parquet_rows(path)
 
     def _open_hub(self) -> None:
         spec = self.spec
@@ -662,6 +718,7 @@ class Source:
         _require_fields(f"hub dataset {name!r}", list(first), text_field, wanted,
                         "name the text field with --text-field, and only existing --metadata-fields")  # fmt: skip
         self._records = lambda: _datasets_records(dataset, text_field, wanted, f"hub dataset {name!r}")
+        self._count = lambda: _card_rows(dataset, split)
 
     def events(self, *, skip: int = 0, max_samples: int | None = None) -> Iterator[SourceEvent]:
         """Every record as an event, indices counted over the filtered stream.

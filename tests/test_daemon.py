@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import os
 import signal
 import sqlite3
@@ -132,7 +133,7 @@ def test_a_job_learns_what_ingestd_run_learns_and_metrics_count_it(daemon: Daemo
         job = wait_for(client, created.json()["id"], {"succeeded", "failed"})
         assert job["state"] == "succeeded", job
         assert job["progress"]["samples"]["learned"] == 300
-        listed = subprocess.run([sys.executable, "-m", "ingestd", "jobs", "show", job["id"], "--url", daemon.url],
+        listed = subprocess.run([sys.executable, "-m", "ingestd", "jobs", "show", job["id"], "--url", daemon.url, "--json"],
                                 capture_output=True, text=True, timeout=60, env={**os.environ, "INGESTD_TOKEN": TOKEN})  # fmt: skip
         assert listed.returncode == 0 and json.loads(listed.stdout)["state"] == "succeeded"
         exported = client.get("/metrics").text
@@ -428,7 +429,7 @@ def test_a_failed_job_resumes_from_its_progress(tmp_path: Path) -> None:
             failed = wait_for(client, job, {"failed", "succeeded"})
             assert "cannot reach KATO" in failed["error"] and f"ingestd jobs resume {job}" in failed["error"]
             server.start()
-            resumed = subprocess.run([sys.executable, "-m", "ingestd", "jobs", "resume", job, "--url", daemon.url],
+            resumed = subprocess.run([sys.executable, "-m", "ingestd", "jobs", "resume", job, "--url", daemon.url, "--json"],
                                      capture_output=True, text=True, timeout=60, env=daemon.env)  # fmt: skip
             assert resumed.returncode == 0 and json.loads(resumed.stdout)["state"] == "queued"
             done = wait_for(client, job, {"failed", "succeeded"})
@@ -473,8 +474,10 @@ def test_the_daemon_stops_with_status_1_when_its_job_store_fails_and_the_job_res
 def test_job_progress_is_stored_while_it_runs(tmp_path: Path) -> None:
     daemon = Daemon(tmp_path / "state").start()
     store = tmp_path / "state" / "jobs.sqlite3"
+    source = tmp_path / "long.jsonl"  # long enough to be running still when the daemon is killed, even on a fast machine
+    source.write_bytes(corpus(tmp_path, samples=3000).read_bytes() * 10)
     with daemon.client() as client:
-        job = client.post("/jobs", json={"source": str(corpus(tmp_path, samples=3000)), "workers": 1,
+        job = client.post("/jobs", json={"source": str(source), "workers": 1,
                                          "chunk_sizes": [2, 2, 2, 2, 2, 2]}).json()["id"]  # fmt: skip
         wait_for(client, job, {"running"})
         stored = None
@@ -514,3 +517,37 @@ def listening_addresses(port: int) -> set[str]:
         if state == "0A" and int(hex_port, 16) == port:  # 0A = LISTEN
             addresses.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
     return addresses
+
+
+def test_jobs_submit_takes_run_s_choices_and_prints_tables(daemon: Daemon, tmp_path: Path) -> None:
+    source = daemon.state_dir / "corpora" / "docs.jsonl"
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_bytes(corpus(tmp_path, samples=120).read_bytes())
+    hierarchy = tmp_path / "h.toml"
+    hierarchy.write_text('node_id_template = "sub-{level}"\n[[levels]]\nchunk_size = 6\n[[levels]]\nchunk_size = 4\n'
+                         "capture_metadata = true\n[run]\nmin_chars = 3\n", encoding="utf-8")
+    cli = [sys.executable, "-m", "ingestd", "jobs"]
+    submitted = subprocess.run([*cli, "submit", str(source), "--hierarchy", str(hierarchy), "--fresh", "--batch-chunks", "16",
+                                "--durability", "normal", "--patience", "30", "--request-timeout", "20", "--source-label",
+                                "subs", "--max-sample-chars", "5000", "--url", daemon.url, "--json"],
+                               capture_output=True, text=True, timeout=60, env=daemon.env)  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout)
+    assert job["spec"]["hierarchy"]["node_id_template"] == "sub-{level}" and job["spec"]["fresh"] is True
+    assert (job["spec"]["batch_chunks"], job["spec"]["durability"], job["spec"]["patience"]) == (16, "normal", 30)
+    with daemon.client() as client:
+        done = wait_for(client, job["id"], {"succeeded", "failed"})
+    assert done["state"] == "succeeded", done["error"]
+    config = done["progress"]["config"]
+    assert [level["node_id"] for level in config["hierarchy"]] == ["sub-0", "sub-1"]
+    assert config["hierarchy"][1]["capture_metadata"] is True and config["source"]["label"] == "subs"
+    assert config["source"]["min_chars"] == 3 and config["batch_chunks"] == 16
+    listed = subprocess.run([*cli, "list", "--url", daemon.url], capture_output=True, text=True, timeout=60, env=daemon.env)
+    assert listed.returncode == 0 and job["id"] in listed.stdout and "succeeded" in listed.stdout
+    assert re.search(r"20\d\d-\d\d-\d\d \d\d:\d\d:\d\d", listed.stdout)  # readable times, not epoch floats
+    shown = subprocess.run([*cli, "show", job["id"], "--url", daemon.url], capture_output=True, text=True, timeout=60,
+                           env=daemon.env)  # fmt: skip
+    assert shown.returncode == 0 and "succeeded" in shown.stdout and "120 learned" in shown.stdout
+    both = subprocess.run([*cli, "submit", str(source), "--hierarchy", str(hierarchy), "--chunk-sizes", "4", "--url",
+                           daemon.url], capture_output=True, text=True, timeout=60, env=daemon.env)  # fmt: skip
+    assert both.returncode == 2 and "not both" in both.stderr

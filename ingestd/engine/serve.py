@@ -19,7 +19,7 @@ def serve(settings: ServerSettings) -> None:
     try:
         store.check()  # a damaged or locked store is one line here, not a traceback at startup
     except (OSError, sqlite3.Error) as error:
-        print(f"ingestd kato: error: cannot open {store.path} ({error}): give another --data, or move the file "
+        print(f"ingestd kato: error: cannot open {store.path} ({error}): give another --data-dir, or move the file "
               "away (a locked one: stop the process that holds it)", file=sys.stderr, flush=True)  # fmt: skip
         sys.exit(2)
     problem = listen_problem(settings.host, settings.port)

@@ -25,7 +25,7 @@ inspect_app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_DATA = Annotated[Path, typer.Option("--data", help="Directory of the knowledge store (as `ingestd run --data`).")]
+_DATA = Annotated[Path, typer.Option("--data-dir", "--data", help="Directory of the knowledge store (as `ingestd run --data-dir`).")]
 _NODE_IDS = Annotated[Optional[str], typer.Option("--node-ids", help="The nodes: a template with {level} (as "
                                                   "`ingestd run --node-ids`) or ids separated by commas.")]  # fmt: skip
 _RUN_ID = Annotated[Optional[str], typer.Option("--run-id", help="The nodes of this run (<data>/runs/<run id>).")]
@@ -261,7 +261,7 @@ def prune_command(below: Annotated[int, typer.Option("--below", min=1, help="Rem
 
 
 @inspect_app.command("diff")
-def diff_command(run_a: Annotated[str, typer.Argument(help="A run: its run id under --data, or its run directory.")],
+def diff_command(run_a: Annotated[str, typer.Argument(help="A run: its run id under --data-dir, or its run directory.")],
                  run_b: Annotated[str, typer.Argument(help="The other run, the same way.")],
                  data: _DATA = Path("kato-data"), as_json: _JSON = False) -> None:  # fmt: skip
     """Per level, patterns only in A, only in B, in both, and frequencies that differ."""

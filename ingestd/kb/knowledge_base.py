@@ -81,7 +81,7 @@ class PatternView:
 
 
 class KnowledgeBase:
-    """The hierarchy learned into an embedded knowledge store (``ingestd run --data DIR``)."""
+    """The hierarchy learned into an embedded knowledge store (``ingestd run --data-dir DIR``)."""
 
     def __init__(self, data_dir: str | Path = "kato-data", *, node_ids: str | None = None, run_id: str | None = None,
                  run_dir: str | Path | None = None, tokenizer: str | Tokenizer | None = None) -> None:  # fmt: skip
@@ -89,7 +89,7 @@ class KnowledgeBase:
         try:
             self._reader = StoreReader(self.data_dir)
         except StoreMissing:
-            raise NodesUnknown(f"no knowledge store in {self.data_dir} (no kato.sqlite3): give the --data directory "
+            raise NodesUnknown(f"no knowledge store in {self.data_dir} (no kato.sqlite3): give the --data-dir directory "
                                "a run learned into (default ./kato-data)") from None  # fmt: skip
         try:
             self.hierarchy: Hierarchy = resolve(self._reader, self.data_dir, node_ids=node_ids, run_id=run_id,
