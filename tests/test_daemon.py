@@ -542,6 +542,12 @@ def test_jobs_submit_takes_run_s_choices_and_prints_tables(daemon: Daemon, tmp_p
     assert [level["node_id"] for level in config["hierarchy"]] == ["sub-0", "sub-1"]
     assert config["hierarchy"][1]["capture_metadata"] is True and config["source"]["label"] == "subs"
     assert config["source"]["min_chars"] == 3 and config["batch_chunks"] == 16
+    # the job is in the run catalogue like any run
+    catalogued = subprocess.run([sys.executable, "-m", "ingestd", "runs", "list", "--in", str(daemon.state_dir / "runs"),
+                                 "--json"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    manifest = next(run for run in json.loads(catalogued.stdout) if Path(run["run_dir"]).name == job["id"])
+    assert manifest["status"] == "finished" and manifest["node_ids"] == ["sub-0", "sub-1"]
+    assert manifest["summary"]["samples"]["learned"] == 120 and manifest["summary"]["distinct_patterns_per_level"][0] > 0
     listed = subprocess.run([*cli, "list", "--url", daemon.url], capture_output=True, text=True, timeout=60, env=daemon.env)
     assert listed.returncode == 0 and job["id"] in listed.stdout and "succeeded" in listed.stdout
     assert re.search(r"20\d\d-\d\d-\d\d \d\d:\d\d:\d\d", listed.stdout)  # readable times, not epoch floats

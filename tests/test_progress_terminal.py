@@ -87,3 +87,29 @@ def test_a_finished_run_fills_the_bar(tmp_path: Path) -> None:
     bars = [line for line in re.split(r"[\r\n]", shown) if "learning" in line and "━" in line]
     assert re.search(r"(\d+)/\1\s+100%", bars[-1]), bars[-1]
     assert all(cell_len(line) <= 80 for line in re.split(r"[\r\n]", shown))
+
+
+def test_the_total_is_counted_from_every_local_format(tmp_path: Path) -> None:
+    import csv
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ingestd.source import Source, SourceSpec
+
+    texts = [part for part in CORPUS.read_text(encoding="utf-8").split("\n\n") if part.strip()][:500]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts) + "\n\n", encoding="utf-8")
+    with (tmp_path / "a.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text"])
+        writer.writerows([[text.replace("\n", " ")] for text in texts])
+    pq.write_table(pa.table({"text": texts}), tmp_path / "a.parquet")
+    (tmp_path / "a.txt").write_text("\n\n\n".join(texts) + "\n", encoding="utf-8")
+    (tmp_path / "lines.txt").write_text("\n".join(["one line", "", "two"] * 10), encoding="utf-8")  # no final newline
+    for spec in (SourceSpec(source=str(tmp_path / "a.jsonl")), SourceSpec(source=str(tmp_path / "a.csv")),
+                 SourceSpec(source=str(tmp_path / "a.parquet")), SourceSpec(source=str(tmp_path / "a.txt")),
+                 SourceSpec(source=str(tmp_path / "lines.txt"), txt_mode="line", min_chars=0)):  # fmt: skip
+        source = Source(spec)
+        read = sum(1 for _ in source.events())
+        assert source.count_records() == read, spec.source
