@@ -127,35 +127,56 @@ def _int_list(text: str | None, what: str) -> list[int]:
     return [int(part) for part in parts]
 
 
+# Options of `ingestd run` that `ingestd jobs submit` takes too: one declaration, one name and one help text.
+_TEXT_FIELD = Annotated[Optional[str], typer.Option(help="Field with the text (default: the dataset's, else 'text').", rich_help_panel="Source")]
+_METADATA_FIELDS = Annotated[Optional[str], typer.Option(help="Record fields added to the metadata, e.g. url,timestamp.", rich_help_panel="Source")]
+_SOURCE_LABEL = Annotated[Optional[str], typer.Option(help="metadata 'source' (default: dataset key or file name).", rich_help_panel="Source")]
+_HUB_CONFIG = Annotated[Optional[str], typer.Option(help="Hub dataset config name.", rich_help_panel="Source")]
+_SPLIT = Annotated[Optional[str], typer.Option(help="Hub dataset split (default train).", rich_help_panel="Source")]
+_TXT_MODE = Annotated[str, typer.Option(help="For .txt files: one sample per 'paragraph' or per 'line'.", rich_help_panel="Source")]
+_MAX_SAMPLES = Annotated[Optional[int], typer.Option(min=0, max=MAX_COUNT, help="Stop after this many samples.", rich_help_panel="Source")]
+_SKIP = Annotated[int, typer.Option(min=0, max=MAX_COUNT, help="Skip this many samples of the filtered stream first.", rich_help_panel="Source")]
+_MAX_SAMPLE_CHARS = Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Longer samples fail alone (to failed.jsonl) instead of being learned.", rich_help_panel="Source")]
+_RUN_ID = Annotated[str, typer.Option(help="Run name, available to --node-ids as {run_id}.", rich_help_panel="Hierarchy")]
+_ALLOW_MIXED_KB = Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed (refused otherwise).", rich_help_panel="Hierarchy")]
+_WORKERS = Annotated[int, typer.Option(min=1, max=1024, help="Concurrent workers, each with one session per node.", rich_help_panel="Backend")]
+_BATCH_CHUNKS = Annotated[int, typer.Option(min=1, max=4096, help="Chunks per observe-sequence on batched levels.", rich_help_panel="Backend")]
+_BATCHING = Annotated[bool, typer.Option("--batching/--no-batching", help="Batch levels without metadata through KATO's auto-learn.", rich_help_panel="Backend")]
+_DURABILITY = Annotated[str, typer.Option(help="Embedded engine: full (fsync) or normal.", rich_help_panel="Backend")]
+_PATIENCE = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for a KATO that is down, per outage.", rich_help_panel="Backend")]
+_REQUEST_TIMEOUT = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for one answer before resending.", rich_help_panel="Backend")]
+_METADATA_LEVELS = Annotated[Optional[str], typer.Option(help="Levels whose patterns get the sample's metadata, e.g. 2,3.", rich_help_panel="Hierarchy")]
+
+
 @app.command("run")
 def run_command(
     source: Annotated[str, typer.Argument(help="A dataset key (wikitext, c4, refinedweb, openwebtext, redpajama_sample, pile, dolma, bookcorpus, simple_wiki), a hub dataset name, or a local .txt/.jsonl/.parquet/.csv file.")],
-    text_field: Annotated[Optional[str], typer.Option(help="Field with the text (default: the dataset's, else 'text').", rich_help_panel="Source")] = None,
-    metadata_fields: Annotated[Optional[str], typer.Option(help="Record fields added to the metadata, e.g. url,timestamp.", rich_help_panel="Source")] = None,
-    source_label: Annotated[Optional[str], typer.Option(help="metadata 'source' (default: dataset key or file name).", rich_help_panel="Source")] = None,
-    hub_config: Annotated[Optional[str], typer.Option(help="Hub dataset config name.", rich_help_panel="Source")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Hub dataset split (default train).", rich_help_panel="Source")] = None,
-    txt_mode: Annotated[str, typer.Option(help="For .txt files: one sample per 'paragraph' or per 'line'.", rich_help_panel="Source")] = "paragraph",
-    max_samples: Annotated[Optional[int], typer.Option(min=0, max=MAX_COUNT, help="Stop after this many samples.", rich_help_panel="Source")] = None,
-    skip: Annotated[int, typer.Option(min=0, max=MAX_COUNT, help="Skip this many samples of the filtered stream first.", rich_help_panel="Source")] = 0,
-    max_sample_chars: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Longer samples fail alone (to failed.jsonl) instead of being learned.", rich_help_panel="Source")] = 1_000_000,
+    text_field: _TEXT_FIELD = None,
+    metadata_fields: _METADATA_FIELDS = None,
+    source_label: _SOURCE_LABEL = None,
+    hub_config: _HUB_CONFIG = None,
+    split: _SPLIT = None,
+    txt_mode: _TXT_MODE = "paragraph",
+    max_samples: _MAX_SAMPLES = None,
+    skip: _SKIP = 0,
+    max_sample_chars: _MAX_SAMPLE_CHARS = 1_000_000,
     min_chars: Annotated[Optional[int], typer.Option(min=0, max=MAX_COUNT, help="Samples whose stripped text is shorter are filtered (counted, not learned); 0 keeps every sample. Default 11, or the hierarchy file's [run] min_chars.", show_default=False, rich_help_panel="Source")] = None,
     tokenizer: Annotated[str, typer.Option(help="'gpt2' (bundled) or a tokenizer transformers can load offline.", rich_help_panel="Source")] = "gpt2",
     hierarchy_file: Annotated[Optional[Path], typer.Option("--hierarchy", help="TOML or YAML file with the levels (overrides --chunk-sizes).", rich_help_panel="Hierarchy")] = None,
     chunk_sizes: Annotated[str, typer.Option(help="Chunk size per level, node0 first.", rich_help_panel="Hierarchy")] = "8,8,8,8",
-    metadata_levels: Annotated[Optional[str], typer.Option(help="Levels whose patterns get the sample's metadata, e.g. 2,3.", rich_help_panel="Hierarchy")] = None,
+    metadata_levels: _METADATA_LEVELS = None,
     node_ids: Annotated[str, typer.Option(help="Node id template; {level} and {run_id} are filled in.", rich_help_panel="Hierarchy")] = "node{level}",
-    run_id: Annotated[str, typer.Option(help="Run name, available to --node-ids as {run_id}.", rich_help_panel="Hierarchy")] = "",
-    allow_mixed_kb: Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed (refused otherwise).", rich_help_panel="Hierarchy")] = False,
-    patience: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for a KATO that is down, per outage.", rich_help_panel="Backend")] = 600.0,
-    request_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for one answer before resending.", rich_help_panel="Backend")] = 120.0,
-    workers: Annotated[int, typer.Option(min=1, max=1024, help="Concurrent workers, each with one session per node.", rich_help_panel="Backend")] = 8,
+    run_id: _RUN_ID = "",
+    allow_mixed_kb: _ALLOW_MIXED_KB = False,
+    patience: _PATIENCE = 600.0,
+    request_timeout: _REQUEST_TIMEOUT = 120.0,
+    workers: _WORKERS = 8,
     planners: Annotated[Optional[int], typer.Option(min=0, max=64, help="Processes that tokenize and plan beside learning (default: one per core beyond the first; 0: in this process).", show_default=False, rich_help_panel="Backend")] = None,
-    batch_chunks: Annotated[int, typer.Option(min=1, max=4096, help="Chunks per observe-sequence on batched levels.", rich_help_panel="Backend")] = 64,
-    batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Batch levels without metadata through KATO's auto-learn.", rich_help_panel="Backend")] = True,
+    batch_chunks: _BATCH_CHUNKS = 64,
+    batching: _BATCHING = True,
     kato: Annotated[Optional[str], typer.Option("--kato-url", "--kato", help="A KATO server, http://host:port. Default: the embedded engine in-process.", rich_help_panel="Backend")] = None,
     data: Annotated[Path, typer.Option("--data-dir", "--data", help="Directory of the embedded engine's knowledge store.", rich_help_panel="Backend")] = Path("kato-data"),
-    durability: Annotated[str, typer.Option(help="Embedded engine: full (fsync) or normal.", rich_help_panel="Backend")] = "full",
+    durability: _DURABILITY = "full",
     fresh: Annotated[bool, typer.Option("--fresh", help="clear-all every node's knowledge base and the run's progress first.", rich_help_panel="Run control")] = False,
     run_dir: Annotated[Optional[Path], typer.Option(help="Progress and failed.jsonl (default: <data>/runs/<run id>, or ingestd-runs/<store>/<run id> with --kato-url). A run resumes from it.", rich_help_panel="Run control")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Only redo the samples this run recorded as failed (failed.jsonl).", rich_help_panel="Run control")] = False,
@@ -372,31 +393,31 @@ _DAEMON = "http://127.0.0.1:8080"
 @jobs_app.command("submit")
 def jobs_submit(
     source: Annotated[str, typer.Argument(help="Dataset key, hub name or a file path as the daemon sees it.")],
-    text_field: Annotated[Optional[str], typer.Option(help="Field with the text (default: the dataset's, else 'text').", rich_help_panel="Source")] = None,
-    metadata_fields: Annotated[Optional[str], typer.Option(help="Record fields added to the metadata, e.g. url,timestamp.", rich_help_panel="Source")] = None,
-    source_label: Annotated[Optional[str], typer.Option(help="metadata 'source' (default: dataset key or file name).", rich_help_panel="Source")] = None,
-    hub_config: Annotated[Optional[str], typer.Option(help="Hub dataset config name.", rich_help_panel="Source")] = None,
-    split: Annotated[Optional[str], typer.Option(help="Hub dataset split (default train).", rich_help_panel="Source")] = None,
-    txt_mode: Annotated[str, typer.Option(help="For .txt files: one sample per 'paragraph' or per 'line'.", rich_help_panel="Source")] = "paragraph",
-    max_samples: Annotated[Optional[int], typer.Option(min=0, max=MAX_COUNT, help="Stop after this many samples.", rich_help_panel="Source")] = None,
-    skip: Annotated[int, typer.Option(min=0, max=MAX_COUNT, help="Skip this many samples of the filtered stream first.", rich_help_panel="Source")] = 0,
-    max_sample_chars: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Longer samples fail alone instead of being learned.", rich_help_panel="Source")] = 1_000_000,
+    text_field: _TEXT_FIELD = None,
+    metadata_fields: _METADATA_FIELDS = None,
+    source_label: _SOURCE_LABEL = None,
+    hub_config: _HUB_CONFIG = None,
+    split: _SPLIT = None,
+    txt_mode: _TXT_MODE = "paragraph",
+    max_samples: _MAX_SAMPLES = None,
+    skip: _SKIP = 0,
+    max_sample_chars: _MAX_SAMPLE_CHARS = 1_000_000,
     min_chars: Annotated[Optional[int], typer.Option(min=0, max=MAX_COUNT, help="Samples whose stripped text is shorter are filtered; 0 keeps every sample (default 11, or the hierarchy file's).", show_default=False, rich_help_panel="Source")] = None,
     tokenizer: Annotated[str, typer.Option(help="'gpt2' (bundled) or a tokenizer the daemon can load offline.", rich_help_panel="Source")] = "gpt2",
     hierarchy_file: Annotated[Optional[Path], typer.Option("--hierarchy", help="TOML or YAML file with the levels, read here and sent with the job (instead of --chunk-sizes).", rich_help_panel="Hierarchy")] = None,
     chunk_sizes: Annotated[Optional[str], typer.Option(help="Chunk size per level, node0 first (default 8,8,8,8).", show_default=False, rich_help_panel="Hierarchy")] = None,
-    metadata_levels: Annotated[Optional[str], typer.Option(help="Levels with metadata, e.g. 2,3.", rich_help_panel="Hierarchy")] = None,
+    metadata_levels: _METADATA_LEVELS = None,
     node_ids: Annotated[Optional[str], typer.Option(help="Node id template (default node{level}).", show_default=False, rich_help_panel="Hierarchy")] = None,
-    run_id: Annotated[str, typer.Option(help="Run name ({run_id} in --node-ids).", rich_help_panel="Hierarchy")] = "",
-    allow_mixed_kb: Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed.", rich_help_panel="Hierarchy")] = False,
+    run_id: _RUN_ID = "",
+    allow_mixed_kb: _ALLOW_MIXED_KB = False,
     kato: Annotated[Optional[str], typer.Option("--kato-url", "--kato", help="KATO server for this job (default: the daemon's embedded engine).", rich_help_panel="Backend")] = None,
-    workers: Annotated[int, typer.Option(min=1, max=1024, help="Concurrent workers, each with one session per node.", rich_help_panel="Backend")] = 8,
+    workers: _WORKERS = 8,
     planners: Annotated[Optional[int], typer.Option(min=0, max=64, help="Processes that tokenize and plan (default: one per core beyond the first).", show_default=False, rich_help_panel="Backend")] = None,
-    batch_chunks: Annotated[int, typer.Option(min=1, max=4096, help="Chunks per observe-sequence on batched levels.", rich_help_panel="Backend")] = 64,
-    batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Batch levels without metadata through KATO's auto-learn.", rich_help_panel="Backend")] = True,
-    durability: Annotated[str, typer.Option(help="Embedded engine: full (fsync) or normal.", rich_help_panel="Backend")] = "full",
-    patience: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for a KATO that is down, per outage.", rich_help_panel="Backend")] = 600.0,
-    request_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for one answer before resending.", rich_help_panel="Backend")] = 120.0,
+    batch_chunks: _BATCH_CHUNKS = 64,
+    batching: _BATCHING = True,
+    durability: _DURABILITY = "full",
+    patience: _PATIENCE = 600.0,
+    request_timeout: _REQUEST_TIMEOUT = 120.0,
     fresh: Annotated[bool, typer.Option("--fresh", help="clear-all the job's nodes when it first starts (never on a resume).", rich_help_panel="Run control")] = False,
     url: _URL = _DAEMON,
     token: _TOKEN = None,
