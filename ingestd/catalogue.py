@@ -19,7 +19,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ingestd.progress import read_run
+
 MANIFEST = "manifest.json"
+PROGRESS = "progress.sqlite3"
 HISTORY = 100  # lines of history kept
 
 
@@ -38,7 +41,30 @@ def read(run_dir: Path) -> dict[str, Any] | None:
         return None
     if manifest.get("status") == "running" and not _alive(manifest.get("host"), manifest.get("pid")):
         manifest["status"] = "interrupted"  # killed, or its machine went down
+        history = manifest.get("history") or []
+        if history and isinstance(history[-1], dict) and history[-1].get("status") == "running":
+            history[-1]["status"] = "interrupted"
     manifest["run_dir"] = str(Path(run_dir))
+    return manifest
+
+
+def describe(run_dir: Path) -> dict[str, Any] | None:
+    """What is known of the run in ``run_dir``: its manifest, and how many samples its progress says are done
+    (``done``: exact, also for a run that was killed); for a directory whose manifest is missing (a run made by
+    an ingestd without catalogue, or refused before it began) or unreadable, what its progress says. None if the
+    directory holds no run at all."""
+    manifest = read(run_dir)
+    record = read_run(run_dir)
+    if manifest is None:
+        if record is None:
+            return None
+        unreadable = (Path(run_dir) / MANIFEST).exists()
+        hierarchy = record.identity.get("hierarchy", [])
+        manifest = {"run_id": Path(run_dir).name, "status": "manifest unreadable" if unreadable else "no manifest",
+                    "run_dir": str(Path(run_dir)), "source": record.identity.get("source"),
+                    "tokenizer": record.identity.get("tokenizer"), "hierarchy": hierarchy,
+                    "node_ids": [level.get("node_id") for level in hierarchy], "history": []}  # fmt: skip
+    manifest["done"] = record.done if record is not None else None
     return manifest
 
 
@@ -60,12 +86,14 @@ def started(run_dir: Path, *, run_id: str, identity: dict[str, Any], backend: di
     })  # fmt: skip
 
 
-def finished(run_dir: Path, summary: dict[str, Any]) -> None:
-    """Record how the run ended: its status, its end time and its summary."""
+def finished(run_dir: Path, summary: dict[str, Any], backend: dict[str, Any] | None = None) -> None:
+    """Record how the run ended: its status, its end time and its summary (and its backend, now known whole)."""
     manifest = read(run_dir)
     if manifest is None:
         return
     manifest.pop("run_dir", None)
+    if backend is not None:
+        manifest["backend"] = backend
     status = status_of(summary)
     moment = now()
     compact = {key: summary.get(key) for key in ("samples", "tokens", "patterns_per_level", "distinct_patterns_per_level",
@@ -95,16 +123,17 @@ def find(roots: Iterable[Path], depth: int = 3) -> list[dict[str, Any]]:
     found = []
     for root in roots:
         root = Path(root)
-        candidates = [root / MANIFEST] if (root / MANIFEST).is_file() else []
+        candidates = [root / name for name in (MANIFEST, PROGRESS) if (root / name).exists()]
         for level in range(1, depth + 1):
-            candidates += root.glob("*/" * level + MANIFEST)
+            for name in (MANIFEST, PROGRESS):
+                candidates += root.glob("*/" * level + name)
         for candidate in candidates:
             run_dir = candidate.parent
             key = run_dir.resolve()
             if key in seen:
                 continue
             seen.add(key)
-            manifest = read(run_dir)
+            manifest = describe(run_dir)
             if manifest is not None:
                 found.append(manifest)
     return sorted(found, key=lambda manifest: manifest.get("started_at") or "", reverse=True)
@@ -113,8 +142,11 @@ def find(roots: Iterable[Path], depth: int = 3) -> list[dict[str, Any]]:
 def _write(run_dir: Path, manifest: dict[str, Any]) -> None:
     path = Path(run_dir) / MANIFEST
     partial = path.with_name(f".{MANIFEST}.partial")
-    partial.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    partial.replace(path)
+    try:
+        partial.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _alive(host: Any, pid: Any) -> bool:

@@ -552,11 +552,9 @@ def runs_list(data: Annotated[Path, typer.Option("--data-dir", "--data", help="A
     for column in ("source", "backend"):
         table.add_column(column, overflow="fold")
     for manifest in manifests:
-        summary = manifest.get("summary") or {}
         backend = manifest.get("backend") or {}
-        samples = summary.get("samples") or {}  # the last time it ran: learned then, and done before
         table.add_row(manifest.get("run_id", "?"), manifest.get("status", "?"), _when(manifest.get("started_at"))[:16],
-                      f"{samples.get('learned', 0) + samples.get('skipped', 0):,}",
+                      "?" if manifest.get("done") is None else f"{manifest['done']:,}",
                       Path(str((manifest.get("source") or {}).get("source", "?"))).name,
                       backend.get("url") or "embedded")  # fmt: skip
     Console().print(table)
@@ -570,7 +568,7 @@ def runs_show(run: Annotated[str, typer.Argument(help="A run directory, or a run
     """One run: what it learned from, into which nodes, how it went, and each time it was run."""
     from ingestd import catalogue
 
-    manifest = catalogue.read(Path(run).expanduser())
+    manifest = catalogue.describe(Path(run).expanduser())
     if manifest is None:
         matches = [found for found in catalogue.find(_run_roots(data, roots))
                    if run in (found.get("run_id"), Path(found["run_dir"]).name)]  # fmt: skip
@@ -589,6 +587,7 @@ def runs_show(run: Annotated[str, typer.Argument(help="A run directory, or a run
     samples = summary.get("samples") or {}
     lines = [
         f"run {manifest.get('run_id')}: {manifest.get('status')}  ({manifest['run_dir']})",
+        f"samples done: {manifest['done']:,} (its progress)" if manifest.get("done") is not None else "samples done: unknown",
         f"ingestd {manifest.get('ingestd_version')}; started {_when(manifest.get('started_at'))}, "
         f"finished {_when(manifest.get('finished_at')) or '-'}; first run {_when(manifest.get('created_at'))}",
         f"source: {(manifest.get('source') or {}).get('source')}   tokenizer: {manifest.get('tokenizer')}",

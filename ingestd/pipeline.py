@@ -343,12 +343,13 @@ class Pipeline:
             tokenizer = await anyio.to_thread.run_sync(load_tokenizer, config.tokenizer)
             if config.kato_url is None:
                 progress = self._open_progress(source, config.resolved_run_dir())
+                self._catalogue_start(progress, backend)  # before anything can refuse the run: it is recorded too
                 check_store_file(config, progress)  # before the engine would make an empty store
                 await backend.start()
             else:  # a server's default run directory is named by its store, known once it answers
                 await backend.start()
                 progress = self._open_progress(source, config.resolved_run_dir(backend.store))
-            self._catalogue_start(progress, backend)
+                self._catalogue_start(progress, backend)
             await self._learn(source, tokenizer, progress, backend)
         except BaseException as failure:
             found = find_ingest_error(failure)
@@ -361,7 +362,8 @@ class Pipeline:
             if progress is not None:
                 progress.close()
                 if self._catalogued:
-                    self._catalogue(lambda: catalogue.finished(progress.run_dir, self.summary().as_dict()))
+                    self._catalogue(lambda: catalogue.finished(progress.run_dir, self.summary().as_dict(),
+                                                               self._backend_record(backend)))  # fmt: skip
             with anyio.CancelScope(shield=True):
                 await backend.aclose()
         if self.on_progress is not None:
@@ -383,13 +385,18 @@ class Pipeline:
 
         threading.Thread(target=count, name="ingestd-count", daemon=True).start()
 
+    def _backend_record(self, backend: KatoBackend) -> dict[str, Any]:
+        config = self.config
+        if config.kato_url is None:
+            return {"kind": "embedded", "data_dir": str(Path(config.data_dir).resolve()), "store_id": backend.store or None}
+        return {"kind": "kato", "url": config.kato_url, "store": backend.store or None}
+
     def _catalogue_start(self, progress: Progress, backend: KatoBackend) -> None:
         config = self.config
-        where = ({"kind": "embedded", "data_dir": str(Path(config.data_dir).resolve()), "store_id": backend.store}
-                 if config.kato_url is None else {"kind": "kato", "url": config.kato_url, "store": backend.store})  # fmt: skip
         run_id = config.run_id or fingerprint(config.identity())[:16]
         self._catalogued = self._catalogue(lambda: catalogue.started(progress.run_dir, run_id=run_id,
-                                                                     identity=config.identity(), backend=where,
+                                                                     identity=config.identity(),
+                                                                     backend=self._backend_record(backend),
                                                                      version=__version__))  # fmt: skip
 
     @staticmethod

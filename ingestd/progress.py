@@ -353,21 +353,34 @@ class Progress:
             raise ProgressError(f"cannot append to {self.dead_letters} ({error}): free space or fix its permissions") from None
 
 
-def read_identity(run_dir: Path) -> dict[str, Any] | None:
-    """The configuration a run directory holds (source, tokenizer, hierarchy), read without locking it or
-    writing to it (a run may be using it); None when it holds no run."""
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run directory says of its run, read from outside."""
+
+    identity: dict[str, Any]  # source, tokenizer, hierarchy
+    store: str | None  # the knowledge store it learns into: an engine's store id, or a KATO server's address
+    done: int  # samples done
+
+
+def read_run(run_dir: Path) -> RunRecord | None:
+    """The run a directory holds, read without locking it or writing to it (a run may be using it); None when it
+    holds none (or its progress cannot be read)."""
     path = Path(run_dir) / "progress.sqlite3"
     if not path.is_file():
         return None
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            row = connection.execute("SELECT value FROM run WHERE key = 'identity'").fetchone()
+            stored = dict(connection.execute("SELECT key, value FROM run WHERE key IN ('identity', 'store')").fetchall())
+            done = connection.execute("SELECT count(*) FROM done").fetchone()[0]
         finally:
             connection.close()
     except sqlite3.Error:
         return None
-    return None if row is None else orjson.loads(row[0])
+    if "identity" not in stored:
+        return None
+    store = stored.get("store")
+    return RunRecord(orjson.loads(stored["identity"]), store.decode() if store else None, done)
 
 
 def _difference(stored: bytes | None, identity: dict[str, Any]) -> str:

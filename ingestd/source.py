@@ -296,30 +296,43 @@ def _txt_paragraphs(path: Path, limit: int) -> Iterator[RawRecord]:
         yield ("\n".join(lines), {}) if problem is None else problem
 
 
+def _line_contents(path: Path) -> Iterator[bool]:
+    """For each line of a file, whether it holds more than whitespace; read in blocks, so that a line of any
+    length costs a block of memory (the samples themselves are bounded by --max-sample-chars, this is not)."""
+    content = False
+    pending = False  # a last line without its newline
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            pieces = block.split(b"\n")
+            for piece in pieces[:-1]:
+                yield content or bool(piece.strip())
+                content = False
+            content = content or bool(pieces[-1].strip())
+            pending = bool(pieces[-1])
+    if pending:
+        yield content
+
+
 def _count_lines(path: Path, *, non_blank: bool) -> int:
     """Lines of a file (a last line without its newline counts), or only those with more than whitespace."""
+    if non_blank:
+        return sum(_line_contents(path))
     count = 0
+    last = b"\n"
     with path.open("rb") as handle:
-        if not non_blank:
-            last = b"\n"
-            while block := handle.read(1 << 20):
-                count += block.count(b"\n")
-                last = block[-1:]
-            return count + (last != b"\n")
-        for line in handle:
-            count += not line.isspace()
-    return count
+        while block := handle.read(1 << 20):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")
 
 
 def _count_paragraphs(path: Path) -> int:
     """Maximal runs of non-blank lines, as :func:`_txt_paragraphs` reads them."""
     count = 0
     blank = True
-    with path.open("rb") as handle:
-        for line in handle:
-            now_blank = not line.strip()
-            count += blank and not now_blank
-            blank = now_blank
+    for content in _line_contents(path):
+        count += blank and content
+        blank = not content
     return count
 
 

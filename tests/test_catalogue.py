@@ -76,7 +76,11 @@ def test_a_killed_run_reads_as_interrupted_and_its_resume_as_finished(tmp_path: 
         time.sleep(0.1)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert manifest(run_dir)["status"] == "interrupted"
+    killed = manifest(run_dir)
+    assert killed["status"] == "interrupted" and killed["history"][-1]["status"] == "interrupted"
+    assert killed["done"] == samples_done(run_dir) >= 500  # from its progress: exact, though it never said goodbye
+    listed = json.loads(cli("runs", "list", "--in", str(tmp_path), "--json").stdout)
+    assert [(entry["status"], entry["done"]) for entry in listed] == [("interrupted", killed["done"])]
     run_cli(str(source), "--data", str(data), "--run-dir", str(run_dir), "--max-samples", "3000")
     found = manifest(run_dir)
     assert found["status"] == "finished"
@@ -110,3 +114,36 @@ def test_the_python_api_writes_a_manifest(tmp_path: Path) -> None:
     found = manifest(runs[0])
     assert found["status"] == "finished" and found["summary"]["samples"]["learned"] == summary.stats.samples_learned == 30
     assert found["node_ids"] == ["node0", "node1"]
+
+
+def test_runs_without_a_readable_manifest_are_still_listed(tmp_path: Path) -> None:
+    data = tmp_path / "kb"
+    for name in ("broken", "old", "gone"):
+        run_cli(str(CORPUS), "--data", str(data), "--chunk-sizes", "4", "--max-samples", "20", "--run-dir",
+                str(data / "runs" / name))  # fmt: skip
+    (data / "runs" / "broken" / "manifest.json").write_text("{bad", encoding="utf-8")
+    (data / "runs" / "old" / "manifest.json").unlink()  # as a run directory made before the catalogue
+    (data / "runs" / "gone" / "manifest.json").unlink()
+    (data / "runs" / "gone" / "manifest.json").mkdir()
+    listed = {Path(entry["run_dir"]).name: entry for entry in json.loads(cli("runs", "list", "--data", str(data), "--json").stdout)}
+    assert listed["broken"]["status"] == listed["gone"]["status"] == "manifest unreadable"
+    assert listed["old"]["status"] == "no manifest"
+    assert all(entry["done"] == 20 and entry["node_ids"] == ["node0"] for entry in listed.values())
+    assert "no manifest" in cli("runs", "show", str(data / "runs" / "old")).stdout
+    # a run of that directory writes a good one again, and leaves nothing behind when it cannot
+    run_cli(str(CORPUS), "--data", str(data), "--chunk-sizes", "4", "--max-samples", "30", "--run-dir", str(data / "runs" / "old"))
+    assert manifest(data / "runs" / "old")["status"] == "finished"
+    run_cli(str(CORPUS), "--data", str(data), "--chunk-sizes", "4", "--max-samples", "30", "--run-dir", str(data / "runs" / "gone"))
+    assert not list((data / "runs" / "gone").glob(".*partial"))
+
+
+def test_a_refused_run_is_recorded_as_failed(tmp_path: Path) -> None:
+    from ingestd.engine.store import writer_lock
+
+    data = tmp_path / "kb"
+    run_cli(str(CORPUS), "--data", str(data), "--max-samples", "20", "--run-dir", str(data / "runs" / "first"))
+    with writer_lock(data, exclusive=True):
+        run_cli(str(CORPUS), "--data", str(data), "--max-samples", "20", "--run-dir", str(data / "runs" / "locked"), expect=2)
+    refused = manifest(data / "runs" / "locked")
+    assert refused["status"] == "failed" and "being changed" in refused["summary"]["error"]["message"]
+    assert refused["done"] == 0

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from ingestd import KnowledgeBase
+from ingestd.errors import IngestError
 from ingestd.engine.rules import kb_id
 from ingestd.tokenize import load_tokenizer
 
@@ -22,17 +23,17 @@ from .golden import run_cli
 NODES = ["node0", "node1", "node2", "node3"]
 
 
-def inspect(*arguments: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+def inspect(*arguments: str, expect: int = 0, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([sys.executable, "-m", "ingestd", "inspect", *arguments], capture_output=True, text=True,
-                            timeout=300)  # fmt: skip
+                            timeout=300, cwd=cwd)  # fmt: skip
     assert result.returncode == expect, f"exit {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     if expect:
         assert "Traceback" not in result.stderr
     return result
 
 
-def inspect_json(*arguments: str) -> Any:
-    return json.loads(inspect(*arguments, "--json").stdout)
+def inspect_json(*arguments: str, cwd: Path | None = None) -> Any:
+    return json.loads(inspect(*arguments, "--json", cwd=cwd).stdout)
 
 
 def sql(data: Path, query: str, *parameters: Any) -> list[tuple[Any, ...]]:
@@ -204,7 +205,15 @@ def test_bad_input_is_one_line_and_exit_2(learned: tuple[Path, list[dict[str, An
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "kato.sqlite3").write_text("not a database")
     assert "cannot read the knowledge store" in inspect("stats", "--data", str(tmp_path / "junk"), expect=2).stderr
-    assert "neither a run directory nor a run id" in inspect("diff", "x", "y", "--data", str(data), expect=2).stderr
+    assert "no run 'x'" in inspect("diff", "x", "y", "--data", str(data), expect=2).stderr
+    assert "a run id is letters" in inspect("stats", "--data", str(data), "--run-id", "../../etc", expect=2).stderr
+    assert "holds no node 'nod0'" in inspect("stats", "--data", str(data), "--node-ids", "nod0,node1", expect=2).stderr
+    refused = inspect("sample", "--data", str(data), "--seed", "-1", expect=2)
+    assert "Traceback" not in refused.stderr and "--seed" in refused.stderr
+    with KnowledgeBase(data) as kb:
+        for bad in (lambda: kb.top(n=0), lambda: kb.sample(n=-1), lambda: kb.sample(seed=-3), lambda: kb.node(True)):
+            with pytest.raises(IngestError):
+                bad()
 
 
 def test_inspect_reads_while_a_run_writes(tmp_path: Path) -> None:
@@ -325,3 +334,67 @@ def test_html_report_renders_in_a_real_browser(learned: tuple[Path, list[dict[st
     assert marker.sum() > 50, marker.sum()
     dark = (pixels < 0.3).all(axis=-1).mean()
     assert dark > 0.002  # text of the tables was drawn too
+
+
+def test_pattern_names_however_spelled(learned: tuple[Path, list[dict[str, Any]]]) -> None:
+    data, _ = learned
+    name = sql(data, "SELECT name FROM patterns WHERE kb_id = ? ORDER BY name LIMIT 1", kb_id("node1"))[0][0]
+    expected = inspect_json("show", "PTRN|" + name, "--data", str(data))
+    for spelled in (name, name.upper(), f"  ptrn|{name.upper()} ", "PTRN|" + name):
+        assert inspect_json("show", spelled, "--data", str(data))["text"] == expected["text"]
+    assert "does not hold" in inspect("show", name, "--level", "0", "--data", str(data), expect=2).stderr
+
+
+def test_runs_are_found_in_their_own_store_and_never_in_another(learned: tuple[Path, list[dict[str, Any]]],
+                                                                 tmp_path: Path) -> None:  # fmt: skip
+    data, _ = learned
+    other = tmp_path / "other"
+    run_cli(str(CORPUS), "--data", str(other), "--chunk-sizes", "4,4", "--node-ids", "alt{level}", "--run-id", "alt",
+            "--max-samples", "200", "--run-dir", str(other / "runs" / "alt"))  # fmt: skip
+    refused = inspect("stats", "--data", str(data), "--run-dir", str(other / "runs" / "alt"), expect=2)
+    assert "learned into another knowledge store" in refused.stderr
+    # given alone, a run directory is read in the store its run learned into
+    alone = inspect_json("stats", "--run-dir", str(other / "runs" / "alt"), cwd=tmp_path)
+    assert [row["node_id"] for row in alone] == ["alt0", "alt1"] and alone[0]["patterns"] > 0
+    assert [row["node_id"] for row in inspect_json("stats", "--data", str(other), "--run-id", "alt")] == ["alt0", "alt1"]
+    assert "no run 'alt'" in inspect("stats", "--data", str(data), "--run-id", "alt", expect=2).stderr
+
+
+def test_runs_over_http_are_found_by_their_id(tmp_path: Path) -> None:
+    from .conftest import EngineServer
+
+    server = EngineServer(tmp_path / "served").start()
+    try:
+        for run_id, size in (("hk", "4,4"), ("hj", "6,6")):
+            result = subprocess.run([sys.executable, "-m", "ingestd", "run", str(CORPUS), "--kato-url", server.url,
+                                     "--run-id", run_id, "--node-ids", "{run_id}-{level}", "--chunk-sizes", size,
+                                     "--max-samples", "150", "--no-progress"], cwd=tmp_path, capture_output=True,
+                                    text=True, timeout=300)  # fmt: skip
+            assert result.returncode == 0, result.stderr[-2000:]
+    finally:
+        server.stop()
+    served = str(tmp_path / "served")
+    assert [row["node_id"] for row in inspect_json("stats", "--data", served, "--run-id", "hk", cwd=tmp_path)] == ["hk-0", "hk-1"]
+    diff = inspect_json("diff", "hk", "hj", "--data", served, cwd=tmp_path)
+    assert [(row["node_a"], row["node_b"], row["same_kb"]) for row in diff] == [("hk-0", "hj-0", False), ("hk-1", "hj-1", False)]
+    several = inspect("stats", "--data", served, expect=2, cwd=tmp_path)
+    assert "several hierarchies" in several.stderr and "hj, hk" in several.stderr
+
+
+def test_diff_says_when_both_runs_share_their_nodes_and_keeps_every_level(tmp_path: Path) -> None:
+    data = tmp_path / "kb"
+    run_cli(str(CORPUS), "--data", str(data), "--chunk-sizes", "4,4,4", "--max-samples", "100", "--run-dir",
+            str(data / "runs" / "three"))  # fmt: skip
+    run_cli(str(CORPUS), "--data", str(data), "--chunk-sizes", "4,4,4,4", "--max-samples", "200", "--run-dir",
+            str(data / "runs" / "four"))  # fmt: skip
+    result = inspect("diff", "three", "four", "--data", str(data), "--json")
+    rows = json.loads(result.stdout)
+    assert [row["same_kb"] for row in rows] == [True, True, True, False]
+    assert rows[3]["node_a"] is None and rows[3]["node_b"] == "node3" and rows[3]["only_b"] == rows[3]["patterns_b"]
+    assert "same knowledge base" in inspect("diff", "three", "four", "--data", str(data)).stderr
+
+
+def test_prune_names_each_node_once(learned: tuple[Path, list[dict[str, Any]]]) -> None:
+    data, _ = learned
+    rows = inspect_json("prune", "--below", "2", "--levels", "0,node0,1", "--dry-run", "--data", str(data))
+    assert [row["node_id"] for row in rows] == ["node0", "node1"]

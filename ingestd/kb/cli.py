@@ -25,7 +25,9 @@ inspect_app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_DATA = Annotated[Path, typer.Option("--data-dir", "--data", help="Directory of the knowledge store (as `ingestd run --data-dir`).")]
+_DATA = Annotated[Optional[Path], typer.Option("--data-dir", "--data", help="Directory of the knowledge store (as `ingestd "
+                                              "run --data-dir`; default ./kato-data, or the store of --run-dir's run).",
+                                              show_default=False)]  # fmt: skip
 _NODE_IDS = Annotated[Optional[str], typer.Option("--node-ids", help="The nodes: a template with {level} (as "
                                                   "`ingestd run --node-ids`) or ids separated by commas.")]  # fmt: skip
 _RUN_ID = Annotated[Optional[str], typer.Option("--run-id", help="The nodes of this run (<data>/runs/<run id>).")]
@@ -104,7 +106,7 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 
 
 @inspect_app.command("stats")
-def stats_command(data: _DATA = Path("kato-data"), node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
+def stats_command(data: _DATA = None, node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
                   run_dir: _RUN_DIR = None, levels: _LEVELS = None, as_json: _JSON = False) -> None:  # fmt: skip
     """Per node: distinct patterns, total frequency (= learns), lengths, frequency quantiles, singletons."""
     with _opened(data, node_ids, run_id, run_dir) as kb:
@@ -121,7 +123,7 @@ def stats_command(data: _DATA = Path("kato-data"), node_ids: _NODE_IDS = None, r
 
 
 @inspect_app.command("top")
-def top_command(data: _DATA = Path("kato-data"), node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
+def top_command(data: _DATA = None, node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
                 run_dir: _RUN_DIR = None, tokenizer: _TOKENIZER = None, level: _LEVEL = "0",
                 n: Annotated[int, typer.Option("-n", "--n", min=1, max=1_000_000, help="How many.")] = 10,
                 as_json: _JSON = False) -> None:  # fmt: skip
@@ -138,7 +140,7 @@ def top_command(data: _DATA = Path("kato-data"), node_ids: _NODE_IDS = None, run
 
 @inspect_app.command("show")
 def show_command(name: Annotated[str, typer.Argument(help="A pattern name, PTRN|<sha1> or the bare sha1.")],
-                 data: _DATA = Path("kato-data"), node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
+                 data: _DATA = None, node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
                  run_dir: _RUN_DIR = None, tokenizer: _TOKENIZER = None,
                  level: Annotated[Optional[str], typer.Option("--level", "-l", help="The node holding it (default: "
                                                               "found).")] = None,
@@ -162,10 +164,10 @@ def show_command(name: Annotated[str, typer.Argument(help="A pattern name, PTRN|
 
 
 @inspect_app.command("sample")
-def sample_command(data: _DATA = Path("kato-data"), node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
+def sample_command(data: _DATA = None, node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
                    run_dir: _RUN_DIR = None, tokenizer: _TOKENIZER = None, level: _LEVEL = "0",
                    n: Annotated[int, typer.Option("-n", "--n", min=1, max=100_000, help="How many draws.")] = 5,
-                   seed: Annotated[int, typer.Option(help="Random seed: the same seed draws the same.")] = 0,
+                   seed: Annotated[int, typer.Option(min=0, help="Random seed: the same seed draws the same.")] = 0,
                    as_json: _JSON = False) -> None:  # fmt: skip
     """Patterns drawn with probability proportional to their frequency, unravelled to text."""
     with _opened(data, node_ids, run_id, run_dir, tokenizer) as kb:
@@ -180,7 +182,7 @@ def sample_command(data: _DATA = Path("kato-data"), node_ids: _NODE_IDS = None, 
 
 
 @inspect_app.command("histogram")
-def histogram_command(data: _DATA = Path("kato-data"), node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
+def histogram_command(data: _DATA = None, node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
                       run_dir: _RUN_DIR = None, levels: _LEVELS = None,
                       plot: Annotated[Optional[Path], typer.Option("--plot", help="Also draw it to this PNG (log-log, "
                                                                    "a panel per node).")] = None,
@@ -207,7 +209,7 @@ def histogram_command(data: _DATA = Path("kato-data"), node_ids: _NODE_IDS = Non
 
 @inspect_app.command("export")
 def export_command(out: Annotated[Path, typer.Option("--out", "-o", help="The parquet file to write.")],
-                   data: _DATA = Path("kato-data"), node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
+                   data: _DATA = None, node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
                    run_dir: _RUN_DIR = None, level: _LEVEL = "0") -> None:  # fmt: skip
     """A node's patterns to parquet: name, length, frequency, pattern_data, metadata."""
     from ingestd.kb.export import export_parquet
@@ -223,11 +225,11 @@ def export_command(out: Annotated[Path, typer.Option("--out", "-o", help="The pa
 
 @inspect_app.command("report")
 def report_command(out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),
-                   data: _DATA = Path("kato-data"), node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
+                   data: _DATA = None, node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
                    run_dir: _RUN_DIR = None, tokenizer: _TOKENIZER = None,
                    top: Annotated[int, typer.Option(min=1, max=1000, help="Top patterns per level.")] = 10,
                    samples: Annotated[int, typer.Option(min=0, max=1000, help="Patterns drawn per level.")] = 3,
-                   seed: Annotated[int, typer.Option(help="Seed of the draws.")] = 0) -> None:  # fmt: skip
+                   seed: Annotated[int, typer.Option(min=0, help="Seed of the draws.")] = 0) -> None:  # fmt: skip
     """A self-contained HTML page: statistics, histograms, top and sampled patterns as text, per level."""
     from ingestd.kb.report import write_report
 
@@ -242,7 +244,7 @@ def report_command(out: Annotated[Path, typer.Option("--out", "-o", help="The HT
 @inspect_app.command("prune")
 def prune_command(below: Annotated[int, typer.Option("--below", min=1, help="Remove patterns whose frequency is "
                                                      "below this.")],
-                  data: _DATA = Path("kato-data"), node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
+                  data: _DATA = None, node_ids: _NODE_IDS = None, run_id: _RUN_ID = None,
                   run_dir: _RUN_DIR = None, levels: _LEVELS = None,
                   dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would go.")] = False,
                   as_json: _JSON = False) -> None:  # fmt: skip
@@ -263,31 +265,27 @@ def prune_command(below: Annotated[int, typer.Option("--below", min=1, help="Rem
 @inspect_app.command("diff")
 def diff_command(run_a: Annotated[str, typer.Argument(help="A run: its run id under --data-dir, or its run directory.")],
                  run_b: Annotated[str, typer.Argument(help="The other run, the same way.")],
-                 data: _DATA = Path("kato-data"), as_json: _JSON = False) -> None:  # fmt: skip
+                 data: _DATA = None, as_json: _JSON = False) -> None:  # fmt: skip
     """Per level, patterns only in A, only in B, in both, and frequencies that differ."""
     from ingestd.kb.compare import diff
 
-    data_a, run_id_a, run_dir_a = _run(run_a, data)
-    data_b, run_id_b, run_dir_b = _run(run_b, data)
-    with _opened(data_a, None, run_id_a, run_dir_a) as a, _opened(data_b, None, run_id_b, run_dir_b) as b:
+    with _opened(data, None, *_run(run_a)) as a, _opened(data, None, *_run(run_b)) as b:
         records = _records(diff(a, b))
     if as_json:
         _echo_json(records)
         return
     _table(f"{run_a} → {run_b}", ["level", "A", "B", "only A", "only B", "both", "freq changed", "total freq A → B"],
-           [[r["level"], r["node_a"], r["node_b"], r["only_a"], r["only_b"], r["both"], r["frequency_changed"],
+           [[r["level"], r["node_a"] or "-", r["node_b"] or "-", r["only_a"], r["only_b"], r["both"], r["frequency_changed"],
              f"{r['total_frequency_a']:,} → {r['total_frequency_b']:,}"] for r in records])  # fmt: skip
+    same = [str(r["level"]) for r in records if r["same_kb"]]
+    if same:
+        typer.echo(f"note: at level(s) {', '.join(same)} both runs learned into the same knowledge base, so it compares "
+                   "with itself: give runs their own nodes (ingestd run --node-ids '{run_id}-node{level}')", err=True)  # fmt: skip
 
 
-def _run(text: str, data: Path) -> tuple[Path, str | None, Path | None]:
-    """(data dir, run id, run dir) for a run named on the command line: a run directory (its store is the one
-    it sits in, <data>/runs/<run id>, when there is one), else a run id under ``data``."""
+def _run(text: str) -> tuple[str | None, Path | None]:
+    """(run id, run dir) for a run named on the command line: a directory holding a run, else a run id."""
     path = Path(text).expanduser()
     if path.is_dir() and (path / "progress.sqlite3").exists():
-        home = path.resolve().parent.parent
-        return (home if (home / "kato.sqlite3").is_file() else data), None, path
-    if not (data / "runs" / text / "progress.sqlite3").exists():
-        typer.echo(f"ingestd: error: {text!r} is neither a run directory nor a run id under {data / 'runs'}: "
-                   "list them with `ingestd runs list`", err=True)  # fmt: skip
-        raise typer.Exit(2)
-    return data, text, None
+        return None, path
+    return text, None

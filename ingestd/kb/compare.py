@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -11,14 +12,19 @@ if TYPE_CHECKING:
 
 
 def diff(a: KnowledgeBase, b: KnowledgeBase) -> pd.DataFrame:
-    """Per level both hierarchies have: patterns only in ``a``, only in ``b``, in both, and in both with
-    another frequency; with each side's distinct patterns and total frequency."""
+    """Per level (of either hierarchy): patterns only in ``a``, only in ``b``, in both, and in both with another
+    frequency; each side's distinct patterns and total frequency; and ``same_kb`` where both sides are one knowledge
+    base (two runs into the same nodes of one store: it compares with itself)."""
     import pandas as pd
 
     rows = []
-    for node_a, node_b in zip(a.nodes, b.nodes, strict=False):
+    nothing: Iterator[tuple[str, int, int]] = iter(())
+    for level in range(max(len(a.nodes), len(b.nodes))):
+        node_a = a.nodes[level] if level < len(a.nodes) else None
+        node_b = b.nodes[level] if level < len(b.nodes) else None
         # Both lists come by name, so one merge walk compares them without holding both as dicts.
-        left, right = a.frequencies(node_a.level), b.frequencies(node_b.level)
+        left = a.frequencies(level) if node_a else nothing
+        right = b.frequencies(level) if node_b else nothing
         only_a = only_b = both = changed = total_a = total_b = count_a = count_b = 0
         x, y = next(left, None), next(right, None)
         while x is not None or y is not None:
@@ -40,7 +46,9 @@ def diff(a: KnowledgeBase, b: KnowledgeBase) -> pd.DataFrame:
                 count_a += 1
                 count_b += 1
                 x, y = next(left, None), next(right, None)
-        rows.append({"level": node_a.level, "node_a": node_a.node_id, "node_b": node_b.node_id, "patterns_a": count_a,
+        same = node_a is not None and node_b is not None and node_a.kb_id == node_b.kb_id and a.store_id == b.store_id
+        rows.append({"level": level, "node_a": node_a.node_id if node_a else None,
+                     "node_b": node_b.node_id if node_b else None, "same_kb": same, "patterns_a": count_a,
                      "patterns_b": count_b, "only_a": only_a, "only_b": only_b, "both": both,
                      "frequency_changed": changed, "total_frequency_a": total_a, "total_frequency_b": total_b})  # fmt: skip
     return pd.DataFrame(rows)

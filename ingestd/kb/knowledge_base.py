@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ingestd.engine.reader import StoredPattern, StoreMissing, StoreReader
-from ingestd.engine.rules import PATTERN_PREFIX, strip_prefix
+from ingestd.engine.rules import PATTERN_PREFIX
 from ingestd.errors import IngestError
 from ingestd.kb.nodes import Hierarchy, Node, NodesUnknown, resolve
 
@@ -80,11 +80,45 @@ class PatternView:
                 "missing": self.missing}  # fmt: skip
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+def pattern_name(text: str) -> str:
+    """A pattern name as KATO writes it, from how a person may give it: ``PTRN|<sha1>``, the bare sha1, any case,
+    with spaces around."""
+    bare = text.strip()
+    if bare[:5].upper() == PATTERN_PREFIX.upper():
+        bare = bare[5:]
+    if len(bare) == 40 and set(bare.lower()) <= _HEX:
+        bare = bare.lower()
+    return PATTERN_PREFIX + bare
+
+
+def _check_count(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise IngestError(f"n = {n!r}: give how many, a whole number of 1 or more")
+
+
+def _store_of(run_dir: Path) -> Path:
+    """The data directory an in-process run learned into: its manifest says, or it sits in ``<data>/runs``."""
+    from ingestd import catalogue
+
+    manifest = catalogue.read(run_dir) or {}
+    backend = manifest.get("backend") or {}
+    if backend.get("kind") == "embedded" and backend.get("data_dir"):
+        return Path(backend["data_dir"])
+    home = run_dir.resolve().parent.parent
+    return home if (home / "kato.sqlite3").is_file() else Path("kato-data")
+
+
 class KnowledgeBase:
     """The hierarchy learned into an embedded knowledge store (``ingestd run --data-dir DIR``)."""
 
-    def __init__(self, data_dir: str | Path = "kato-data", *, node_ids: str | None = None, run_id: str | None = None,
+    def __init__(self, data_dir: str | Path | None = None, *, node_ids: str | None = None, run_id: str | None = None,
                  run_dir: str | Path | None = None, tokenizer: str | Tokenizer | None = None) -> None:  # fmt: skip
+        """``data_dir``: the store (default ``./kato-data``, or with ``run_dir`` the store that run learned into)."""
+        if data_dir is None:
+            data_dir = _store_of(Path(run_dir).expanduser()) if run_dir is not None else Path("kato-data")
         self.data_dir = Path(data_dir).expanduser()
         try:
             self._reader = StoreReader(self.data_dir)
@@ -102,11 +136,18 @@ class KnowledgeBase:
 
     # -- plumbing ----------------------------------------------------------------------------------------
     @property
+    def store_id(self) -> str:
+        """The store's own random id (one store, under whatever path)."""
+        return self._reader.store_id()
+
+    @property
     def nodes(self) -> list[Node]:
         return self.hierarchy.nodes
 
     def node(self, which: int | str) -> Node:
         """A node by level (``2``) or node id (``"node2"``)."""
+        if isinstance(which, bool):
+            raise NodesUnknown(f"a node is a level or a node id, not {which!r}")
         for node in self.nodes:
             if which in (node.level, node.node_id) or str(which) == str(node.level):
                 return node
@@ -114,7 +155,8 @@ class KnowledgeBase:
                            f"{', '.join(f'{node.level} ({node.node_id})' for node in self.nodes)}")  # fmt: skip
 
     def _chosen(self, levels: Sequence[int | str] | None) -> list[Node]:
-        return list(self.nodes) if not levels else [self.node(level) for level in levels]
+        """The nodes named (each once, in the order given), or all."""
+        return list(self.nodes) if not levels else list(dict.fromkeys(self.node(level) for level in levels))
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -140,8 +182,9 @@ class KnowledgeBase:
     # -- unravelling ----------------------------------------------------------------------------------
     def unravel(self, name: str, level: int | str | None = None) -> Unravelled:
         """``name`` followed down through every level below its own to node0's tokens, and their text."""
+        name = pattern_name(name)
         node = self.node(level) if level is not None else self.locate(name)[0]
-        return self._unravel_many([PATTERN_PREFIX + strip_prefix(name)], node.level)[0]
+        return self._unravel_many([name], node.level)[0]
 
     def _unravel_many(self, names: Sequence[str], level: int, known: dict[str, StoredPattern] | None = None) -> list[Unravelled]:
         """Each name of one level, unravelled; the lookups of a level are made together for all of them."""
@@ -189,6 +232,7 @@ class KnowledgeBase:
     def locate(self, name: str) -> tuple[Node, StoredPattern]:
         """The node holding ``name`` (with or without ``PTRN|``), and the pattern there; the lowest level
         when several do (the same chunk of names at two levels)."""
+        name = pattern_name(name)
         found = self._reader.find([node.kb_id for node in self.nodes], name)
         if not found:
             raise PatternNotFound(f"no node of {self!r} holds {name}: list some with `ingestd inspect top`")
@@ -198,11 +242,12 @@ class KnowledgeBase:
 
     def show(self, name: str, level: int | str | None = None) -> PatternView:
         """One pattern: frequency, metadata, and its unravelling down to node0's tokens and text."""
+        name = pattern_name(name)
         if level is None:
             node, pattern = self.locate(name)
         else:
             node = self.node(level)
-            pattern = self._reader.patterns(node.kb_id, [name]).get(PATTERN_PREFIX + strip_prefix(name))  # type: ignore[assignment]
+            pattern = self._reader.patterns(node.kb_id, [name]).get(name)  # type: ignore[assignment]
             if pattern is None:
                 raise PatternNotFound(f"node {node.node_id} does not hold {name}")
         unravelled = self._unravel_many([pattern.name], node.level, {pattern.name: pattern})[0]
@@ -246,6 +291,7 @@ class KnowledgeBase:
         """The ``n`` most frequent patterns of a node (ties by name), each with its text."""
         import pandas as pd
 
+        _check_count(n)
         node = self.node(level)
         patterns = self._reader.most_frequent(node.kb_id, n)
         unravelled = self._unravel_many([pattern.name for pattern in patterns], node.level,
@@ -276,6 +322,9 @@ class KnowledgeBase:
         import numpy as np
         import pandas as pd
 
+        _check_count(n)
+        if seed is not None and seed < 0:
+            raise IngestError(f"seed {seed}: give a whole number of 0 or more (or None for a fresh draw)")
         node = self.node(level)
         names, frequencies = [], []
         for name, frequency, _ in self._reader.frequencies(node.kb_id):

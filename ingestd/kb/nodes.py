@@ -7,6 +7,7 @@ neither, the store's own record of what fed its nodes decides, when it holds one
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,11 @@ from typing import Any
 from ingestd.engine.reader import StoreReader
 from ingestd.engine.rules import kb_id
 from ingestd.errors import IngestError
-from ingestd.progress import read_identity
+from ingestd.progress import read_run
 
 MAX_LEVELS = 64
+RUN_ID = re.compile(r"(?!\.)[\w.-]{1,128}")  # as ingestd run takes them
+SERVER_RUNS = Path("ingestd-runs")  # where runs against a server keep their directories (ingestd run --kato-url)
 
 
 class NodesUnknown(IngestError):
@@ -50,29 +53,72 @@ class Hierarchy:
 def resolve(reader: StoreReader, data_dir: Path, *, node_ids: str | None = None, run_id: str | None = None,
             run_dir: Path | None = None) -> Hierarchy:  # fmt: skip
     """The hierarchy named by ``run_dir``, ``run_id`` or ``node_ids`` (in that order), else the one the store holds."""
-    if run_dir is None and run_id and not node_ids:
-        run_dir = Path(data_dir) / "runs" / run_id
-    if run_dir is not None and not node_ids:
-        return _from_run(Path(run_dir))
     fed = {node.kb_id: node for node in reader.fed_nodes()}
+    if run_dir is None and run_id and not node_ids:
+        run_dir = find_run(reader, Path(data_dir), run_id)
+    if run_dir is not None and not node_ids:
+        return _from_run(reader, fed, Path(run_dir), Path(data_dir))
     if node_ids:
         return _from_template(reader, fed, node_ids, run_id or "")
     return _from_store(reader, fed, Path(data_dir))
 
 
-def _from_run(run_dir: Path) -> Hierarchy:
-    identity = read_identity(run_dir)
-    if identity is None:
+def run_dirs(data_dir: Path, run_id: str) -> list[Path]:
+    """Where a run called ``run_id`` may keep its directory: ``<data>/runs/<id>`` (in-process), or
+    ``ingestd-runs/<store>/<id>`` (against a server, ingestd's own engine included)."""
+    if not RUN_ID.fullmatch(run_id):
+        raise NodesUnknown(f"--run-id {run_id!r}: a run id is letters, digits, '.', '_' and '-' (at most 128); give a "
+                           "run directory with --run-dir")  # fmt: skip
+    candidates = [Path(data_dir) / "runs" / run_id, *sorted(SERVER_RUNS.glob(f"*/{run_id}"))]
+    return [candidate for candidate in candidates if (candidate / "progress.sqlite3").is_file()]
+
+
+def find_run(reader: StoreReader, data_dir: Path, run_id: str) -> Path:
+    """The directory of the run ``run_id`` that learned into this store."""
+    found = run_dirs(data_dir, run_id)
+    ours = [run_dir for run_dir in found if _same_store(reader, read_run(run_dir))]
+    if len(ours) == 1 or (ours and len({path.resolve() for path in ours}) == 1):
+        return ours[0]
+    if len(ours) > 1:
+        raise NodesUnknown(f"several runs are called {run_id!r} ({', '.join(map(str, ours))}): give one with --run-dir")
+    if found:
+        raise NodesUnknown(f"the run {run_id!r} ({found[0]}) learned into another knowledge store, not the one in "
+                           f"{data_dir}: give that store with --data-dir")  # fmt: skip
+    raise NodesUnknown(f"no run {run_id!r} in {Path(data_dir) / 'runs'} or {SERVER_RUNS}: list them with "
+                       "`ingestd runs list`, or give a run directory with --run-dir")  # fmt: skip
+
+
+def _same_store(reader: StoreReader, record: object) -> bool:
+    store = getattr(record, "store", None)
+    # A KATO server's address cannot be checked against a file; nor a run that had not started learning.
+    return store is None or "://" in store or store == reader.store_id()
+
+
+def _from_run(reader: StoreReader, fed: dict[str, Any], run_dir: Path, data_dir: Path) -> Hierarchy:
+    record = read_run(run_dir)
+    if record is None:
         raise NodesUnknown(f"{run_dir} holds no ingestd run: give a run directory (<data>/runs/<run id>), a run id "
                            "with --run-id, or the nodes with --node-ids")  # fmt: skip
-    nodes = [Node(level, entry["node_id"], kb_id(entry["node_id"]), entry.get("chunk_size"), entry.get("capture_metadata"))
-             for level, entry in enumerate(identity["hierarchy"])]  # fmt: skip
-    return Hierarchy(nodes, identity.get("tokenizer", "gpt2"), run_dir)
+    if not _same_store(reader, record):
+        raise NodesUnknown(f"the run in {run_dir} learned into another knowledge store (id {record.store}), not the "
+                           f"one in {data_dir} (id {reader.store_id()}): give that run's store with --data-dir")  # fmt: skip
+    nodes = []
+    for level, entry in enumerate(record.identity["hierarchy"]):
+        kb = kb_id(entry["node_id"])
+        feeder = fed.get(kb)  # what fed it, when recorded, wins over what a run meant to feed it
+        nodes.append(Node(level, entry["node_id"], kb, feeder.feeder.chunk_size if feeder else entry.get("chunk_size"),
+                          entry.get("capture_metadata")))  # fmt: skip
+    return Hierarchy(nodes, record.identity.get("tokenizer", "gpt2"), run_dir)
 
 
 def _from_template(reader: StoreReader, fed: dict[str, Any], template: str, run_id: str) -> Hierarchy:
     if "{level}" not in template:
         ids = [part.strip() for part in template.split(",") if part.strip()]
+        known = set(reader.kb_ids()) | set(fed)
+        unknown = [node_id for node_id in ids if kb_id(node_id) not in known]
+        if unknown:
+            raise NodesUnknown(f"the knowledge store holds no node {', '.join(map(repr, unknown))} (--node-ids): it holds "
+                               f"{_listing(reader, fed)}")  # fmt: skip
     else:
         stored = set(reader.kb_ids()) | set(fed)
         ids = []
@@ -98,9 +144,15 @@ def _from_template(reader: StoreReader, fed: dict[str, Any], template: str, run_
 def _from_store(reader: StoreReader, fed: dict[str, Any], data_dir: Path) -> Hierarchy:
     hierarchies: dict[tuple[str, ...], Hierarchy] = {}
     runs = data_dir / "runs"
-    for run_dir in sorted(runs.iterdir()) if runs.is_dir() else []:
+    own = sorted(runs.iterdir()) if runs.is_dir() else []
+    served = [run_dir for run_dir in sorted(SERVER_RUNS.glob("*/*")) if (record := read_run(run_dir)) is not None
+              and record.store == reader.store_id()]  # runs over HTTP into ingestd's engine serving this store
+    for run_dir in own + served:
+        record = read_run(run_dir)
+        if record is None or not record.done:
+            continue  # nothing learned (refused, say, for feeding nodes another way): it names no hierarchy here
         try:
-            found = _from_run(run_dir)
+            found = _from_run(reader, fed, run_dir, data_dir)
         except NodesUnknown:
             continue
         hierarchies.setdefault(tuple(node.node_id for node in found.nodes), found)
@@ -120,8 +172,9 @@ def _from_store(reader: StoreReader, fed: dict[str, Any], data_dir: Path) -> Hie
         raise NodesUnknown(f"the knowledge store in {data_dir} does not say which of its nodes make a hierarchy: "
                            f"give them with --node-ids (it holds {_listing(reader, fed)})")  # fmt: skip
     run_ids = sorted(found.run_dir.name for found in hierarchies.values() if found.run_dir is not None)
-    raise NodesUnknown(f"the knowledge store in {data_dir} holds several hierarchies: choose one with --run-id "
-                       f"({', '.join(run_ids) or 'no run directories'}) or --node-ids (it holds {_listing(reader, fed)})")  # fmt: skip
+    by_run = f"--run-id ({', '.join(run_ids)}) or " if run_ids else ""
+    raise NodesUnknown(f"the knowledge store in {data_dir} holds several hierarchies: choose one with {by_run}"
+                       f"--node-ids (it holds {_listing(reader, fed)})")  # fmt: skip
 
 
 def _listing(reader: StoreReader, fed: dict[str, Any]) -> str:

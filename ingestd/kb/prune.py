@@ -33,7 +33,7 @@ def prune(kb: KnowledgeBase, below: int, levels: Sequence[int | str] | None = No
 
     if below < 1:
         raise IngestError(f"--below {below}: give a frequency of at least 1 (patterns with a lower one are removed)")
-    nodes = list(kb.nodes) if not levels else [kb.node(level) for level in levels]
+    nodes = list(kb.nodes) if not levels else list(dict.fromkeys(kb.node(level) for level in levels))
     try:
         counts = prune_store(kb.data_dir, [node.kb_id for node in nodes], below, dry_run=dry_run)
     except StoreBusy as error:
