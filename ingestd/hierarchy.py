@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from ingestd.engine.rules import kb_id
 from ingestd.errors import IngestError
@@ -52,8 +53,11 @@ class Hierarchy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     levels: list[Level] = Field(default_factory=list, max_length=MAX_LEVELS)
+    # ``node_ids`` in a file, as the flag (--node-ids), the job field and run()'s keyword name it; the field's
+    # own name is taken too, as earlier files spell it.
     node_id_template: str = Field(
-        default="node{level}", description="Node ids of levels without one; {level} and {run_id} are filled in."
+        default="node{level}", validation_alias=AliasChoices("node_ids", "node_id_template"),
+        description="Node ids of levels without one; {level} and {run_id} are filled in.",
     )
 
     _run_options: FileRunOptions = PrivateAttr(default_factory=FileRunOptions)
@@ -188,7 +192,16 @@ def read_file(path: Path) -> Any:
     return data
 
 
+_TOP_KEYS = ("levels", "node_ids", "node_id_template", "run", "min_chars")  # the file's, and its [run] table's
+_LEVEL_KEYS = ("chunk_size", "node_id", "capture_metadata", "session_config")
+
+
 def _first_error(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
-    return f"{where}: {first['msg']}" if where else first["msg"]
+    message = first["msg"]
+    if first["type"] == "extra_forbidden" and first["loc"]:
+        keys = _LEVEL_KEYS if first["loc"][0] == "levels" else _TOP_KEYS
+        close = difflib.get_close_matches(str(first["loc"][-1]), keys, n=1, cutoff=0.6)
+        message = f"unknown key{f': did you mean {close[0]!r}?' if close else ''}"
+    return f"{where}: {message}" if where else message

@@ -102,3 +102,30 @@ def test_progress_bar_when_asked(tmp_path: Path, capsys: pytest.CaptureFixture[s
     run(str(CORPUS), chunk_sizes=[8], max_samples=200, data_dir=tmp_path / "bar", progress=True)
     err = capsys.readouterr().err
     assert "learning" in err and re.search(r"(\d+)/\1 \[", err)  # full at the end: every sample read
+
+
+def test_one_name_per_option_in_hierarchy_files_too(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from ingestd.hierarchy import Hierarchy as Loaded
+
+    good = tmp_path / "h.toml"
+    good.write_text('node_ids = "file-{level}"\n[[levels]]\nchunk_size = 4\n[[levels]]\nchunk_size = 4\n', encoding="utf-8")
+    assert Loaded.from_file(good).node_ids() == ["file-0", "file-1"]
+    old = tmp_path / "old.yaml"
+    old.write_text("node_id_template: 'old-{level}'\nlevels:\n  - chunk_size: 4\n", encoding="utf-8")
+    assert Loaded.from_file(old).node_ids() == ["old-0"]  # files written with the earlier name still load
+    result = subprocess.run([sys.executable, "-m", "ingestd", "run", str(CORPUS), "--hierarchy", str(good), "--data-dir",
+                             str(tmp_path / "kb"), "--max-samples", "20", "--no-progress"], capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert set(frequencies(tmp_path / "kb", "file-1")) and not (tmp_path / "kato-data").exists()
+    for text, closest in (('node_idz = "x-{level}"\n[[levels]]\nchunk_size = 4\n', "node_ids"),
+                          ("[[levels]]\nchunk_size = 4\ncapture_metadat = true\n", "capture_metadata")):
+        typo = tmp_path / "typo.toml"
+        typo.write_text(text, encoding="utf-8")
+        refused = subprocess.run([sys.executable, "-m", "ingestd", "run", str(CORPUS), "--hierarchy", str(typo)],
+                                 capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+        assert refused.returncode == 2 and f"did you mean {closest!r}?" in refused.stderr
+        assert "Traceback" not in refused.stderr and not (tmp_path / "kato-data").exists()
