@@ -280,6 +280,37 @@ def run_command(
         raise typer.Exit(EXIT_SAMPLES_FAILED)
 
 
+@app.command("merge")
+def merge_command(
+    shards: Annotated[list[Path], typer.Argument(help="Data directories of the shards (each a --data-dir a shard learned into).")],
+    into: Annotated[Path, typer.Option("--into", help="The data directory to merge them into (made if missing).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Merge shards' knowledge stores into one: frequencies summed, metadata united, exactly what one process
+    would have learned. A shard is merged once (running it again skips it), also across a crash."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ingestd.kb.merge import merge_stores
+
+    try:
+        frame = merge_stores(shards, into)
+    except IngestError as error:
+        typer.echo(f"ingestd: error: {error}", err=True)
+        raise typer.Exit(error.exit_code) from None
+    rows = frame.to_dict(orient="records")
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=lambda value: value.item()))
+        return
+    table = Table(title=f"merged into {into}", title_justify="left")
+    for column in ("shard", "store id", "patterns", "merged"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["source"], row["store_id"], f"{int(row['patterns']):,}",
+                      "before (skipped)" if row["already_merged"] else "now")  # fmt: skip
+    Console().print(table)
+
+
 @app.command("serve")
 def serve_command(
     host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1, or INGESTD_HOST).")] = None,

@@ -73,6 +73,13 @@ class StoreReader:
         row = self._connection.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
         return "" if row is None else row[0]
 
+    def merged_stores(self) -> list[str]:
+        """The store ids of every store merged into this one, directly or through a store merged into it."""
+        try:
+            return [store for (store,) in self._connection.execute("SELECT store_id FROM merged ORDER BY 1")]
+        except sqlite3.OperationalError:  # never merged into: no table
+            return []
+
     def kb_ids(self) -> list[str]:
         """Every knowledge base holding at least one pattern."""
         return [kb for (kb,) in self._connection.execute("SELECT DISTINCT kb_id FROM patterns ORDER BY 1")]

@@ -1,0 +1,128 @@
+"""`ingestd merge`: shards learned apart, merged in any order and grouping, are exactly the knowledge base one
+process learns; a merge runs each shard once, also when it is killed and run again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ingestd import run
+from ingestd.kb.merge import MergeError, merge_stores
+
+from .conftest import CORPUS
+
+CHUNKS = [4, 4, 4]
+METADATA = [1, 2]
+SAMPLES = 240
+
+
+def dump(data: Path) -> dict[tuple[str, str], tuple[Any, ...]]:
+    """Every pattern of a store, metadata as a map (its key order is not significant, as in KATO)."""
+    with sqlite3.connect(data / "kato.sqlite3") as connection:
+        rows = connection.execute("SELECT kb_id, name, frequency, pattern_data, length, emotives, metadata FROM patterns")
+        return {(kb, name): (frequency, bytes(data), length, bytes(emotives), json.loads(metadata))
+                for kb, name, frequency, data, length, emotives, metadata in rows}  # fmt: skip
+
+
+def learn(data: Path, skip: int = 0, count: int | None = SAMPLES) -> None:
+    run(str(CORPUS), chunk_sizes=CHUNKS, metadata_levels=METADATA, data_dir=data, skip=skip, max_samples=count)
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], tuple[Any, ...]]:
+    data = tmp_path_factory.mktemp("whole") / "kb"
+    learn(data)
+    return dump(data)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(1, SAMPLES - 1), max_size=3, unique=True), order=st.randoms(use_true_random=False),
+       staged=st.booleans())  # fmt: skip
+def test_merge_of_any_split_in_any_order_is_the_single_run(tmp_path_factory: pytest.TempPathFactory,
+                                                          whole: dict[tuple[str, str], tuple[Any, ...]],
+                                                          cuts: list[int], order: Any, staged: bool) -> None:  # fmt: skip
+    scratch = tmp_path_factory.mktemp("split")
+    bounds = [0, *sorted(cuts), SAMPLES]
+    shards = []
+    for number, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        shards.append(scratch / f"shard{number}")
+        learn(shards[-1], skip=start, count=end - start)
+    order.shuffle(shards)
+    target = scratch / "merged"
+    if staged and len(shards) > 2:  # merged in two steps: some into a middle store, that into the target
+        merge_stores(shards[:2], scratch / "middle")
+        merge_stores([scratch / "middle", *shards[2:]], target)
+    else:
+        merge_stores(shards, target)
+    assert dump(target) == whole
+    again = merge_stores(shards, target)  # every shard was merged: nothing changes
+    assert again["already_merged"].all() and dump(target) == whole
+
+
+def test_a_merge_killed_at_any_moment_and_run_again_is_exact(tmp_path: Path) -> None:
+    shards = []
+    for number, start in enumerate(range(0, 4 * 1500, 1500)):
+        shards.append(tmp_path / f"shard{number}")
+        learn(shards[-1], skip=start, count=1500)
+    reference = tmp_path / "reference"
+    merge_stores(shards, reference)
+    expected = dump(reference)
+    killed_while_merging = 0
+    for attempt, delay in enumerate((0.9, 1.3, 1.8, 2.4)):
+        target = tmp_path / f"merged{attempt}"
+        process = subprocess.Popen([sys.executable, "-m", "ingestd", "merge", *map(str, shards), "--into", str(target)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        time.sleep(delay)
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            killed_while_merging += 1
+        process.wait()
+        result = subprocess.run([sys.executable, "-m", "ingestd", "merge", *map(str, shards), "--into", str(target), "--json"],
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert dump(target) == expected
+        merged = json.loads(result.stdout)
+        assert len(merged) == 4 and sum(not row["already_merged"] for row in merged) <= 4
+    assert killed_while_merging >= 1  # the kill really came during a merge at least once
+
+
+def test_what_does_not_add_up_is_refused(tmp_path: Path) -> None:
+    learn(tmp_path / "a", count=50)
+    run(str(CORPUS), chunk_sizes=[6, 4, 4], data_dir=tmp_path / "other", max_samples=50)
+    merge_stores([tmp_path / "a"], tmp_path / "target")
+    with pytest.raises(MergeError, match="node0 .* chunk size 6.* chunk size 4"):
+        merge_stores([tmp_path / "other"], tmp_path / "target")
+    with pytest.raises(MergeError, match="target"):
+        merge_stores([tmp_path / "target"], tmp_path / "target")
+    # a store made by merging carries its shards: none may be counted twice, whichever way round
+    learn(tmp_path / "b", skip=50, count=50)
+    merge_stores([tmp_path / "a", tmp_path / "b"], tmp_path / "middle")
+    with pytest.raises(MergeError, match="count that shard twice"):
+        merge_stores([tmp_path / "middle"], tmp_path / "target")  # a is in both
+    merge_stores([tmp_path / "b"], tmp_path / "target")
+    assert merge_stores([tmp_path / "middle"], tmp_path / "fresh")["patterns"].iloc[0] > 0
+    assert merge_stores([tmp_path / "a"], tmp_path / "fresh")["already_merged"].iloc[0]  # through middle
+    assert dump(tmp_path / "fresh") == dump(tmp_path / "target")
+    merge_stores([tmp_path / "middle"], tmp_path / "copy")
+    with pytest.raises(MergeError, match="target twice"):
+        merge_stores([tmp_path / "copy"], tmp_path / "middle")  # copy holds middle itself
+    refused = subprocess.run([sys.executable, "-m", "ingestd", "merge", str(tmp_path / "nowhere"), "--into",
+                              str(tmp_path / "target")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 2 and "no knowledge store" in refused.stderr and "Traceback" not in refused.stderr
+    # a target being learned into is not merged into
+    from ingestd.engine.store import writer_lock
+
+    with writer_lock(tmp_path / "target", exclusive=False):
+        with pytest.raises(MergeError, match="being learned into"):
+            merge_stores([tmp_path / "a"], tmp_path / "target")
