@@ -180,6 +180,7 @@ def run_command(
     fresh: Annotated[bool, typer.Option("--fresh", help="clear-all every node's knowledge base and the run's progress first.", rich_help_panel="Run control")] = False,
     run_dir: Annotated[Optional[Path], typer.Option(help="Progress and failed.jsonl (default: <data>/runs/<run id>, or ingestd-runs/<store>/<run id> with --kato-url). A run resumes from it.", rich_help_panel="Run control")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Only redo the samples this run recorded as failed (failed.jsonl).", rich_help_panel="Run control")] = False,
+    shard: Annotated[Optional[str], typer.Option(help="Learn only this share of the source, I/N (0-based): the samples whose index modulo N is I. Give each shard its own --data-dir, then `ingestd merge` them (Slurm: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT).", rich_help_panel="Run control")] = None,
     drain_timeout: Annotated[float, typer.Option(min=0.1, help="After SIGINT/SIGTERM, seconds for in-flight samples.", rich_help_panel="Run control")] = 30.0,
     metrics_port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Serve Prometheus metrics on this port (loopback) during the run.", rich_help_panel="Output")] = None,
     summary_json: Annotated[Optional[Path], typer.Option(help="Also write the summary here as JSON.", rich_help_panel="Output")] = None,
@@ -234,7 +235,7 @@ def run_command(
                            batch_chunks=batch_chunks, batching=batching, kato_url=kato, data_dir=data,
                            durability=durability, run_id=run_id, fresh=fresh, skip=skip,  # type: ignore[arg-type]
                            max_samples=max_samples, run_dir=run_dir, retry_failed=retry_failed,
-                           drain_timeout=drain_timeout, allow_mixed_kb=allow_mixed_kb,
+                           drain_timeout=drain_timeout, allow_mixed_kb=allow_mixed_kb, shard=shard,
                            retry=RetryPolicy(patience=patience, request_timeout=request_timeout))
         show_bar = sys.stdout.isatty() if progress is None else progress
         if metrics_port is not None:

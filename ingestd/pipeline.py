@@ -36,7 +36,7 @@ from ingestd.progress import Progress, SourceChanged, fingerprint
 from ingestd.resume import check_store_file, prepare
 from ingestd.retry import RetryPolicy, ServerWatch
 from ingestd.retry import send as send_call
-from ingestd.source import MAX_COUNT, BadRecord, Filtered, Sample, Source, SourceEvent, SourceSpec
+from ingestd.source import MAX_COUNT, BadRecord, Filtered, Sample, Shard, Source, SourceEvent, SourceSpec
 from ingestd.tokenize import Tokenizer, load_tokenizer
 from ingestd.worker import SampleOutcome, Worker, level_setups
 
@@ -85,6 +85,17 @@ class RunConfig(BaseModel):
                                  "tokenizer fed (refused otherwise).")  # fmt: skip
     node_registry: Path | None = Field(default=None, description="Where ingestd records what fed a KATO server's "
                                        "nodes; default ingestd-runs/kato-nodes.sqlite3.")  # fmt: skip
+    shard: Shard | None = Field(default=None, description="Learn only this share of the source, I/N: the samples "
+                                "whose index modulo N is I (learn each into its own --data-dir, then ingestd merge).")  # fmt: skip
+
+    @field_validator("shard", mode="before")
+    @classmethod
+    def _shard(cls, shard: Any) -> Any:
+        if isinstance(shard, str):
+            return Shard.parse(shard)
+        if isinstance(shard, tuple | list):
+            return Shard(*shard)
+        return shard
 
     @field_validator("kato_url")
     @classmethod
@@ -107,8 +118,11 @@ class RunConfig(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """What decides the knowledge base; fingerprinted so a run directory never mixes two configurations."""
-        return {"source": self.source.describe(), "tokenizer": self.tokenizer,
-                "hierarchy": self.hierarchy.describe(self.run_id)}  # fmt: skip
+        identity = {"source": self.source.describe(), "tokenizer": self.tokenizer,
+                    "hierarchy": self.hierarchy.describe(self.run_id)}  # fmt: skip
+        if self.shard is not None and self.shard.count > 1:  # (unsharded runs keep the identity they always had)
+            identity["shard"] = str(self.shard)
+        return identity
 
     def resolved_run_dir(self, store: str | None = None) -> Path:
         """``run_dir``, or by default ``<data>/runs/<run id>`` in-process, and with a server
@@ -330,7 +344,8 @@ class Pipeline:
                 "hierarchy": config.hierarchy.describe(config.run_id), "workers": config.workers,
                 "batching": config.batching, "batch_chunks": config.batch_chunks,
                 "backend": config.kato_url or f"embedded:{config.data_dir}",
-                "run_dir": str(self._run_dir or config.resolved_run_dir())}  # fmt: skip
+                "run_dir": str(self._run_dir or config.resolved_run_dir()),
+                "shard": str(config.shard) if config.shard is not None else None}  # fmt: skip
 
     async def run(self) -> RunSummary:
         """Validate everything that can be checked up front, then learn the whole source."""
@@ -374,14 +389,16 @@ class Pipeline:
         """Count the source's records on a thread of their own (a scan of a text file: it must not delay the run,
         and the run does not wait for it), for a progress display's total and time left."""
         config = self.config
-        if config.max_samples is not None:
-            self.stats.samples_expected = config.max_samples
+        share = config.shard.count if config.shard is not None else 1  # a shard reads about 1/N of them
+        limit = None if config.max_samples is None else -(-config.max_samples // share)
+        if limit is not None:
+            self.stats.samples_expected = limit
 
         def count() -> None:
             records = source.count_records()
             if records is not None:
-                expected = max(0, records - config.skip)
-                self.stats.samples_expected = expected if config.max_samples is None else min(expected, config.max_samples)
+                expected = -(-max(0, records - config.skip) // share)
+                self.stats.samples_expected = expected if limit is None else min(expected, limit)
 
         threading.Thread(target=count, name="ingestd-count", daemon=True).start()
 
@@ -529,7 +546,7 @@ class Pipeline:
     async def _produce(self, source: Source, tokenizer: Tokenizer, progress: Progress, resume_points: dict[int, list[int]],
                        send: MemoryObjectSendStream[list[SamplePlan]], bulk: bool) -> None:  # fmt: skip
         config = self.config
-        events = source.events(skip=config.skip, max_samples=config.max_samples)
+        events = source.events(skip=config.skip, max_samples=config.max_samples, shard=config.shard)
         planners = Planners(tokenizer, config.hierarchy.chunk_sizes,
                             default_planners() if config.planners is None else config.planners)
         wanted = set(progress.failed) if config.retry_failed else None  # with --retry-failed, the samples to redo

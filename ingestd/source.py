@@ -110,6 +110,34 @@ class Filtered:
 
 SourceEvent = Sample | BadRecord | Filtered
 
+MAX_SHARDS = 100_000
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One of ``count`` shares of a source (``--shard index/count``, 0-based): the samples whose index modulo
+    ``count`` is ``index``."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.count <= MAX_SHARDS and 0 <= self.index < self.count):
+            raise SourceError(f"shard {self.index}/{self.count}: give I/N with 0 <= I < N <= {MAX_SHARDS} (e.g. 0/4 "
+                              "... 3/4), or leave it out to learn the whole source")  # fmt: skip
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"I/N"`` (as ``--shard`` takes it)."""
+        try:
+            index, count = (int(part) for part in text.strip().split("/"))
+        except ValueError:
+            raise SourceError(f"--shard {text!r}: give I/N, e.g. 0/4 (shard 0 of 4, counted from 0)") from None
+        return cls(index, count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
 
 @dataclass(frozen=True)
 class SourceSpec:
@@ -733,18 +761,39 @@ class Source:
         self._records = lambda: _datasets_records(dataset, text_field, wanted, f"hub dataset {name!r}")
         self._count = lambda: _card_rows(dataset, split)
 
-    def events(self, *, skip: int = 0, max_samples: int | None = None) -> Iterator[SourceEvent]:
+    def events(self, *, skip: int = 0, max_samples: int | None = None,
+               shard: Shard | None = None) -> Iterator[SourceEvent]:  # fmt: skip
         """Every record as an event, indices counted over the filtered stream.
 
         ``skip`` passes over the first samples of the filtered stream (they are
         neither learned nor reported); ``max_samples`` stops after that many
-        samples (good or bad) past the skipped ones.
+        samples (good or bad) past the skipped ones. With a ``shard``, only the
+        samples whose index falls to it (and the filtered records just before
+        them); indices, ``skip`` and ``max_samples`` keep their meaning over the
+        whole source, so the shards together are exactly the unsharded run.
         """
         try:
-            yield from self._events(skip, max_samples)
+            if shard is None or shard.count == 1:
+                yield from self._events(skip, max_samples)
+            else:
+                yield from self._shard_events(self._events(skip, max_samples), shard)
         except OSError as error:  # the file went away or the disk failed part-way: progress so far is kept
             raise SourceError(f"{self.spec.source} could not be read to the end ({error.strerror or error}): check "
                               "the file, then run the same command to go on") from None  # fmt: skip
+
+    @staticmethod
+    def _shard_events(events: Iterator[SourceEvent], shard: Shard) -> Iterator[SourceEvent]:
+        # Round robin over the sample index: shards get equal shares whatever the samples' order, without a count
+        # first. A filtered record goes with the sample after it, so each is counted by exactly one shard.
+        following = 0  # the index of the next sample
+        for event in events:
+            if isinstance(event, Filtered):
+                if following % shard.count == shard.index:
+                    yield event
+                continue
+            following = event.index + 1
+            if event.index % shard.count == shard.index:
+                yield event
 
     def _events(self, skip: int, max_samples: int | None) -> Iterator[SourceEvent]:
         index = 0

@@ -126,3 +126,25 @@ def test_what_does_not_add_up_is_refused(tmp_path: Path) -> None:
     with writer_lock(tmp_path / "target", exclusive=False):
         with pytest.raises(MergeError, match="being learned into"):
             merge_stores([tmp_path / "a"], tmp_path / "target")
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_shards_learned_by_hand_then_merged_are_the_single_run(tmp_path: Path, count: int) -> None:
+    from .golden import run_cli
+
+    options = ["--chunk-sizes", "4,4,4", "--metadata-levels", "1,2", "--max-samples", "700"]
+    single = run_cli(str(CORPUS), "--data", str(tmp_path / "single"), *options)
+    summaries = [run_cli(str(CORPUS), "--data", str(tmp_path / f"shard{index}"), "--shard", f"{index}/{count}", *options,
+                         "--run-dir", str(tmp_path / f"shard{index}" / "runs" / "shard")) for index in range(count)]  # fmt: skip
+    # every sample of the source once, in exactly one shard: the counts add up to the single run's
+    for key in ("read", "learned", "filtered", "failed"):
+        assert sum(summary["samples"][key] for summary in summaries) == single["samples"][key]
+    assert [summary["config"]["shard"] for summary in summaries] == [f"{index}/{count}" for index in range(count)]
+    merged = subprocess.run([sys.executable, "-m", "ingestd", "merge", *(str(tmp_path / f"shard{index}") for index in range(count)),
+                             "--into", str(tmp_path / "merged")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert merged.returncode == 0, merged.stderr
+    assert dump(tmp_path / "merged") == dump(tmp_path / "single")
+    # a shard run again resumes: nothing more is learned
+    again = run_cli(str(CORPUS), "--data", str(tmp_path / "shard0"), "--shard", f"0/{count}", *options, "--run-dir",
+                    str(tmp_path / "shard0" / "runs" / "shard"))  # fmt: skip
+    assert again["samples"]["learned"] == 0 and again["samples"]["skipped"] == summaries[0]["samples"]["learned"]
