@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import csv
 import datetime
+import glob
 import hashlib
+import itertools
 import json
 import math
+import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -175,12 +178,15 @@ class SourceSpec:
         path = Path(self.source).expanduser()
         if self.source in HUB_DATASETS and not path.exists():
             return False
-        return bool(path.suffix.lower() in LOCAL_FORMATS or path.exists() or self.source.startswith((".", "/", "~")))
+        return bool(path.suffix.lower() in LOCAL_FORMATS or path.exists() or self.source.startswith((".", "/", "~"))
+                    or GLOB_CHARACTERS & set(self.source))  # fmt: skip
 
     def resolved(self) -> SourceSpec:
         """This spec with a local file's path made absolute (symlinks resolved): one file, one identity.
         A path that does not exist is left as given, for the error to name it."""
         path = Path(self.source).expanduser()
+        if self.is_local and not path.exists() and GLOB_CHARACTERS & set(self.source):
+            return replace(self, source=os.path.abspath(path))  # a glob: made absolute, matched when read
         if not self.is_local or not path.exists():
             return self
         return replace(self, source=str(path.resolve(strict=True)))
@@ -339,6 +345,37 @@ def _line_contents(path: Path) -> Iterator[bool]:
             pending = bool(pieces[-1])
     if pending:
         yield content
+
+
+def _total(counts: Iterable[int | None]) -> int | None:
+    total = 0
+    for count in counts:
+        if count is None:
+            return None
+        total += count
+    return total
+
+
+GLOB_CHARACTERS = frozenset("*?[")
+
+
+def _local_files(source: str, path: Path) -> list[Path]:
+    """The files a local source names: a file; a directory's files of the formats ingestd reads (below it too, by
+    path, hidden ones left out); or a glob's matches (``**`` for any depth), in name order."""
+    if GLOB_CHARACTERS & set(source) and not path.exists():
+        matches = sorted(Path(match) for match in glob.glob(os.path.expanduser(source), recursive=True))
+        files = [match for match in matches if match.is_file()]
+        if not files:
+            raise SourceError(f"no file matches {source!r}: check the pattern (relative paths start at {Path.cwd()})")
+        return files
+    if path.is_dir():
+        files = sorted(file for file in path.rglob("*") if file.is_file() and file.suffix.lower() in LOCAL_FORMATS
+                       and not any(part.startswith(".") for part in file.relative_to(path).parts))  # fmt: skip
+        if not files:
+            raise SourceError(f"{path} is a directory without .txt, .jsonl, .parquet or .csv files: give a file, a "
+                              "directory of them, or a glob such as 'data/*.jsonl'")  # fmt: skip
+        return files
+    return [path]
 
 
 def _count_lines(path: Path, *, non_blank: bool) -> int:
@@ -645,7 +682,10 @@ class Source:
         self._byte_limit = 4 * spec.max_chars + (1 << 20)
         self._records: Any = None
         self._count: Callable[[], int | None] = lambda: None
+        self.files = []
         self._open()
+
+    files: list[Path]  # a local source's files, in reading order (empty for the hub)
 
     def count_records(self) -> int | None:
         """How many records the source holds, before filtering (for a progress total), or None if it cannot say
@@ -680,13 +720,21 @@ class Source:
         return len(parts) == 2 and all(parts)
 
     def _open_local(self, path: Path, local_format: str | None) -> None:
-        try:
-            self._check_local(path, local_format)
-        except OSError as error:  # unreadable (permissions), an I/O error
-            raise SourceError(f"{path} cannot be read ({error.strerror or error}): check that it is a readable "
-                              "file") from None  # fmt: skip
+        self.files = _local_files(self.spec.source, path)
+        alone = len(self.files) == 1 and self.files[0] == path
+        opened = []
+        for file in self.files:
+            try:
+                opened.append(self._check_local(file, LOCAL_FORMATS.get(file.suffix.lower()), alone=alone))
+            except OSError as error:  # unreadable (permissions), an I/O error
+                raise SourceError(f"{file} cannot be read ({error.strerror or error}): check that it is a readable "
+                                  "file") from None  # fmt: skip
+        # The files one after another, in name order: sample indices run on from one file to the next.
+        self._records = lambda: itertools.chain.from_iterable(records() for records, _ in opened)
+        self._count = lambda: _total(count() for _, count in opened)
 
-    def _check_local(self, path: Path, local_format: str | None) -> None:
+    def _check_local(self, path: Path, local_format: str | None, *, alone: bool = True) -> tuple[Callable[[], Iterator[RawRecord]], Callable[[], int | None]]:
+        """One local file, checked: how to read its records, and how to count them."""
         spec = self.spec
         if not path.exists():
             raise SourceError(f"file {path} does not exist: check the path (relative paths start at {Path.cwd()})")
@@ -695,6 +743,8 @@ class Source:
         if local_format is None:
             raise SourceError(f"{path} has an unknown extension: name it .txt, .jsonl, .parquet or .csv")
         if path.stat().st_size == 0:
+            if not alone:  # one empty file among many (an empty part of a dataset) holds no samples
+                return lambda: iter(()), lambda: 0
             raise SourceError(f"{path} is empty: there is nothing to learn; give a file with text")
         text_field = spec.text_field or "text"
         wanted = spec.metadata_fields
@@ -705,8 +755,8 @@ class Source:
                 raise SourceError(f"{path} is plain text and has no record fields: drop --metadata-fields "
                                   f"{','.join(wanted)} or use a jsonl, parquet or csv file")  # fmt: skip
             reader = _txt_lines if spec.txt_mode == "line" else _txt_paragraphs
-            self._records = lambda: reader(path, self._byte_limit)
-            self._count = (lambda: _count_lines(path, non_blank=False)) if spec.txt_mode == "line" else (lambda: _count_paragraphs(path))
+            return (lambda: reader(path, self._byte_limit)), ((lambda: _count_lines(path, non_blank=False))
+                                                              if spec.txt_mode == "line" else (lambda: _count_paragraphs(path)))
         elif local_format == "jsonl":
             if _starts_with_array(path):
                 raise SourceError(f"{path} holds one JSON array, not JSON lines (one object per line): convert it "
@@ -715,13 +765,12 @@ class Source:
             if first is not None:
                 _require_fields(f"{path} (first record)", list(first), text_field, wanted,
                                 "name the text field with --text-field, and only existing --metadata-fields")  # fmt: skip
-            self._records = lambda: _jsonl(path, text_field, wanted, self._byte_limit)
-            self._count = lambda: _count_lines(path, non_blank=True)
+            return (lambda: _jsonl(path, text_field, wanted, self._byte_limit)), (lambda: _count_lines(path, non_blank=True))
         elif local_format == "csv":
             _require_fields(str(path), _csv_header(_csv_rows(path, self._byte_limit)), text_field, wanted,
                             "name the text column with --text-field, and only existing --metadata-fields")  # fmt: skip
-            self._records = lambda: _csv(path, text_field, wanted, self._byte_limit)
-            self._count = lambda: max(0, _count_lines(path, non_blank=True) - 1)  # less the header
+            return ((lambda: _csv(path, text_field, wanted, self._byte_limit)),
+                    (lambda: max(0, _count_lines(path, non_blank=True) - 1)))  # less the header
         else:
             datasets = _datasets()
 
@@ -733,9 +782,8 @@ class Source:
                                   f"{str(error).splitlines()[0] if str(error) else ''}): check the file") from None  # fmt: skip
             _require_fields(str(path), columns, text_field, wanted,
                             "name the text column with --text-field, and only existing --metadata-fields")  # fmt: skip
-            self._records = lambda: _datasets_records(dataset, text_field, wanted, str(path))
-            if local_format == "parquet":
-                self._count = lambda: _parquet_rows(path)
+            return ((lambda: _datasets_records(dataset, text_field, wanted, str(path))),
+                    (lambda: _parquet_rows(path)) if local_format == "parquet" else (lambda: None))
 
     def _open_hub(self) -> None:
         spec = self.spec

@@ -148,3 +148,46 @@ def test_shards_learned_by_hand_then_merged_are_the_single_run(tmp_path: Path, c
     again = run_cli(str(CORPUS), "--data", str(tmp_path / "shard0"), "--shard", f"0/{count}", *options, "--run-dir",
                     str(tmp_path / "shard0" / "runs" / "shard"))  # fmt: skip
     assert again["samples"]["learned"] == 0 and again["samples"]["skipped"] == summaries[0]["samples"]["learned"]
+
+
+def _parts(folder: Path, texts: list[str], size: int, form: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    for number, start in enumerate(range(0, len(texts), size)):
+        part = texts[start : start + size]
+        where = folder / ("deeper" if number % 3 == 0 else "") / f"part-{number:03d}.{form}"
+        where.parent.mkdir(exist_ok=True)
+        if form == "parquet":
+            pq.write_table(pa.table({"text": part}), where)
+        else:
+            where.write_text("".join(json.dumps({"text": text}) + "\n" for text in part), encoding="utf-8")
+
+
+@pytest.mark.parametrize("form", ["jsonl", "parquet"])
+def test_a_directory_or_glob_of_files_is_one_source_and_shards_merge_exactly(tmp_path: Path, form: str) -> None:
+    from .golden import run_cli
+
+    texts = [part for part in CORPUS.read_text(encoding="utf-8").split("\n\n") if part.strip()][:900]
+    texts[5] = "short"  # filtered, in the middle of a file
+    _parts(tmp_path / "parts", texts, 70, form)
+    # the same texts as one file, in the order of the files' paths (deeper/ sorts first)
+    import pyarrow.parquet as pq
+
+    ordered = [text for file in sorted((tmp_path / "parts").rglob(f"*.{form}"))
+               for text in (pq.read_table(file).column("text").to_pylist() if form == "parquet"
+                            else [json.loads(line)["text"] for line in file.read_text(encoding="utf-8").splitlines()])]  # fmt: skip
+    assert sorted(ordered) == sorted(texts) and ordered != texts
+    (tmp_path / "whole.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in ordered), encoding="utf-8")
+    options = ["--chunk-sizes", "4,4,4", "--metadata-levels", "1,2", "--source-label", "corpus"]
+    single = run_cli(str(tmp_path / "whole.jsonl"), "--data", str(tmp_path / "single"), *options)
+    by_dir = run_cli(str(tmp_path / "parts"), "--data", str(tmp_path / "dir"), *options)
+    assert by_dir["samples"] == single["samples"] and by_dir["samples"]["read"] == 900
+    # the files one after another are the one file: sample indices (in the metadata) included
+    assert dump(tmp_path / "dir") == dump(tmp_path / "single")
+    pattern = str(tmp_path / "parts" / "**" / f"*.{form}")
+    for index in range(2):
+        run_cli(pattern, "--data", str(tmp_path / f"shard{index}"), "--shard", f"{index}/2", *options)
+    merge_stores([tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "merged")
+    assert dump(tmp_path / "merged") == dump(tmp_path / "single")
