@@ -180,6 +180,9 @@ def run_command(
     fresh: Annotated[bool, typer.Option("--fresh", help="clear-all every node's knowledge base and the run's progress first.", rich_help_panel="Run control")] = False,
     run_dir: Annotated[Optional[Path], typer.Option(help="Progress and failed.jsonl (default: <data>/runs/<run id>, or ingestd-runs/<store>/<run id> with --kato-url). A run resumes from it.", rich_help_panel="Run control")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Only redo the samples this run recorded as failed (failed.jsonl).", rich_help_panel="Run control")] = False,
+    shards: Annotated[int, typer.Option(min=1, max=100_000, help="Cut the run into this many shards, run by --executor; on the embedded engine each learns into a store of its own under <data-dir>/shards, merged into --data-dir at the end.", rich_help_panel="Run control")] = 1,
+    executor: Annotated[Optional[str], typer.Option(help="Where --shards run: ray (pip install \"ingestd[ray]\").", rich_help_panel="Run control")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="A Ray cluster (ray://host:10001, or auto); default: a local Ray on this machine.", rich_help_panel="Run control")] = None,
     shard: Annotated[Optional[str], typer.Option(help="Learn only this share of the source, I/N (0-based): the samples whose index modulo N is I. Give each shard its own --data-dir, then `ingestd merge` them (Slurm: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT).", rich_help_panel="Run control")] = None,
     drain_timeout: Annotated[float, typer.Option(min=0.1, help="After SIGINT/SIGTERM, seconds for in-flight samples.", rich_help_panel="Run control")] = 30.0,
     metrics_port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="Serve Prometheus metrics on this port (loopback) during the run.", rich_help_panel="Output")] = None,
@@ -196,7 +199,7 @@ def run_command(
     from ingestd.errors import EXIT_SAMPLES_FAILED
     from ingestd.hierarchy import Hierarchy
     from ingestd.pipeline import Pipeline, RunConfig
-    from ingestd.report import ProgressBar, ProgressLog, Terminal, summary_table
+    from ingestd.report import ProgressBar, ProgressLog, Terminal, shard_table, summary_table
     from ingestd.retry import RetryPolicy
     from ingestd.runtime import loop_options, throughput_gc
     from ingestd.source import MIN_CHARS, SourceSpec
@@ -251,6 +254,22 @@ def run_command(
             pipeline = Pipeline(config, on_progress=on_progress, handle_signals=True)
             return await pipeline.run()
 
+        if shards > 1 or executor is not None:
+            from ingestd.executors.sharded import run_sharded
+
+            def sharded(on_progress: Callable[[Any], None]) -> dict[str, Any]:
+                return run_sharded(config, shards, executor=executor or "ray", address=ray_address, on_progress=on_progress)
+
+            if show_bar:
+                with ProgressBar(console) as bar:
+                    combined = sharded(bar)
+            else:
+                combined = sharded(ProgressLog())
+            report(combined)
+            console.print(shard_table(combined))
+            if combined["samples"]["failed"]:
+                raise typer.Exit(EXIT_SAMPLES_FAILED)
+            return
         with throughput_gc():
             if show_bar:
                 with ProgressBar(console) as bar:

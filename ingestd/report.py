@@ -121,6 +121,21 @@ class ProgressLog:
                  samples_per_second=round(stats.samples_learned / stats.elapsed, 2) if stats.elapsed else None)  # fmt: skip
 
 
+def shard_table(summary: dict[str, Any]) -> Table:
+    """A line per shard of a sharded run, and what the merge did."""
+    merged = {row["source"]: row for row in summary.get("merged") or []}
+    table = Table(title=f"{len(summary['shards'])} shards", title_justify="left")
+    for column in ("shard", "learned", "filtered", "failed", "skipped", "tokens", "seconds", "merged"):
+        table.add_column(column, justify="right" if column not in ("shard", "merged") else "left")
+    for shard in summary["shards"]:
+        samples = shard["samples"]
+        row = next((row for source, row in merged.items() if source.endswith(shard["shard"].replace("/", "-of-"))), None)
+        table.add_row(shard["shard"], f"{samples['learned']:,}", f"{samples['filtered']:,}", f"{samples['failed']:,}",
+                      f"{samples['skipped']:,}", f"{shard['tokens']:,}", f"{shard['wall_seconds']:.1f}",
+                      "" if row is None else "before" if row["already_merged"] else f"{int(row['patterns']):,} patterns")  # fmt: skip
+    return table
+
+
 def _short(count: int) -> str:
     """1234 → 1.2k, 4220000 → 4.2M: counts that fit a progress line."""
     for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):

@@ -80,7 +80,8 @@ def test_a_killed_run_reads_as_interrupted_and_its_resume_as_finished(tmp_path: 
     assert killed["status"] == "interrupted" and killed["history"][-1]["status"] == "interrupted"
     assert killed["done"] == samples_done(run_dir) >= 500  # from its progress: exact, though it never said goodbye
     listed = json.loads(cli("runs", "list", "--in", str(tmp_path), "--json").stdout)
-    assert [(entry["status"], entry["done"]) for entry in listed] == [("interrupted", killed["done"])]
+    mine = [entry for entry in listed if Path(entry["run_dir"]).resolve() == run_dir.resolve()]  # (not the cwd's runs)
+    assert [(entry["status"], entry["done"]) for entry in mine] == [("interrupted", killed["done"])]
     run_cli(str(source), "--data", str(data), "--run-dir", str(run_dir), "--max-samples", "3000")
     found = manifest(run_dir)
     assert found["status"] == "finished"

@@ -46,7 +46,7 @@ def whole(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], tup
     return dump(data)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cuts=st.lists(st.integers(1, SAMPLES - 1), max_size=3, unique=True), order=st.randoms(use_true_random=False),
        staged=st.booleans())  # fmt: skip
 def test_merge_of_any_split_in_any_order_is_the_single_run(tmp_path_factory: pytest.TempPathFactory,
@@ -72,14 +72,14 @@ def test_merge_of_any_split_in_any_order_is_the_single_run(tmp_path_factory: pyt
 
 def test_a_merge_killed_at_any_moment_and_run_again_is_exact(tmp_path: Path) -> None:
     shards = []
-    for number, start in enumerate(range(0, 4 * 1500, 1500)):
+    for number, start in enumerate(range(0, 3 * 1500, 1500)):
         shards.append(tmp_path / f"shard{number}")
         learn(shards[-1], skip=start, count=1500)
     reference = tmp_path / "reference"
     merge_stores(shards, reference)
     expected = dump(reference)
     killed_while_merging = 0
-    for attempt, delay in enumerate((0.9, 1.3, 1.8, 2.4)):
+    for attempt, delay in enumerate((0.9, 1.4, 2.0)):
         target = tmp_path / f"merged{attempt}"
         process = subprocess.Popen([sys.executable, "-m", "ingestd", "merge", *map(str, shards), "--into", str(target)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -93,7 +93,7 @@ def test_a_merge_killed_at_any_moment_and_run_again_is_exact(tmp_path: Path) -> 
         assert result.returncode == 0, result.stderr
         assert dump(target) == expected
         merged = json.loads(result.stdout)
-        assert len(merged) == 4 and sum(not row["already_merged"] for row in merged) <= 4
+        assert len(merged) == 3
     assert killed_while_merging >= 1  # the kill really came during a merge at least once
 
 

@@ -1,0 +1,94 @@
+"""Sharded runs on a real local Ray (no mocks): shards merged equal one process, a killed Ray worker is retried and
+resumes, a rerun learns nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import CORPUS
+from .golden import run_cli, samples_done
+
+OPTIONS = ["--chunk-sizes", "4,4,4", "--metadata-levels", "1,2"]
+
+
+def dump(data: Path) -> dict[tuple[str, str], tuple[Any, ...]]:
+    with sqlite3.connect(data / "kato.sqlite3") as connection:
+        rows = connection.execute("SELECT kb_id, name, frequency, pattern_data, length, metadata FROM patterns")
+        return {(kb, name): (frequency, bytes(data), length, json.loads(metadata))
+                for kb, name, frequency, data, length, metadata in rows}  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _ray_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def test_shards_on_ray_merge_into_the_single_run(tmp_path: Path) -> None:
+    shards = 3
+    single = run_cli(str(CORPUS), "--data", str(tmp_path / "single"), "--max-samples", "900", *OPTIONS)
+    on_ray = run_cli(str(CORPUS), "--data", str(tmp_path / "ray"), "--max-samples", "900", "--shards", str(shards),
+                     "--executor", "ray", *OPTIONS, timeout=600)  # fmt: skip
+    assert on_ray["samples"] == single["samples"]
+    assert on_ray["patterns_per_level"] == single["patterns_per_level"]
+    assert on_ray["distinct_patterns_per_level"] == single["distinct_patterns_per_level"]
+    assert [shard["shard"] for shard in on_ray["shards"]] == [f"{index}/{shards}" for index in range(shards)]
+    assert dump(tmp_path / "ray") == dump(tmp_path / "single")
+    again = run_cli(str(CORPUS), "--data", str(tmp_path / "ray"), "--max-samples", "900", "--shards", str(shards),
+                    "--executor", "ray", *OPTIONS, timeout=600)  # fmt: skip
+    assert again["samples"]["learned"] == 0 and again["samples"]["skipped"] == single["samples"]["learned"]
+    assert all(row["already_merged"] for row in again["merged"])
+    assert dump(tmp_path / "ray") == dump(tmp_path / "single")
+
+
+def _shard_workers() -> list[int]:
+    """Ray's workers running a shard now: Ray titles them ``ray::_learn_shard``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"ray::_learn_shard" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_ray_worker_killed_mid_shard_is_retried_and_the_run_is_exact(tmp_path: Path) -> None:
+    source = tmp_path / "big.txt"
+    source.write_text((CORPUS.read_text(encoding="utf-8") + "\n\n") * 3, encoding="utf-8")
+    summary_path = tmp_path / "summary.json"
+    process = subprocess.Popen([sys.executable, "-m", "ingestd", "run", str(source), "--data", str(tmp_path / "ray"),
+                                "--shards", "2", "--executor", "ray", "--no-progress", "--log-level", "warning",
+                                "--summary-json", str(summary_path), *OPTIONS],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        killed = None
+        deadline = time.monotonic() + 300
+        while killed is None and time.monotonic() < deadline and process.poll() is None:
+            runs = list((tmp_path / "ray" / "shards").glob("*/*-of-2/runs/*"))
+            workers = _shard_workers()
+            if workers and any(samples_done(run) > 300 for run in runs):
+                killed = workers[0]
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.2)
+        assert killed is not None, "the shards finished before one could be killed"
+        assert process.wait(timeout=600) == 0, process.stderr.read()  # type: ignore[union-attr]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    run_cli(str(source), "--data", str(tmp_path / "single"), *OPTIONS)
+    assert dump(tmp_path / "ray") == dump(tmp_path / "single")  # nothing lost, nothing twice
+    assert summary["samples"]["learned"] + summary["samples"]["skipped"] == 3 * 7142
