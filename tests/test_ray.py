@@ -35,16 +35,22 @@ def _ray_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_shards_on_ray_merge_into_the_single_run(tmp_path: Path) -> None:
     shards = 3
-    single = run_cli(str(CORPUS), "--data", str(tmp_path / "single"), "--max-samples", "900", *OPTIONS)
-    on_ray = run_cli(str(CORPUS), "--data", str(tmp_path / "ray"), "--max-samples", "900", "--shards", str(shards),
-                     "--executor", "ray", *OPTIONS, timeout=600)  # fmt: skip
+    parts = tmp_path / "parts"  # a multi-file source: a directory of jsonl
+    parts.mkdir()
+    paragraphs = [part for part in CORPUS.read_text(encoding="utf-8").split("\n\n") if part.strip()][:900]
+    for number in range(5):
+        (parts / f"part-{number}.jsonl").write_text("".join(json.dumps({"text": text}) + "\n"
+                                                            for text in paragraphs[number * 180 : (number + 1) * 180]))  # fmt: skip
+    single = run_cli(str(parts), "--data", str(tmp_path / "single"), *OPTIONS)
+    on_ray = run_cli(str(parts), "--data", str(tmp_path / "ray"), "--shards", str(shards), "--executor", "ray", *OPTIONS,
+                     timeout=600)  # fmt: skip
     assert on_ray["samples"] == single["samples"]
     assert on_ray["patterns_per_level"] == single["patterns_per_level"]
     assert on_ray["distinct_patterns_per_level"] == single["distinct_patterns_per_level"]
     assert [shard["shard"] for shard in on_ray["shards"]] == [f"{index}/{shards}" for index in range(shards)]
     assert dump(tmp_path / "ray") == dump(tmp_path / "single")
-    again = run_cli(str(CORPUS), "--data", str(tmp_path / "ray"), "--max-samples", "900", "--shards", str(shards),
-                    "--executor", "ray", *OPTIONS, timeout=600)  # fmt: skip
+    again = run_cli(str(parts), "--data", str(tmp_path / "ray"), "--shards", str(shards), "--executor", "ray", *OPTIONS,
+                    timeout=600)  # fmt: skip
     assert again["samples"]["learned"] == 0 and again["samples"]["skipped"] == single["samples"]["learned"]
     assert all(row["already_merged"] for row in again["merged"])
     assert dump(tmp_path / "ray") == dump(tmp_path / "single")
