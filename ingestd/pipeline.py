@@ -85,8 +85,11 @@ class RunConfig(BaseModel):
                                  "tokenizer fed (refused otherwise).")  # fmt: skip
     node_registry: Path | None = Field(default=None, description="Where ingestd records what fed a KATO server's "
                                        "nodes; default ingestd-runs/kato-nodes.sqlite3.")  # fmt: skip
-    shard: Shard | None = Field(default=None, description="Learn only this share of the source, I/N: the samples "
-                                "whose index modulo N is I (learn each into its own --data-dir, then ingestd merge).")  # fmt: skip
+    shard: Shard | None = Field(default=None, description="Learn only this share of the source, I/N: the I-th of N "
+                                "runs of its files, or with fewer files the samples whose index modulo N is I (learn "
+                                "each into its own --data-dir, then ingestd merge).")  # fmt: skip
+    counts_dir: Path | None = Field(default=None, description="Where a shard caches how many samples each file "
+                                    "before its own holds (default: <data dir>/file-counts, or the run directory's).")  # fmt: skip
 
     @field_validator("shard", mode="before")
     @classmethod
@@ -546,6 +549,7 @@ class Pipeline:
     async def _produce(self, source: Source, tokenizer: Tokenizer, progress: Progress, resume_points: dict[int, list[int]],
                        send: MemoryObjectSendStream[list[SamplePlan]], bulk: bool) -> None:  # fmt: skip
         config = self.config
+        source.counts_dir = config.counts_dir or (Path(config.data_dir) if config.kato_url is None else progress.run_dir) / "file-counts"
         events = source.events(skip=config.skip, max_samples=config.max_samples, shard=config.shard)
         planners = Planners(tokenizer, config.hierarchy.chunk_sizes,
                             default_planners() if config.planners is None else config.planners)

@@ -14,6 +14,7 @@ sample, not the run. Parquet files and hub datasets are streamed with
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import glob
@@ -683,6 +684,8 @@ class Source:
         self._records: Any = None
         self._count: Callable[[], int | None] = lambda: None
         self.files = []
+        self._per_file: list[tuple[Callable[[], Iterator[RawRecord]], Callable[[], int | None]]] = []
+        self.counts_dir: Path | None = None  # where a sharded read caches how many samples each file holds
         self._open()
 
     files: list[Path]  # a local source's files, in reading order (empty for the hub)
@@ -730,6 +733,7 @@ class Source:
                 raise SourceError(f"{file} cannot be read ({error.strerror or error}): check that it is a readable "
                                   "file") from None  # fmt: skip
         # The files one after another, in name order: sample indices run on from one file to the next.
+        self._per_file = opened
         self._records = lambda: itertools.chain.from_iterable(records() for records, _ in opened)
         self._count = lambda: _total(count() for _, count in opened)
 
@@ -815,14 +819,19 @@ class Source:
 
         ``skip`` passes over the first samples of the filtered stream (they are
         neither learned nor reported); ``max_samples`` stops after that many
-        samples (good or bad) past the skipped ones. With a ``shard``, only the
-        samples whose index falls to it (and the filtered records just before
-        them); indices, ``skip`` and ``max_samples`` keep their meaning over the
-        whole source, so the shards together are exactly the unsharded run.
+        samples (good or bad) past the skipped ones. With a ``shard``, only its
+        share; indices, ``skip`` and ``max_samples`` keep their meaning over the
+        whole source, so the shards together are exactly the unsharded run. With
+        at least as many files as shards, shard I reads only the I-th of N runs of
+        consecutive files (and counts, once, the samples of the files before them:
+        see :meth:`_samples_in`); otherwise the samples whose index modulo N is I,
+        and the filtered records just before them.
         """
         try:
             if shard is None or shard.count == 1:
                 yield from self._events(skip, max_samples)
+            elif len(self.files) >= shard.count:
+                yield from self._file_shard_events(skip, max_samples, shard)
             else:
                 yield from self._shard_events(self._events(skip, max_samples), shard)
         except OSError as error:  # the file went away or the disk failed part-way: progress so far is kept
@@ -843,16 +852,16 @@ class Source:
             if event.index % shard.count == shard.index:
                 yield event
 
-    def _events(self, skip: int, max_samples: int | None) -> Iterator[SourceEvent]:
-        index = 0
-        taken = 0
-        for record in self._records():
-            if max_samples is not None and taken >= max_samples:
+    def _events(self, skip: int, max_samples: int | None, records: Iterable[RawRecord] | None = None,
+                index: int = 0) -> Iterator[SourceEvent]:  # fmt: skip
+        """Events of ``records`` (default: the whole source) whose first sample has index ``index``."""
+        stop = None if max_samples is None else skip + max_samples
+        for record in self._records() if records is None else records:
+            if stop is not None and index >= stop:
                 return
             if isinstance(record, str):
                 if index >= skip:
                     yield BadRecord(index, record)
-                    taken += 1
                 index += 1
                 continue
             text, fields = record
@@ -860,7 +869,6 @@ class Source:
                 if index >= skip:
                     yield BadRecord(index, f"the text has {len(text):,} characters, more than the limit of "
                                            f"{self.spec.max_chars:,}: raise --max-sample-chars to learn it")  # fmt: skip
-                    taken += 1
                 index += 1
                 continue
             if len(text.strip()) < self.spec.min_chars:
@@ -869,5 +877,36 @@ class Source:
                 continue
             if index >= skip:
                 yield Sample(index, text, fields, sample_digest(text, fields))
-                taken += 1
             index += 1
+
+    def _samples_in(self, number: int) -> int:
+        """How many sample indices file ``number`` takes (its records but the filtered ones): a pass that reads
+        and parses the file, without tokenizing; cached in the counts folder, by path, size and time."""
+        path = self.files[number]
+        stat = path.stat()
+        key = hashlib.sha1(json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, self.spec.describe(),
+                                       self.spec.max_chars]).encode()).hexdigest()  # fmt: skip
+        cached = self.counts_dir / f"{key}.count" if self.counts_dir is not None else None
+        if cached is not None:
+            with contextlib.suppress(OSError, ValueError):
+                return int(cached.read_text(encoding="ascii"))
+        count = 0
+        for record in self._per_file[number][0]():
+            if isinstance(record, str) or len(record[0]) > self.spec.max_chars or len(record[0].strip()) >= self.spec.min_chars:
+                count += 1
+        if cached is not None:
+            with contextlib.suppress(OSError):
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                partial = cached.with_name(f".{cached.name}.{os.getpid()}")
+                partial.write_text(str(count), encoding="ascii")
+                os.replace(partial, cached)
+        return count
+
+    def _file_shard_events(self, skip: int, max_samples: int | None, shard: Shard) -> Iterator[SourceEvent]:
+        # Shard I of N takes the I-th of N runs of consecutive files; its first index is the number of samples in
+        # the files before its own, counted once (and cached) rather than learned.
+        first = shard.index * len(self.files) // shard.count
+        last = (shard.index + 1) * len(self.files) // shard.count
+        index = sum(self._samples_in(number) for number in range(first))
+        records = itertools.chain.from_iterable(self._per_file[number][0]() for number in range(first, last))
+        yield from self._events(skip, max_samples, records, index)

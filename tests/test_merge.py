@@ -187,7 +187,20 @@ def test_a_directory_or_glob_of_files_is_one_source_and_shards_merge_exactly(tmp
     # the files one after another are the one file: sample indices (in the metadata) included
     assert dump(tmp_path / "dir") == dump(tmp_path / "single")
     pattern = str(tmp_path / "parts" / "**" / f"*.{form}")
-    for index in range(2):
-        run_cli(pattern, "--data", str(tmp_path / f"shard{index}"), "--shard", f"{index}/2", *options)
+    # 13 files in 2 shards: each reads its own run of files (and counts the ones before it, once)
+    reads = [run_cli(pattern, "--data", str(tmp_path / f"shard{index}"), "--shard", f"{index}/2", *options)["samples"]["read"]
+             for index in range(2)]  # fmt: skip
+    files = sorted((tmp_path / "parts").rglob(f"*.{form}"))
+    sizes = [len(pq.read_table(file)) if form == "parquet" else len(file.read_text(encoding="utf-8").splitlines())
+             for file in files]  # fmt: skip
+    assert len(files) == 13 and reads == [sum(sizes[:6]), sum(sizes[6:])]  # files 0-5, then 6-12
+    assert len(list((tmp_path / "shard1" / "file-counts").glob("*.count"))) == 6  # the files before its own
     merge_stores([tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "merged")
     assert dump(tmp_path / "merged") == dump(tmp_path / "single")
+    # --skip and --max-samples keep their meaning over the whole source, whichever files a shard reads
+    window = ["--skip", "100", "--max-samples", "500"]
+    run_cli(str(tmp_path / "whole.jsonl"), "--data", str(tmp_path / "window"), *options, *window)
+    for index in range(3):
+        run_cli(pattern, "--data", str(tmp_path / f"window{index}"), "--shard", f"{index}/3", *options, *window)
+    merge_stores([tmp_path / f"window{index}" for index in range(3)], tmp_path / "window-merged")
+    assert dump(tmp_path / "window-merged") == dump(tmp_path / "window")

@@ -34,7 +34,8 @@ class ShardPlan:
     def shard_config(self, index: int) -> RunConfig:
         update: dict[str, Any] = {"shard": Shard(index, self.count)}
         if self.root is not None:
-            update.update(data_dir=self.directory(index), run_dir=None)
+            # counted once for all shards: how many samples each file holds (the shards after it need it)
+            update.update(data_dir=self.directory(index), run_dir=None, counts_dir=self.root / "file-counts")
         # One core per shard: the executor gives each task one, so a shard plans in its own process.
         update["planners"] = 0 if self.config.planners is None else self.config.planners
         return self.config.model_copy(update=update)
