@@ -260,11 +260,15 @@ def run_command(
             def sharded(on_progress: Callable[[Any], None]) -> dict[str, Any]:
                 return run_sharded(config, shards, executor=executor or "ray", address=ray_address, on_progress=on_progress)
 
-            if show_bar:
-                with ProgressBar(console) as bar:
-                    combined = sharded(bar)
-            else:
-                combined = sharded(ProgressLog())
+            try:
+                if show_bar:
+                    with ProgressBar(console) as bar:
+                        combined = sharded(bar)
+                else:
+                    combined = sharded(ProgressLog())
+            except KeyboardInterrupt:  # the shards stop with Ray; each resumes from its own progress next time
+                typer.echo("ingestd: stopped: run the same command again to resume (finished shards are kept)", err=True)
+                raise typer.Exit(0) from None  # as a local run stopped by a signal (see ingestd.errors)
             report(combined)
             console.print(shard_table(combined))
             if combined["samples"]["failed"]:

@@ -76,10 +76,10 @@ def _kill(process: subprocess.Popen[bytes] | None) -> bool:
 
 @pytest.fixture(scope="module")
 def long_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]], int]:
-    """All of tinyshakespeare twice (14,284 samples), and its clean knowledge base: in-process, a run learns
-    2,000 paragraphs in about a second, which 14 kills at random moments would outlast."""
+    """All of tinyshakespeare three times (21,426 samples), and its clean knowledge base: in-process, a run learns
+    2,000-3,000 paragraphs a second, and twice over, 14 kills at random moments have outlasted it."""
     path = tmp_path_factory.mktemp("crash-long") / "shakespeare.txt"
-    path.write_text("\n\n".join(CORPUS.read_text(encoding="utf-8").split("\n\n") * 2), encoding="utf-8")
+    path.write_text("\n\n".join(CORPUS.read_text(encoding="utf-8").split("\n\n") * 3), encoding="utf-8")
     data = tmp_path_factory.mktemp("crash-long-clean")
     summary = ok(str(path), *LEVELS, "--data", str(data))
     return path, kb_dump(data / "kato.sqlite3", NODES), summary["samples"]["learned"]
