@@ -124,7 +124,10 @@ class RunConfig(BaseModel):
         identity = {"source": self.source.describe(), "tokenizer": self.tokenizer,
                     "hierarchy": self.hierarchy.describe(self.run_id)}  # fmt: skip
         if self.shard is not None and self.shard.count > 1:  # (unsharded runs keep the identity they always had)
+            # what the shards of one run must share beyond the rest: the window and the list of files
             identity["shard"] = str(self.shard)
+            identity["window"] = [self.skip, self.max_samples]
+            identity["files"] = self.source.file_list()
         return identity
 
     def resolved_run_dir(self, store: str | None = None) -> Path:

@@ -133,11 +133,10 @@ class Shard:
     @classmethod
     def parse(cls, text: str) -> Shard:
         """``"I/N"`` (as ``--shard`` takes it)."""
-        try:
-            index, count = (int(part) for part in text.strip().split("/"))
-        except ValueError:
-            raise SourceError(f"--shard {text!r}: give I/N, e.g. 0/4 (shard 0 of 4, counted from 0)") from None
-        return cls(index, count)
+        found = re.fullmatch(r"\s*([0-9]+)/([0-9]+)\s*", text, flags=re.ASCII)
+        if found is None:
+            raise SourceError(f"--shard {text!r}: give I/N, e.g. 0/4 (shard 0 of 4, counted from 0)")
+        return cls(int(found[1]), int(found[2]))
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
@@ -191,6 +190,16 @@ class SourceSpec:
         if not self.is_local or not path.exists():
             return self
         return replace(self, source=str(path.resolve(strict=True)))
+
+    def file_list(self) -> str:
+        """A fingerprint of the files a local source names now (their paths, in reading order): shards of one run
+        must have read the same list, or their indices do not line up."""
+        path = Path(self.source).expanduser()
+        try:
+            files = _local_files(self.source, path) if self.is_local else []
+        except (SourceError, OSError):
+            files = []
+        return hashlib.sha1("\n".join(map(str, files)).encode()).hexdigest()[:16]
 
     def describe(self) -> dict[str, Any]:
         """What identifies this source (used in the run's fingerprint and summary)."""
@@ -884,8 +893,9 @@ class Source:
         and parses the file, without tokenizing; cached in the counts folder, by path, size and time."""
         path = self.files[number]
         stat = path.stat()
-        key = hashlib.sha1(json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, self.spec.describe(),
-                                       self.spec.max_chars]).encode()).hexdigest()  # fmt: skip
+        # ctime and inode too: an edit that keeps the size and sets the time back (touch -r, cp -p) changes them
+        key = hashlib.sha1(json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino,
+                                       self.spec.describe(), self.spec.max_chars]).encode()).hexdigest()  # fmt: skip
         cached = self.counts_dir / f"{key}.count" if self.counts_dir is not None else None
         if cached is not None:
             with contextlib.suppress(OSError, ValueError):

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingestd import run
+from ingestd.errors import IngestError as IngestErrorType
 from ingestd.kb.merge import MergeError, merge_stores
 
 from .conftest import CORPUS
@@ -204,3 +205,66 @@ def test_a_directory_or_glob_of_files_is_one_source_and_shards_merge_exactly(tmp
         run_cli(pattern, "--data", str(tmp_path / f"window{index}"), "--shard", f"{index}/3", *options, *window)
     merge_stores([tmp_path / f"window{index}" for index in range(3)], tmp_path / "window-merged")
     assert dump(tmp_path / "window-merged") == dump(tmp_path / "window")
+
+
+def test_merge_refuses_what_would_count_twice_or_miss(tmp_path: Path) -> None:
+    from ingestd.engine.store import writer_lock
+    from ingestd.source import Shard, SourceError
+
+    from .golden import run_cli
+
+    source = tmp_path / "parts"
+    source.mkdir()
+    paragraphs = [part for part in CORPUS.read_text(encoding="utf-8").split("\n\n") if part.strip()][:400]
+    for number in range(4):
+        (source / f"part{number}.txt").write_text("\n\n".join(paragraphs[number * 100 : (number + 1) * 100]), encoding="utf-8")
+    options = ["--chunk-sizes", "4,4", "--metadata-levels", "1"]
+
+    def shard(name: str, cut: str, *extra: str) -> Path:
+        run_cli(str(source), "--data", str(tmp_path / name), "--shard", cut, *options, *extra,
+                "--run-dir", str(tmp_path / name / "runs" / "shard"))  # fmt: skip
+        return tmp_path / name
+
+    a, b = shard("a", "0/2"), shard("b", "1/2")
+    # shards of other cuts, options or windows are not shards of one run
+    for other, why in ((shard("c3", "1/3"), "cut in different numbers"), (shard("m", "1/2", "--min-chars", "60"), "source differ"),
+                       (shard("w", "1/2", "--max-samples", "300"), "window differ"),
+                       (shard("meta", "1/2", "--metadata-levels", "0,1"), "hierarchy differ")):  # fmt: skip
+        with pytest.raises(MergeError, match=why):
+            merge_stores([a, other], tmp_path / "t1")
+    with pytest.raises(MergeError, match="both shard 0/2"):
+        merge_stores([a, shard("a2", "0/2")], tmp_path / "t2")
+    # a file added between the shards' runs: their file lists differ
+    (source / "part9.txt").write_text("A late file, added after shard 0 ran.\n", encoding="utf-8")
+    with pytest.raises(MergeError, match="files differ"):
+        merge_stores([a, shard("late", "1/2")], tmp_path / "t3")
+    (source / "part9.txt").unlink()
+    # a store still being learned into is not merged half-learned
+    with writer_lock(b, exclusive=False), pytest.raises(MergeError, match="being learned into"):
+        merge_stores([a, b], tmp_path / "t4")
+    assert dump(tmp_path / "t4") == dump(a)  # a was merged before b was refused; b comes in once its run is done
+    # a store that learned more after it was merged, or a copy of one that learned other samples
+    merge_stores([a], tmp_path / "t5")
+    run_cli(str(CORPUS), "--data", str(a), "--chunk-sizes", "4,4", "--metadata-levels", "1", "--max-samples", "20")
+    with pytest.raises(MergeError, match="holds other patterns now"):
+        merge_stores([a], tmp_path / "t5")
+    import shutil
+
+    shutil.copytree(b, tmp_path / "copy")
+    merge_stores([b], tmp_path / "t6")
+    run_cli(str(CORPUS), "--data", str(tmp_path / "copy"), "--chunk-sizes", "4,4", "--metadata-levels", "1",
+            "--max-samples", "20")  # fmt: skip
+    with pytest.raises(MergeError, match="copy of that data directory"):
+        merge_stores([tmp_path / "copy"], tmp_path / "t6")
+    # bad targets and sources: one line, nothing made
+    (tmp_path / "afile").write_text("x")
+    refused = subprocess.run([sys.executable, "-m", "ingestd", "merge", str(b), "--into", str(tmp_path / "afile")],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr and "cannot merge into" in refused.stderr
+    with pytest.raises(IngestErrorType, match="no knowledge store"):
+        merge_stores([tmp_path / "nowhere"], tmp_path / "t7")
+    assert not (tmp_path / "t7").exists()
+    for text in ("1_0/2_0", "١/٢", "1/2/3"):
+        with pytest.raises(SourceError):
+            Shard.parse(text)
+

@@ -23,14 +23,15 @@ import orjson
 
 from ingestd.engine import feeders, rules
 from ingestd.engine.reader import STORE_FILE, StoredPattern, StoreReader
-from ingestd.engine.store import KnowledgeStore, writer_lock
+from ingestd.engine.store import KnowledgeStore, StoreBusy, writer_lock
 
 MERGED_SCHEMA = """
 CREATE TABLE IF NOT EXISTS merged (
     store_id TEXT PRIMARY KEY,
     path TEXT NOT NULL,
     patterns INTEGER NOT NULL,
-    merged_at REAL NOT NULL
+    merged_at REAL NOT NULL,
+    content TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 """
 _BATCH = 5000
@@ -51,6 +52,8 @@ class MergeResult:
 def merge(target_dir: Path, source_dirs: Sequence[Path]) -> list[MergeResult]:
     """Merge each source store into the target store (made if missing), each at most once."""
     target_dir = Path(target_dir)
+    for source in source_dirs:  # every source is there before a target is made
+        StoreReader(source).close()
     KnowledgeStore(target_dir).check()  # the file and its tables exist, as the engine makes them
     lock = writer_lock(target_dir, exclusive=True)
     try:
@@ -58,6 +61,8 @@ def merge(target_dir: Path, source_dirs: Sequence[Path]) -> list[MergeResult]:
         try:
             connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(MERGED_SCHEMA)
+            if "content" not in {row[1] for row in connection.execute("PRAGMA table_info(merged)")}:
+                connection.execute("ALTER TABLE merged ADD COLUMN content TEXT NOT NULL DEFAULT ''")
             target_id = connection.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
             return [_merge_one(connection, target_id, Path(source)) for source in source_dirs]
         finally:
@@ -67,12 +72,25 @@ def merge(target_dir: Path, source_dirs: Sequence[Path]) -> list[MergeResult]:
 
 
 def _merge_one(connection: sqlite3.Connection, target_id: str, source_dir: Path) -> MergeResult:
-    with StoreReader(source_dir) as source:
+    # The source is held alone too while it is read: a shard still learning is not merged half-learned.
+    try:
+        source_lock = writer_lock(source_dir, exclusive=True)
+    except StoreBusy:
+        raise MergeRefused(f"{source_dir} is being learned into (a run or a server has it open): merge it once its "
+                           "run has finished") from None  # fmt: skip
+    with source_lock, StoreReader(source_dir) as source:
         source_id = source.store_id()
         if source_id == target_id:
             raise MergeRefused(f"{source_dir} is the target store itself")
-        if connection.execute("SELECT 1 FROM merged WHERE store_id = ?", (source_id,)).fetchone():
-            return MergeResult(str(source_dir), source_id, 0, already_merged=True)
+        content = source.content()
+        earlier = connection.execute("SELECT content, path FROM merged WHERE store_id = ?", (source_id,)).fetchone()
+        if earlier is not None:
+            if earlier[0] in ("", content):  # ("": recorded through a store merged into the target)
+                return MergeResult(str(source_dir), source_id, 0, already_merged=True)
+            raise MergeRefused(f"{source_dir} has store id {source_id}, merged into the target before (from "
+                               f"{earlier[1]}), but it holds other patterns now: it learned more since, or it is a "
+                               "copy of that data directory that learned other samples. Merging it again would count "
+                               "what was merged twice; merge the shards, finished, into a new target")  # fmt: skip
         # A store made by merging carries what it merged: none of that may be in the target already, and once it
         # is merged, so is all of that (merging one of those shards again is then skipped, not counted twice).
         inner = source.merged_stores()
@@ -96,8 +114,8 @@ def _merge_one(connection: sqlite3.Connection, target_id: str, source_dir: Path)
                                    (fed.kb_id, fed.feeder.tokenizer, fed.feeder.level, fed.feeder.chunk_size,
                                     fed.node_id, time.time()))  # fmt: skip
             now = time.time()
-            connection.execute("INSERT INTO merged VALUES (?, ?, ?, ?)", (source_id, str(source_dir), count, now))
-            connection.executemany("INSERT OR IGNORE INTO merged VALUES (?, ?, 0, ?)",
+            connection.execute("INSERT INTO merged VALUES (?, ?, ?, ?, ?)", (source_id, str(source_dir), count, now, content))
+            connection.executemany("INSERT OR IGNORE INTO merged VALUES (?, ?, 0, ?, '')",
                                    [(store, f"(through {source_dir})", now) for store in inner])  # fmt: skip
             connection.execute("COMMIT")
         except BaseException:

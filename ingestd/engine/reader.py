@@ -7,6 +7,7 @@ the table layout stays the engine's business.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -72,6 +73,14 @@ class StoreReader:
     def store_id(self) -> str:
         row = self._connection.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
         return "" if row is None else row[0]
+
+    def content(self) -> str:
+        """A summary of everything the store holds (patterns, total frequency, metadata size, per knowledge base):
+        it changes whenever anything is learned, so a store is known again only while it is unchanged."""
+        rows = self._connection.execute(
+            "SELECT kb_id, count(*), total(frequency), total(length(metadata)) FROM patterns GROUP BY kb_id ORDER BY kb_id"
+        ).fetchall()
+        return hashlib.sha1(repr(rows).encode()).hexdigest()
 
     def merged_stores(self) -> list[str]:
         """The store ids of every store merged into this one, directly or through a store merged into it."""
