@@ -64,7 +64,11 @@ def describe(run_dir: Path) -> dict[str, Any] | None:
                     "run_dir": str(Path(run_dir)), "source": record.identity.get("source"),
                     "tokenizer": record.identity.get("tokenizer"), "hierarchy": hierarchy,
                     "node_ids": [level.get("node_id") for level in hierarchy], "history": []}  # fmt: skip
-    manifest["done"] = record.done if record is not None else None
+    samples = (manifest.get("summary") or {}).get("samples") or {}
+    if record is not None:
+        manifest["done"] = record.done
+    else:  # a sharded run's own directory: its shards keep the progress, its summary says what they did
+        manifest["done"] = samples["learned"] + samples.get("skipped", 0) if "learned" in samples else None
     return manifest
 
 
@@ -142,6 +146,7 @@ def find(roots: Iterable[Path], depth: int = 3) -> list[dict[str, Any]]:
 def _write(run_dir: Path, manifest: dict[str, Any]) -> None:
     path = Path(run_dir) / MANIFEST
     partial = path.with_name(f".{MANIFEST}.partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         partial.write_text(json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
         partial.replace(path)

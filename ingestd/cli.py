@@ -642,7 +642,7 @@ def runs_show(run: Annotated[str, typer.Argument(help="A run directory, or a run
     samples = summary.get("samples") or {}
     lines = [
         f"run {manifest.get('run_id')}: {manifest.get('status')}  ({manifest['run_dir']})",
-        f"samples done: {manifest['done']:,} (its progress)" if manifest.get("done") is not None else "samples done: unknown",
+        f"samples done: {manifest['done']:,}" if manifest.get("done") is not None else "samples done: unknown",
         f"ingestd {manifest.get('ingestd_version')}; started {_when(manifest.get('started_at'))}, "
         f"finished {_when(manifest.get('finished_at')) or '-'}; first run {_when(manifest.get('created_at'))}",
         f"source: {(manifest.get('source') or {}).get('source')}   tokenizer: {manifest.get('tokenizer')}",

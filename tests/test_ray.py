@@ -49,6 +49,11 @@ def test_shards_on_ray_merge_into_the_single_run(tmp_path: Path) -> None:
     assert on_ray["distinct_patterns_per_level"] == single["distinct_patterns_per_level"]
     assert [shard["shard"] for shard in on_ray["shards"]] == [f"{index}/{shards}" for index in range(shards)]
     assert dump(tmp_path / "ray") == dump(tmp_path / "single")
+    # the whole run is in the catalogue, beside its shards' own runs
+    listed = subprocess.run([sys.executable, "-m", "ingestd", "runs", "list", "--data-dir", str(tmp_path / "ray"), "--json"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    whole = [run for run in json.loads(listed.stdout) if run["run_id"].endswith(f"-of-{shards}")]
+    assert len(whole) == 1 and whole[0]["status"] == "finished" and whole[0]["done"] == single["samples"]["learned"]
     again = run_cli(str(parts), "--data", str(tmp_path / "ray"), "--shards", str(shards), "--executor", "ray", *OPTIONS,
                     timeout=600)  # fmt: skip
     assert again["samples"]["learned"] == 0 and again["samples"]["skipped"] == single["samples"]["learned"]

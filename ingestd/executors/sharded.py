@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ingestd import __version__, catalogue
@@ -13,6 +14,7 @@ from ingestd.engine.rules import kb_id
 from ingestd.errors import IngestError
 from ingestd.executors.shards import shard_plan
 from ingestd.pipeline import RunConfig, RunStats
+from ingestd.progress import fingerprint
 
 EXECUTORS = ("ray",)
 
@@ -29,13 +31,46 @@ def run_sharded(config: RunConfig, shards: int, *, executor: str = "ray", addres
     started, moment = time.perf_counter(), catalogue.now()
     from ingestd.executors.ray import run_shards
 
-    summaries = run_shards(plan, address=address, on_progress=on_progress)
-    merged: list[dict[str, Any]] = []
-    if plan.root is not None:
-        from ingestd.kb.merge import merge_stores
+    # The whole run in the catalogue (each shard's own run is there too, in its store): <data>/runs/<id>-of-N
+    record = catalogue_dir(config, shards)
+    identity = {**config.identity(), "shards": shards}
+    backend = ({"kind": "embedded", "data_dir": str(Path(config.data_dir).resolve())} if config.kato_url is None
+               else {"kind": "kato", "url": config.kato_url})  # fmt: skip
+    run_id = f"{config.run_id or fingerprint(config.identity())[:16]}-of-{shards}"
+    _record(lambda: catalogue.started(record, run_id=run_id, identity=identity, backend=backend, version=__version__))
+    failure: dict[str, Any] | None = None
+    try:
+        summaries = run_shards(plan, address=address, on_progress=on_progress)
+        merged: list[dict[str, Any]] = []
+        if plan.root is not None:
+            from ingestd.kb.merge import merge_stores
 
-        merged = merge_stores(plan.stores(), config.data_dir).to_dict(orient="records")
-    return _combined(config, summaries, merged, time.perf_counter() - started, moment)
+            merged = merge_stores(plan.stores(), config.data_dir).to_dict(orient="records")
+        combined = _combined(config, summaries, merged, time.perf_counter() - started, moment)
+    except BaseException as error:
+        failure = {"samples": {}, "stopped_early": isinstance(error, KeyboardInterrupt),
+                   "error": None if isinstance(error, KeyboardInterrupt) else {"kind": type(error).__name__, "message": str(error)}}  # fmt: skip
+        raise
+    finally:
+        if failure is not None:
+            _record(lambda: catalogue.finished(record, failure))
+    _record(lambda: catalogue.finished(record, combined))
+    return combined
+
+
+def catalogue_dir(config: RunConfig, shards: int) -> Path:
+    """Where a sharded run keeps its manifest (its shards keep their progress in their own stores)."""
+    run_id = config.run_id or fingerprint(config.identity())[:16]
+    base = Path(config.data_dir) / "runs" if config.kato_url is None else Path("ingestd-runs") / "sharded"
+    return base / f"{run_id}-of-{shards}"
+
+
+def _record(write: Callable[[], None]) -> None:
+    """The catalogue is a record for people: failing to write it never fails the run."""
+    try:
+        write()
+    except OSError:
+        pass
 
 
 def _combined(config: RunConfig, summaries: list[dict[str, Any]], merged: list[dict[str, Any]], elapsed: float,
