@@ -20,7 +20,7 @@ import asyncio
 import concurrent.futures
 import difflib
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -38,7 +38,6 @@ _SOURCE_OPTIONS = {"text_field": "text_field", "hub_config": "hub_config", "spli
                    "max_sample_chars": "max_chars"}  # fmt: skip
 _HIERARCHY_OPTIONS = ("chunk_sizes", "metadata_levels", "node_ids")
 _RETRY_OPTIONS = ("patience", "request_timeout")
-_DISPLAY_OPTIONS = ("progress", "on_progress")
 _ALIASES = {"label": "source_label", "max_chars": "max_sample_chars"}  # earlier Python spellings, still taken
 _RUN_OPTIONS = tuple(name for name in RunConfig.model_fields if name not in ("source", "hierarchy"))
 
@@ -52,8 +51,8 @@ def option_names() -> list[str]:
     return sorted({*_RUN_OPTIONS, *_SOURCE_OPTIONS, *_HIERARCHY_OPTIONS, *_RETRY_OPTIONS})
 
 
-def _check_names(options: dict[str, Any], extra: Sequence[str] = ()) -> None:
-    known = {*option_names(), *_ALIASES, *extra}
+def _check_names(options: dict[str, Any]) -> None:
+    known = {*option_names(), *_ALIASES}
     for name in options:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known - set(_ALIASES)), n=1, cutoff=0.6)
@@ -100,8 +99,7 @@ def run(source: str | SourceSpec, hierarchy: Hierarchy | None = None, *, progres
 
     ``progress``: a bar (tqdm's, as a widget in notebooks); default shown in notebooks only.
     """
-    _check_names(options)
-    config = build_config(source, hierarchy, **options)
+    config = build_config(source, hierarchy, **options)  # (which refuses unknown options)
     show = _in_notebook() if progress is None else progress
     bar = _Bar(config) if show else None
     callbacks = [callback for callback in (bar, on_progress) if callback is not None]
@@ -180,10 +178,8 @@ class _Bar:
         self._bar = tqdm(total=config.max_samples, unit="samples", desc="learning", dynamic_ncols=True)
 
     def __call__(self, stats: RunStats) -> None:
-        done = stats.finished is not None and not stats.stopped_early and stats.error is None
-        total = stats.samples_read if done else stats.samples_expected
-        if total is not None and total != self._bar.total:
-            self._bar.total = max(total, stats.samples_read)
+        if stats.samples_total is not None:
+            self._bar.total = stats.samples_total
         self._bar.n = stats.samples_read
         self._bar.set_postfix(tokens=f"{stats.tokens:,}", patterns="/".join(map(str, stats.patterns_per_level)),
                               failed=stats.samples_failed, refresh=False)  # fmt: skip

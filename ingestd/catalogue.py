@@ -15,15 +15,30 @@ import datetime
 import json
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from ingestd.progress import read_run
+
+log = structlog.get_logger("ingestd.catalogue")
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.sqlite3"
 HISTORY = 100  # lines of history kept
+
+
+def attempt(write: Callable[[], None]) -> bool:
+    """Run ``write`` (a manifest update); the catalogue is a record for people, so failing to write it never
+    fails a run: it is logged. Whether it was written."""
+    try:
+        write()
+    except OSError as error:
+        log.warning("could not write the run's manifest (the run itself is unaffected)", reason=str(error))
+        return False
+    return True
 
 
 def now() -> str:

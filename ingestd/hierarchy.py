@@ -17,7 +17,8 @@ from ingestd.errors import IngestError
 MAX_CHUNK_SIZE = 4096
 """Symbols per pattern at most: far above any useful chunk, and it keeps one chunk's call a sane size."""
 MAX_LEVELS = 16
-_RUN_ID = re.compile(r"(?!\.)[\w.-]{1,128}")
+RUN_ID = re.compile(r"(?!\.)[\w.-]{1,128}")
+"""What a run id may be: it names the run's directory."""
 
 
 class HierarchyError(IngestError):
@@ -98,7 +99,7 @@ class Hierarchy(BaseModel):
         return [level.chunk_size for level in self.levels]
 
     def validate_usable(self, run_id: str = "") -> None:
-        if run_id and not _RUN_ID.fullmatch(run_id):
+        if run_id and not RUN_ID.fullmatch(run_id):
             shown = run_id if len(run_id) <= 60 else run_id[:50] + "…"
             raise HierarchyError(f"run id {shown!r} is not a name (it also names the run's directory): give letters, "
                                  "digits, '.', '_' or '-', at most 128, not starting with '.'")  # fmt: skip

@@ -130,13 +130,23 @@ class RunConfig(BaseModel):
             identity["files"] = self.source.file_list()
         return identity
 
+    def backend_record(self, store: str | None = None) -> dict[str, Any]:
+        """The backend as the run catalogue records it (``store``: its store id or address, once known)."""
+        if self.kato_url is None:
+            return {"kind": "embedded", "data_dir": str(Path(self.data_dir).resolve()), "store_id": store or None}
+        return {"kind": "kato", "url": self.kato_url, "store": store or None}
+
+    def run_name(self) -> str:
+        """The run's id: ``run_id``, or else a hash of what decides its knowledge base."""
+        return self.run_id or fingerprint(self.identity())[:16]
+
     def resolved_run_dir(self, store: str | None = None) -> Path:
         """``run_dir``, or by default ``<data>/runs/<run id>`` in-process, and with a server
         ``ingestd-runs/<its store>/<run id>``: the same command against another store is another run, and
         against the same engine under another address the same run (``store`` is known once it answers)."""
         if self.run_dir is not None:
             return self.run_dir
-        run_id = self.run_id or fingerprint(self.identity())[:16]
+        run_id = self.run_name()
         if self.kato_url is None:
             return self.data_dir / "runs" / run_id
         where = store or self.kato_url
@@ -192,6 +202,15 @@ class RunStats:
     @property
     def elapsed(self) -> float:
         return (self.finished or time.perf_counter()) - self.started
+
+    @property
+    def samples_total(self) -> int | None:
+        """A progress display's total: the samples expected while the run goes on (None: not known yet), and once it
+        has gone through, what was read (filtered samples and a --max-samples cut make the estimate inexact); never
+        less than what was read."""
+        done = self.finished is not None and not self.stopped_early and self.error is None
+        total = self.samples_read if done else self.samples_expected
+        return None if total is None else max(total, self.samples_read)
 
     def fail(self, index: int, reason: str) -> None:
         self.samples_failed += 1
@@ -383,8 +402,8 @@ class Pipeline:
             if progress is not None:
                 progress.close()
                 if self._catalogued:
-                    self._catalogue(lambda: catalogue.finished(progress.run_dir, self.summary().as_dict(),
-                                                               self._backend_record(backend)))  # fmt: skip
+                    catalogue.attempt(lambda: catalogue.finished(progress.run_dir, self.summary().as_dict(),
+                                                                 self.config.backend_record(backend.store)))  # fmt: skip
             with anyio.CancelScope(shield=True):
                 await backend.aclose()
         if self.on_progress is not None:
@@ -408,29 +427,12 @@ class Pipeline:
 
         threading.Thread(target=count, name="ingestd-count", daemon=True).start()
 
-    def _backend_record(self, backend: KatoBackend) -> dict[str, Any]:
-        config = self.config
-        if config.kato_url is None:
-            return {"kind": "embedded", "data_dir": str(Path(config.data_dir).resolve()), "store_id": backend.store or None}
-        return {"kind": "kato", "url": config.kato_url, "store": backend.store or None}
-
     def _catalogue_start(self, progress: Progress, backend: KatoBackend) -> None:
         config = self.config
-        run_id = config.run_id or fingerprint(config.identity())[:16]
-        self._catalogued = self._catalogue(lambda: catalogue.started(progress.run_dir, run_id=run_id,
-                                                                     identity=config.identity(),
-                                                                     backend=self._backend_record(backend),
-                                                                     version=__version__))  # fmt: skip
-
-    @staticmethod
-    def _catalogue(write: Callable[[], None]) -> bool:
-        """The manifest is a record for people: failing to write it never fails the run."""
-        try:
-            write()
-        except OSError as error:
-            log.warning("could not write the run's manifest (the run itself is unaffected)", reason=str(error))
-            return False
-        return True
+        self._catalogued = catalogue.attempt(lambda: catalogue.started(progress.run_dir, run_id=config.run_name(),
+                                                                       identity=config.identity(),
+                                                                       backend=config.backend_record(backend.store),
+                                                                       version=__version__))  # fmt: skip
 
     def _open_progress(self, source: Source, run_dir: Path) -> Progress:
         self._run_dir = run_dir

@@ -95,12 +95,7 @@ class ProgressBar:
         detail = (f"  {rate:,.1f} samples/s · {_short(stats.tokens)} tokens · patterns {levels} · "
                   f"failed {stats.samples_failed:,}")  # fmt: skip
         self.progress.detail = Text(detail, no_wrap=True, overflow="ellipsis", style="dim")
-        # done: the total is what was read (filtered samples and a --max-samples cut make an estimate inexact)
-        done = stats.finished is not None and not stats.stopped_early and stats.error is None
-        total = stats.samples_read if done else stats.samples_expected
-        if total is not None:
-            total = max(total, stats.samples_read)
-        self.progress.update(self.task, completed=stats.samples_read, total=total)
+        self.progress.update(self.task, completed=stats.samples_read, total=stats.samples_total)
 
 
 class ProgressLog:

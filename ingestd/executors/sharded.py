@@ -14,7 +14,6 @@ from ingestd.engine.rules import kb_id
 from ingestd.errors import IngestError
 from ingestd.executors.shards import shard_plan
 from ingestd.pipeline import RunConfig, RunStats
-from ingestd.progress import fingerprint
 
 EXECUTORS = ("ray",)
 
@@ -34,10 +33,8 @@ def run_sharded(config: RunConfig, shards: int, *, executor: str = "ray", addres
     # The whole run in the catalogue (each shard's own run is there too, in its store): <data>/runs/<id>-of-N
     record = catalogue_dir(config, shards)
     identity = {**config.identity(), "shards": shards}
-    backend = ({"kind": "embedded", "data_dir": str(Path(config.data_dir).resolve())} if config.kato_url is None
-               else {"kind": "kato", "url": config.kato_url})  # fmt: skip
-    run_id = f"{config.run_id or fingerprint(config.identity())[:16]}-of-{shards}"
-    _record(lambda: catalogue.started(record, run_id=run_id, identity=identity, backend=backend, version=__version__))
+    catalogue.attempt(lambda: catalogue.started(record, run_id=record.name, identity=identity,
+                                                backend=config.backend_record(), version=__version__))  # fmt: skip
     failure: dict[str, Any] | None = None
     try:
         summaries = run_shards(plan, address=address, on_progress=on_progress)
@@ -53,24 +50,15 @@ def run_sharded(config: RunConfig, shards: int, *, executor: str = "ray", addres
         raise
     finally:
         if failure is not None:
-            _record(lambda: catalogue.finished(record, failure))
-    _record(lambda: catalogue.finished(record, combined))
+            catalogue.attempt(lambda: catalogue.finished(record, failure))
+    catalogue.attempt(lambda: catalogue.finished(record, combined))
     return combined
 
 
 def catalogue_dir(config: RunConfig, shards: int) -> Path:
     """Where a sharded run keeps its manifest (its shards keep their progress in their own stores)."""
-    run_id = config.run_id or fingerprint(config.identity())[:16]
     base = Path(config.data_dir) / "runs" if config.kato_url is None else Path("ingestd-runs") / "sharded"
-    return base / f"{run_id}-of-{shards}"
-
-
-def _record(write: Callable[[], None]) -> None:
-    """The catalogue is a record for people: failing to write it never fails the run."""
-    try:
-        write()
-    except OSError:
-        pass
+    return base / f"{config.run_name()}-of-{shards}"
 
 
 def _combined(config: RunConfig, summaries: list[dict[str, Any]], merged: list[dict[str, Any]], elapsed: float,

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from ingestd.pipeline import RunConfig
-from ingestd.progress import fingerprint
 from ingestd.source import Shard
 
 DONE = "done.json"
@@ -71,6 +70,5 @@ def shard_plan(config: RunConfig, count: int) -> ShardPlan:
         raise ValueError("a sharded run is cut into shards by the executor: leave --shard out")
     root = None
     if config.kato_url is None:
-        run_id = config.run_id or fingerprint(config.identity())[:16]
-        root = Path(config.data_dir).resolve() / "shards" / run_id
+        root = Path(config.data_dir).resolve() / "shards" / config.run_name()
     return ShardPlan(config, count, root)

@@ -7,7 +7,6 @@ neither, the store's own record of what fed its nodes decides, when it holds one
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,10 @@ from typing import Any
 from ingestd.engine.reader import StoreReader
 from ingestd.engine.rules import kb_id
 from ingestd.errors import IngestError
-from ingestd.progress import read_run
+from ingestd.hierarchy import RUN_ID
+from ingestd.progress import RunRecord, read_run
 
 MAX_LEVELS = 64
-RUN_ID = re.compile(r"(?!\.)[\w.-]{1,128}")  # as ingestd run takes them
 SERVER_RUNS = Path("ingestd-runs")  # where runs against a server keep their directories (ingestd run --kato-url)
 
 
@@ -76,7 +75,8 @@ def run_dirs(data_dir: Path, run_id: str) -> list[Path]:
 def find_run(reader: StoreReader, data_dir: Path, run_id: str) -> Path:
     """The directory of the run ``run_id`` that learned into this store."""
     found = run_dirs(data_dir, run_id)
-    ours = [run_dir for run_dir in found if _same_store(reader, read_run(run_dir))]
+    store_id = reader.store_id()
+    ours = [run_dir for run_dir in found if _same_store(store_id, read_run(run_dir))]
     if len(ours) == 1 or (ours and len({path.resolve() for path in ours}) == 1):
         return ours[0]
     if len(ours) > 1:
@@ -88,18 +88,20 @@ def find_run(reader: StoreReader, data_dir: Path, run_id: str) -> Path:
                        "`ingestd runs list`, or give a run directory with --run-dir")  # fmt: skip
 
 
-def _same_store(reader: StoreReader, record: object) -> bool:
-    store = getattr(record, "store", None)
+def _same_store(store_id: str, record: RunRecord | None) -> bool:
+    store = record.store if record is not None else None
     # A KATO server's address cannot be checked against a file; nor a run that had not started learning.
-    return store is None or "://" in store or store == reader.store_id()
+    return store is None or "://" in store or store == store_id
 
 
-def _from_run(reader: StoreReader, fed: dict[str, Any], run_dir: Path, data_dir: Path) -> Hierarchy:
-    record = read_run(run_dir)
+def _from_run(reader: StoreReader, fed: dict[str, Any], run_dir: Path, data_dir: Path,
+              record: RunRecord | None = None) -> Hierarchy:  # fmt: skip
+    """The hierarchy of the run in ``run_dir`` (``record``: its progress, when already read)."""
+    record = record or read_run(run_dir)
     if record is None:
         raise NodesUnknown(f"{run_dir} holds no ingestd run: give a run directory (<data>/runs/<run id>), a run id "
                            "with --run-id, or the nodes with --node-ids")  # fmt: skip
-    if not _same_store(reader, record):
+    if not _same_store(reader.store_id(), record):
         raise NodesUnknown(f"the run in {run_dir} learned into another knowledge store (id {record.store}), not the "
                            f"one in {data_dir} (id {reader.store_id()}): give that run's store with --data-dir")  # fmt: skip
     nodes = []
@@ -144,15 +146,16 @@ def _from_template(reader: StoreReader, fed: dict[str, Any], template: str, run_
 def _from_store(reader: StoreReader, fed: dict[str, Any], data_dir: Path) -> Hierarchy:
     hierarchies: dict[tuple[str, ...], Hierarchy] = {}
     runs = data_dir / "runs"
-    own = sorted(runs.iterdir()) if runs.is_dir() else []
-    served = [run_dir for run_dir in sorted(SERVER_RUNS.glob("*/*")) if (record := read_run(run_dir)) is not None
-              and record.store == reader.store_id()]  # runs over HTTP into ingestd's engine serving this store
-    for run_dir in own + served:
-        record = read_run(run_dir)
+    store_id = reader.store_id()
+    own = [(run_dir, read_run(run_dir)) for run_dir in (sorted(runs.iterdir()) if runs.is_dir() else [])]
+    # runs over HTTP into ingestd's engine serving this store
+    served = [(run_dir, record) for run_dir in sorted(SERVER_RUNS.glob("*/*"))
+              if (record := read_run(run_dir)) is not None and record.store == store_id]  # fmt: skip
+    for run_dir, record in own + served:
         if record is None or not record.done:
             continue  # nothing learned (refused, say, for feeding nodes another way): it names no hierarchy here
         try:
-            found = _from_run(reader, fed, run_dir, data_dir)
+            found = _from_run(reader, fed, run_dir, data_dir, record)
         except NodesUnknown:
             continue
         hierarchies.setdefault(tuple(node.node_id for node in found.nodes), found)
