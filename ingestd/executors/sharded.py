@@ -13,7 +13,7 @@ from ingestd.engine.reader import StoreReader
 from ingestd.engine.rules import kb_id
 from ingestd.errors import IngestError
 from ingestd.executors.shards import shard_plan
-from ingestd.pipeline import RunConfig, RunStats
+from ingestd.pipeline import RunConfig, RunStats, RunSummary
 
 EXECUTORS = ("ray",)
 
@@ -63,39 +63,42 @@ def catalogue_dir(config: RunConfig, shards: int) -> Path:
 
 def _combined(config: RunConfig, summaries: list[dict[str, Any]], merged: list[dict[str, Any]], elapsed: float,
               started_at: str) -> dict[str, Any]:  # fmt: skip
-    samples = {key: sum(summary["samples"][key] for summary in summaries)
-               for key in ("read", "learned", "filtered", "failed", "skipped", "unfinished")}  # fmt: skip
-    levels = len(config.hierarchy.levels)
-    tokens = sum(summary["tokens"] for summary in summaries)
-    requests = sum(summary["requests"] for summary in summaries)
-    recovery = {"retries": {}, "session_recreations": 0, "server_outages": 0, "possible_duplicates": 0,
-                "possible_duplicate_samples": []}  # fmt: skip
+    """The whole run's summary, in the shape of one run's (:meth:`RunSummary.as_dict`), from its shards' summaries;
+    and a line per shard, and what the merge did."""
+    stats = RunStats(levels=len(config.hierarchy.levels))
+    stats.started, stats.finished = 0.0, elapsed
+    stats.started_at, stats.finished_at = started_at, catalogue.now()
     for summary in summaries:
-        for cause, count in summary["recovery"]["retries"].items():
-            recovery["retries"][cause] = recovery["retries"].get(cause, 0) + count
-        for key in ("session_recreations", "server_outages", "possible_duplicates"):
-            recovery[key] += summary["recovery"][key]
-    distinct = None
+        samples = summary["samples"]
+        stats.samples_read += samples["read"]
+        stats.samples_learned += samples["learned"]
+        stats.samples_filtered += samples["filtered"]
+        stats.samples_failed += samples["failed"]
+        stats.skipped += samples["skipped"]
+        stats.tokens += summary["tokens"]
+        stats.requests += summary["requests"]
+        stats.patterns_per_level = [a + b for a, b in zip(stats.patterns_per_level, summary["patterns_per_level"], strict=True)]
+        stats.replayed_per_level = [a + b for a, b in zip(stats.replayed_per_level, summary["replayed_per_level"], strict=True)]
+        recovery = summary["recovery"]
+        for cause, count in recovery["retries"].items():
+            stats.retries[cause] = stats.retries.get(cause, 0) + count
+        stats.session_recreations += recovery["session_recreations"]
+        stats.server_outages += recovery["server_outages"]
+        stats.possible_duplicates += recovery["possible_duplicate_samples"]
+        stats.failures += summary["failures"]
+        stats.stopped_early = stats.stopped_early or summary["stopped_early"]
+        stats.error = stats.error or summary.get("error")
+    stats.failures = stats.failures[:1000]
     if config.kato_url is None:
         with StoreReader(config.data_dir) as reader:
-            distinct = [reader.count(kb_id(node_id)) for node_id in config.node_ids()]
-    return {
-        "ingestd_version": __version__, "started_at": started_at, "finished_at": catalogue.now(),
-        "samples": samples, "stopped_early": any(summary["stopped_early"] for summary in summaries),
-        "error": next((summary["error"] for summary in summaries if summary.get("error")), None),
-        "recovery": recovery, "tokens": tokens,
-        "patterns_per_level": [sum(summary["patterns_per_level"][level] for summary in summaries) for level in range(levels)],
-        "replayed_per_level": [sum(summary["replayed_per_level"][level] for summary in summaries) for level in range(levels)],
-        "distinct_patterns_per_level": distinct, "requests": requests,
-        "requests_per_sample": round(requests / samples["learned"], 3) if samples["learned"] else None,
-        "wall_seconds": round(elapsed, 3),
-        "samples_per_second": round(samples["learned"] / elapsed, 3) if elapsed else None,
-        "tokens_per_second": round(tokens / elapsed, 1) if elapsed else None,
-        "failures": [failure for summary in summaries for failure in summary["failures"]][:1000],
-        "shards": [{"shard": summary["config"]["shard"], "samples": summary["samples"], "tokens": summary["tokens"],
-                    "wall_seconds": summary["wall_seconds"], "run_dir": summary["config"]["run_dir"]}
-                   for summary in summaries],
-        "merged": merged,
-        "config": {**summaries[0]["config"], "shard": None, "shards": len(summaries),
-                   "backend": config.kato_url or f"embedded:{config.data_dir}"},
-    }  # fmt: skip
+            stats.distinct_patterns_per_level = [reader.count(kb_id(node_id)) for node_id in config.node_ids()]
+    whole = {**summaries[0]["config"], "shard": None, "shards": len(summaries),
+             "backend": config.kato_url or f"embedded:{config.data_dir}"}  # fmt: skip
+    combined = RunSummary(whole, stats).as_dict()
+    # (each shard lists at most 1,000 possible duplicates; their counts are exact)
+    combined["recovery"]["possible_duplicates"] = sum(summary["recovery"]["possible_duplicates"] for summary in summaries)
+    return {**combined,
+            "shards": [{"shard": summary["config"]["shard"], "samples": summary["samples"], "tokens": summary["tokens"],
+                        "wall_seconds": summary["wall_seconds"], "run_dir": summary["config"]["run_dir"]}
+                       for summary in summaries],
+            "merged": merged}  # fmt: skip
