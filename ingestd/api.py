@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import difflib
+import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -31,6 +32,9 @@ from ingestd.pipeline import Pipeline, RunConfig, RunStats, RunSummary
 from ingestd.retry import RetryPolicy
 from ingestd.runtime import loop_options, throughput_gc
 from ingestd.source import MIN_CHARS, SourceSpec
+
+Sources = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+"""A source as ``run()`` takes it: a dataset key, a hub name, a path (file, directory, glob), or a list of paths."""
 
 # Source options, by their ``ingestd run`` names, and the SourceSpec field each sets.
 _SOURCE_OPTIONS = {"text_field": "text_field", "hub_config": "hub_config", "split": "split", "txt_mode": "txt_mode",
@@ -60,7 +64,7 @@ def _check_names(options: dict[str, Any]) -> None:
             raise UnknownOption(f"run() got an unknown option {name!r}: {hint}")
 
 
-def build_config(source: str | SourceSpec, hierarchy: Hierarchy | None = None, **options: Any) -> RunConfig:
+def build_config(source: Sources | SourceSpec, hierarchy: Hierarchy | None = None, **options: Any) -> RunConfig:
     """A :class:`RunConfig` from a source, a hierarchy (or ``chunk_sizes``/``metadata_levels``/``node_ids``) and
     keyword options named as ``ingestd run``'s flags."""
     _check_names(options)
@@ -89,11 +93,12 @@ def build_config(source: str | SourceSpec, hierarchy: Hierarchy | None = None, *
         if "metadata_fields" in source_options:
             fields = source_options["metadata_fields"]
             source_options["metadata_fields"] = tuple(fields.split(",") if isinstance(fields, str) else fields)
-        source = SourceSpec(source=str(source), **source_options)
+        entries = (str(source),) if isinstance(source, (str, os.PathLike)) else tuple(map(str, source))
+        source = SourceSpec(source=entries, **source_options)
     return RunConfig(source=source, hierarchy=hierarchy, **options)
 
 
-def run(source: str | SourceSpec, hierarchy: Hierarchy | None = None, *, progress: bool | None = None,
+def run(source: Sources | SourceSpec, hierarchy: Hierarchy | None = None, *, progress: bool | None = None,
         on_progress: Callable[[RunStats], None] | None = None, **options: Any) -> RunSummary:  # fmt: skip
     """Learn every sample of ``source`` into the hierarchy; blocks until done and returns the summary.
 

@@ -150,7 +150,7 @@ _METADATA_LEVELS = Annotated[Optional[str], typer.Option(help="Levels whose patt
 
 @app.command("run")
 def run_command(
-    source: Annotated[str, typer.Argument(help="A dataset key (wikitext, c4, refinedweb, openwebtext, redpajama_sample, pile, dolma, bookcorpus, simple_wiki), a hub dataset name, or a local .txt/.jsonl/.parquet/.csv file.")],
+    source: Annotated[list[str], typer.Argument(help="A dataset key (wikitext, c4, refinedweb, openwebtext, redpajama_sample, pile, dolma, bookcorpus, simple_wiki), a hub dataset name, or local .txt/.jsonl/.parquet/.csv files: a file, a directory, a glob ('data/*.parquet'), or several of them, read in the order given.")],
     text_field: _TEXT_FIELD = None,
     metadata_fields: _METADATA_FIELDS = None,
     source_label: _SOURCE_LABEL = None,
@@ -229,7 +229,7 @@ def run_command(
         else:
             hierarchy = Hierarchy.from_chunk_sizes(_int_list(chunk_sizes, "--chunk-sizes"),
                                                    set(_int_list(metadata_levels, "--metadata-levels")), node_ids)
-        spec = SourceSpec(source=source, text_field=text_field, hub_config=hub_config, split=split,
+        spec = SourceSpec(source=tuple(source), text_field=text_field, hub_config=hub_config, split=split,
                           txt_mode=txt_mode,  # type: ignore[arg-type]
                           metadata_fields=tuple(f.strip() for f in (metadata_fields or "").split(",") if f.strip()),
                           label=source_label, max_chars=max_sample_chars,
@@ -292,7 +292,7 @@ def run_command(
     report(result)
     samples = result["samples"]
     if samples["read"] and samples["filtered"] == samples["read"]:
-        typer.echo(f"ingestd: warning: every record of {source} was shorter than {spec.min_chars} characters after stripping, "
+        typer.echo(f"ingestd: warning: every record of {spec.shown} was shorter than {spec.min_chars} characters after stripping, "
                    "so nothing was learned: check --text-field, --txt-mode and --min-chars", err=True)  # fmt: skip
     if samples["failed"]:
         import structlog
@@ -416,7 +416,7 @@ def _print_jobs(jobs: list[dict[str, Any]], *, title: str = "") -> None:
         samples = (job.get("progress") or {}).get("samples") or {}
         table.add_row(job["id"], job["state"] + (" (retry failed)" if job.get("retry_failed") else ""),
                       _clock(job.get("created_at")), f"{samples.get('learned', 0):,}", f"{samples.get('failed', 0):,}",
-                      Path(str(job.get("spec", {}).get("source", "?"))).name)  # fmt: skip
+                      _source_name(job.get("spec", {}).get("source")))  # fmt: skip
     Console().print(table)
 
 
@@ -427,7 +427,7 @@ def _print_job(job: dict[str, Any]) -> None:
     lines = [f"job {job['id']}: {job['state']}" + (" (retrying failed samples)" if job.get("retry_failed") else ""),
              f"created {_clock(job.get('created_at'))}, started {_clock(job.get('started_at'))}, "
              f"finished {_clock(job.get('finished_at'))}",
-             f"source: {spec.get('source')}"]  # fmt: skip
+             f"source: {_source_shown(spec.get('source'))}"]  # fmt: skip
     if samples:
         lines.append(f"samples: {samples.get('read', 0):,} read, {samples.get('learned', 0):,} learned, "
                      f"{samples.get('filtered', 0):,} filtered, {samples.get('failed', 0):,} failed, "
@@ -445,9 +445,21 @@ _TOKEN = Annotated[Optional[str], typer.Option(help="Bearer token (default: INGE
 _DAEMON = "http://127.0.0.1:8080"
 
 
+def _source_shown(source: Any) -> str:
+    """A recorded source (a name, a path or a list of paths) as one line."""
+    return " ".join(map(str, source)) if isinstance(source, list) else str(source if source is not None else "?")
+
+
+def _source_name(source: Any) -> str:
+    """A recorded source in a table's cell: a file's name; a list's first name and how many more."""
+    if isinstance(source, list) and source:
+        return Path(str(source[0])).name + (f" +{len(source) - 1}" if len(source) > 1 else "")
+    return Path(_source_shown(source)).name
+
+
 @jobs_app.command("submit")
 def jobs_submit(
-    source: Annotated[str, typer.Argument(help="Dataset key, hub name or a file path as the daemon sees it.")],
+    source: Annotated[list[str], typer.Argument(help="Dataset key, hub name, or file paths (files, directories, globs) as the daemon sees them.")],
     text_field: _TEXT_FIELD = None,
     metadata_fields: _METADATA_FIELDS = None,
     source_label: _SOURCE_LABEL = None,
@@ -482,7 +494,7 @@ def jobs_submit(
     from ingestd.hierarchy import HierarchyError, read_file
 
     spec: dict[str, Any] = {
-        "source": source, "text_field": text_field, "source_label": source_label, "hub_config": hub_config,
+        "source": source[0] if len(source) == 1 else source, "text_field": text_field, "source_label": source_label, "hub_config": hub_config,
         "split": split, "txt_mode": txt_mode, "max_samples": max_samples, "skip": skip,
         "max_sample_chars": max_sample_chars, "min_chars": min_chars, "tokenizer": tokenizer, "run_id": run_id,
         "allow_mixed_kb": allow_mixed_kb, "kato_url": _kato_url(kato), "workers": workers, "planners": planners,
@@ -610,7 +622,7 @@ def runs_list(data: Annotated[Path, typer.Option("--data-dir", "--data", help="A
         backend = manifest.get("backend") or {}
         table.add_row(manifest.get("run_id", "?"), manifest.get("status", "?"), _when(manifest.get("started_at"))[:16],
                       "?" if manifest.get("done") is None else f"{manifest['done']:,}",
-                      Path(str((manifest.get("source") or {}).get("source", "?"))).name,
+                      _source_name((manifest.get("source") or {}).get("source")),
                       backend.get("url") or "embedded")  # fmt: skip
     Console().print(table)
 
@@ -645,7 +657,7 @@ def runs_show(run: Annotated[str, typer.Argument(help="A run directory, or a run
         f"samples done: {manifest['done']:,}" if manifest.get("done") is not None else "samples done: unknown",
         f"ingestd {manifest.get('ingestd_version')}; started {_when(manifest.get('started_at'))}, "
         f"finished {_when(manifest.get('finished_at')) or '-'}; first run {_when(manifest.get('created_at'))}",
-        f"source: {(manifest.get('source') or {}).get('source')}   tokenizer: {manifest.get('tokenizer')}",
+        f"source: {_source_shown((manifest.get('source') or {}).get('source'))}   tokenizer: {manifest.get('tokenizer')}",
         "hierarchy: " + ", ".join(f"{level['node_id']} (chunk {level['chunk_size']}{', metadata' if level.get('capture_metadata') else ''})"
                                   for level in manifest.get("hierarchy") or []),
         f"backend: {json.dumps(manifest.get('backend'))}",

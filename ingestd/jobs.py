@@ -11,7 +11,7 @@ import contextlib
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,7 +61,8 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    source: str
+    source: str | list[str] = Field(description="A dataset key, a hub name, or local paths (a file, directory or "
+                                    "glob, or a list of them) as the daemon sees them.")  # fmt: skip
     text_field: str | None = None
     metadata_fields: list[str] = []
     source_label: str | None = Field(default=None, validation_alias=AliasChoices("source_label", "label"),
@@ -122,7 +123,7 @@ class JobSpec(BaseModel):
     def run_config(self, state_dir: Path, job_id: str, *, retry_failed: bool, drain_timeout: float) -> RunConfig:
         hierarchy = self.built_hierarchy()
         min_chars = self.min_chars if self.min_chars is not None else hierarchy.run_options.get("min_chars", MIN_CHARS)
-        source = SourceSpec(source=self.source, text_field=self.text_field, hub_config=self.hub_config,
+        source = SourceSpec(source=self.source if isinstance(self.source, str) else tuple(self.source), text_field=self.text_field, hub_config=self.hub_config,
                             split=self.split, txt_mode=self.txt_mode, metadata_fields=tuple(self.metadata_fields),
                             label=self.source_label, min_chars=min_chars, max_chars=self.max_sample_chars)  # fmt: skip
         run_dir = state_dir / "runs" / job_id
@@ -152,14 +153,19 @@ class JobPolicy:
     def refusal(self, spec: JobSpec) -> tuple[str, str] | None:
         """(field, why) if the job reaches outside what it may; None if it may run."""
         try:
-            source = SourceSpec(source=spec.source)
-            where = Path(spec.source).expanduser().resolve() if source.is_local else None
+            source = SourceSpec(source=spec.source if isinstance(spec.source, str) else tuple(spec.source))
+            if source.is_local:
+                # each entry first (so that nothing is looked up outside the folders: no oracle for the host's
+                # files), then each file it names now (a symlink in a folder may point out of it)
+                outside = self._outside((entry, Path(entry).expanduser().resolve()) for entry in source.sources)
+                if outside is None:
+                    outside = self._outside((str(file), file.resolve()) for file in source.local_files())
+                if outside is not None:
+                    roots = ":".join(str(root) for root in self.source_roots) or "none: hub datasets only"
+                    return "source", (f"the source {outside!r} is outside the folders jobs may read ({roots}): put "
+                                      "it there, or widen INGESTD_SOURCE_ROOTS")  # fmt: skip
         except (SourceError, OSError, RuntimeError) as error:
             return "source", str(error)
-        if where is not None and not self._readable(where):
-            roots = ":".join(str(root) for root in self.source_roots) or "none: hub datasets only"
-            return "source", (f"the source {spec.source!r} is outside the folders jobs may read ({roots}): put it "
-                              "there, or widen INGESTD_SOURCE_ROOTS")  # fmt: skip
         tokenizer = self._local_tokenizer(spec.tokenizer)
         if tokenizer is not None and not self._readable(tokenizer):
             return "tokenizer", (f"the tokenizer {spec.tokenizer!r} is a folder outside the folders jobs may read: "
@@ -169,6 +175,10 @@ class JobPolicy:
             return "kato_url", (f"{spec.kato_url} is not a KATO server this daemon may use (INGESTD_KATO_URLS: "
                                 f"{allowed}): add it there, or leave kato_url out for the embedded engine")  # fmt: skip
         return None
+
+    def _outside(self, paths: Iterable[tuple[str, Path]]) -> str | None:
+        """The first of (name, resolved path) that lies outside the folders jobs may read, or None."""
+        return next((name for name, path in paths if not self._readable(path)), None)
 
     def _readable(self, path: Path) -> bool:
         """``path`` (resolved) lies under one of the folders jobs may read."""

@@ -142,11 +142,32 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
+def _is_local(source: str) -> bool:
+    """Whether one source entry names local files (else a dataset key or a hub dataset name)."""
+    path = Path(source).expanduser()
+    if source in HUB_DATASETS and not path.exists():
+        return False
+    return bool(path.suffix.lower() in LOCAL_FORMATS or path.exists() or source.startswith((".", "/", "~"))
+                or GLOB_CHARACTERS & set(source))  # fmt: skip
+
+
+def _resolved(source: str) -> str:
+    """A local entry's path made absolute (symlinks resolved); a glob made absolute, matched when read; a path
+    that does not exist left as given, for the error to name it."""
+    path = Path(source).expanduser()
+    if not path.exists() and GLOB_CHARACTERS & set(source):
+        return os.path.abspath(path)
+    if not path.exists():
+        return source
+    return str(path.resolve(strict=True))
+
+
 @dataclass(frozen=True)
 class SourceSpec:
-    """What to read: a dataset key, a hub dataset name, or a local file."""
+    """What to read: a dataset key, a hub dataset name, local files (a file, a directory or a glob), or a list
+    of local files, directories and globs (``data_files``, as ``datasets`` names it), read in the list's order."""
 
-    source: str
+    source: str | tuple[str, ...]
     text_field: str | None = None
     hub_config: str | None = None
     split: str | None = None
@@ -161,49 +182,71 @@ class SourceSpec:
             raise ValueError(f"min_chars {self.min_chars}: give 0 to {MAX_COUNT} (0 keeps every sample)")
         if not 1 <= self.max_chars <= MAX_COUNT:
             raise ValueError(f"max_chars {self.max_chars}: give 1 to {MAX_COUNT}")
-        problem = _path_problem(self.source)
-        if problem is not None:
-            raise SourceError(problem)
+        if not isinstance(self.source, str):  # a list of files: a tuple (hashable, as the spec is frozen)
+            entries = tuple(self.source)
+            if not entries or not all(isinstance(entry, str) and entry for entry in entries):
+                raise SourceError("a list of sources must name at least one file, each a non-empty path")
+            object.__setattr__(self, "source", entries[0] if len(entries) == 1 else entries)
+        for entry in self.sources:
+            problem = _path_problem(entry)
+            if problem is not None:
+                raise SourceError(problem)
+        if len(self.sources) > 1:
+            remote = [entry for entry in self.sources if not _is_local(entry)]
+            if remote:
+                raise SourceError(f"{remote[0]!r} in a list of sources is not a local file: a list names local "
+                                  "files, directories or globs; give a hub dataset alone")  # fmt: skip
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The source's entries: one, or the list given."""
+        return (self.source,) if isinstance(self.source, str) else self.source
+
+    @property
+    def shown(self) -> str:
+        """The source as messages name it."""
+        return self.source if isinstance(self.source, str) else " ".join(self.source)
 
     @property
     def source_label(self) -> str:
         if self.label:
             return self.label
-        path = Path(self.source)
-        return path.stem if path.suffix.lower() in LOCAL_FORMATS else self.source
+        path = Path(self.sources[0])
+        return path.stem if path.suffix.lower() in LOCAL_FORMATS else self.sources[0]
 
     @property
     def is_local(self) -> bool:
-        """A local file (else a dataset key or a hub dataset name)."""
-        path = Path(self.source).expanduser()
-        if self.source in HUB_DATASETS and not path.exists():
-            return False
-        return bool(path.suffix.lower() in LOCAL_FORMATS or path.exists() or self.source.startswith((".", "/", "~"))
-                    or GLOB_CHARACTERS & set(self.source))  # fmt: skip
+        """Local files (else a dataset key or a hub dataset name)."""
+        return all(_is_local(entry) for entry in self.sources)
 
     def resolved(self) -> SourceSpec:
-        """This spec with a local file's path made absolute (symlinks resolved): one file, one identity.
-        A path that does not exist is left as given, for the error to name it."""
-        path = Path(self.source).expanduser()
-        if self.is_local and not path.exists() and GLOB_CHARACTERS & set(self.source):
-            return replace(self, source=os.path.abspath(path))  # a glob: made absolute, matched when read
-        if not self.is_local or not path.exists():
+        """This spec with local paths made absolute (symlinks resolved): one file, one identity."""
+        if not self.is_local:
             return self
-        return replace(self, source=str(path.resolve(strict=True)))
+        entries = tuple(_resolved(entry) for entry in self.sources)
+        return replace(self, source=entries[0] if len(entries) == 1 else entries)
+
+    def local_files(self) -> list[Path]:
+        """The files a local source names now, in reading order: each entry's files (a directory's or a glob's in
+        name order), entry after entry."""
+        files: list[Path] = []
+        for entry in self.sources:
+            files.extend(_local_files(entry, Path(entry).expanduser()))
+        return files
 
     def file_list(self) -> str:
         """A fingerprint of the files a local source names now (their paths, in reading order): shards of one run
         must have read the same list, or their indices do not line up."""
-        path = Path(self.source).expanduser()
         try:
-            files = _local_files(self.source, path) if self.is_local else []
+            files = self.local_files() if self.is_local else []
         except (SourceError, OSError):
             files = []
         return hashlib.sha1("\n".join(map(str, files)).encode()).hexdigest()[:16]
 
     def describe(self) -> dict[str, Any]:
         """What identifies this source (used in the run's fingerprint and summary)."""
-        return {"source": self.source, "text_field": self.text_field, "hub_config": self.hub_config,
+        return {"source": self.source if isinstance(self.source, str) else list(self.source),
+                "text_field": self.text_field, "hub_config": self.hub_config,
                 "split": self.split, "txt_mode": self.txt_mode, "metadata_fields": list(self.metadata_fields),
                 "label": self.source_label, "min_chars": self.min_chars}  # fmt: skip
 
@@ -711,17 +754,13 @@ class Source:
 
     def _open(self) -> None:
         spec = self.spec
-        path = Path(spec.source).expanduser()
-        local_format = LOCAL_FORMATS.get(path.suffix.lower())
         if spec.is_local:
-            self._open_local(path, local_format)
-        elif spec.source in HUB_DATASETS:
-            self._open_hub()
-        elif self._looks_like_hub_name(spec.source):
+            self._open_local()
+        elif spec.shown in HUB_DATASETS or self._looks_like_hub_name(spec.shown):
             self._open_hub()
         else:
             raise SourceError(
-                f"unknown dataset {spec.source!r}: give one of {', '.join(HUB_DATASETS)}, a hub dataset name such "
+                f"unknown dataset {spec.shown!r}: give one of {', '.join(HUB_DATASETS)}, a hub dataset name such "
                 "as 'allenai/c4' (with --hub-config, --split, --text-field as needed), or the path of a local "
                 ".txt, .jsonl, .parquet or .csv file"
             )
@@ -731,9 +770,9 @@ class Source:
         parts = name.split("/")
         return len(parts) == 2 and all(parts)
 
-    def _open_local(self, path: Path, local_format: str | None) -> None:
-        self.files = _local_files(self.spec.source, path)
-        alone = len(self.files) == 1 and self.files[0] == path
+    def _open_local(self) -> None:
+        self.files = self.spec.local_files()
+        alone = len(self.files) == 1 and self.files[0] == Path(self.spec.sources[0]).expanduser()
         opened = []
         for file in self.files:
             try:
@@ -800,8 +839,8 @@ class Source:
 
     def _open_hub(self) -> None:
         spec = self.spec
-        known = HUB_DATASETS.get(spec.source)
-        name = known.name if known else spec.source
+        known = HUB_DATASETS.get(spec.shown)
+        name = known.name if known else spec.shown
         config = spec.hub_config if spec.hub_config is not None else (known.config if known else None)
         split = spec.split or (known.split if known else "train")
         text_field = spec.text_field or (known.text_field if known else "text")
@@ -844,7 +883,7 @@ class Source:
             else:
                 yield from self._shard_events(self._events(skip, max_samples), shard)
         except OSError as error:  # the file went away or the disk failed part-way: progress so far is kept
-            raise SourceError(f"{self.spec.source} could not be read to the end ({error.strerror or error}): check "
+            raise SourceError(f"{self.spec.shown} could not be read to the end ({error.strerror or error}): check "
                               "the file, then run the same command to go on") from None  # fmt: skip
 
     @staticmethod

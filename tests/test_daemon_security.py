@@ -78,6 +78,33 @@ def test_sources_outside_the_configured_folders_are_refused(tmp_path: Path) -> N
     assert "hunter2" not in daemon.logs and "swordfish" not in daemon.logs
 
 
+def test_a_list_of_sources_is_checked_entry_by_entry_and_file_by_file(tmp_path: Path) -> None:
+    state, roots = tmp_path / "state", tmp_path / "corpora"
+    (roots / "parts").mkdir(parents=True)
+    secret = tmp_path / "secrets.txt"
+    secret.write_text("the password is hunter2\n")
+    first, second = corpus(roots, samples=4), corpus(roots / "parts", samples=3)
+    (roots / "linked").mkdir()
+    (roots / "linked" / "out.txt").symlink_to(secret)  # a folder inside whose file leads out
+    daemon = Daemon(state, INGESTD_SOURCE_ROOTS=str(roots)).start()
+    try:
+        with daemon.client() as client:
+            for source in ([str(first), str(secret)], [str(first), str(roots / "*" / ".." / ".." / "secrets.txt")],
+                           [str(first), str(roots / "linked")], [str(roots / "parts"), "/etc/passwd"]):  # fmt: skip
+                refused = client.post("/jobs", json={"source": source})
+                assert refused.status_code == 422, (source, refused.text)
+                detail = refused.json()["detail"][0]
+                assert detail["loc"] == ["body", "source"] and "INGESTD_SOURCE_ROOTS" in detail["msg"], detail
+            accepted = client.post("/jobs", json={"source": [str(second), str(first)]})
+            assert accepted.status_code == 201, accepted.text
+            job = wait_for(client, accepted.json()["id"], {"succeeded", "failed"})
+            assert job["state"] == "succeeded" and job["progress"]["samples"]["learned"] == 7, job
+            assert client.get("/jobs").json()["total"] == 1  # nothing refused was stored
+    finally:
+        daemon.stop()
+    assert "hunter2" not in daemon.logs
+
+
 def test_sources_and_tokenizers_that_are_no_paths_or_lead_outside_are_a_422(tmp_path: Path) -> None:
     roots = tmp_path / "corpora"
     roots.mkdir()

@@ -207,6 +207,50 @@ def test_a_directory_or_glob_of_files_is_one_source_and_shards_merge_exactly(tmp
     assert dump(tmp_path / "window-merged") == dump(tmp_path / "window")
 
 
+def test_a_list_of_files_is_one_source_read_in_its_order(tmp_path: Path) -> None:
+    """``ingestd run a b c`` (and ``run([a, b, c])``): the files one after another in the order given, whatever their
+    formats, a glob among them; its shards by file merge into it; typed again, it learns nothing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .golden import run_cli
+
+    texts = [part for part in CORPUS.read_text(encoding="utf-8").split("\n\n") if part.strip()][:400]
+    (tmp_path / "z-first.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:100]), encoding="utf-8")
+    pq.write_table(pa.table({"text": texts[100:250]}), tmp_path / "b-second.parquet")
+    for number, (start, end) in enumerate(((250, 320), (320, 400))):  # matched by a glob, in name order
+        (tmp_path / f"a-{number}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[start:end]),
+                                                    encoding="utf-8")  # fmt: skip
+    (tmp_path / "whole.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    files = [str(tmp_path / "z-first.jsonl"), str(tmp_path / "b-second.parquet"), str(tmp_path / "a-*.jsonl")]
+    options = ["--chunk-sizes", "4,4,4", "--metadata-levels", "1,2", "--source-label", "corpus"]
+    single = run_cli(str(tmp_path / "whole.jsonl"), "--data", str(tmp_path / "single"), *options)
+    listed = run_cli(*files, "--data", str(tmp_path / "listed"), *options)
+    assert listed["samples"] == single["samples"] and listed["samples"]["read"] == 400
+    assert dump(tmp_path / "listed") == dump(tmp_path / "single")  # sample indices (in the metadata) included
+    # the Python API takes the list too (paths as Path objects), with the CLI's result
+    run([Path(file) for file in files], chunk_sizes=[4, 4, 4], metadata_levels=[1, 2], source_label="corpus",
+        data_dir=tmp_path / "api")  # fmt: skip
+    assert dump(tmp_path / "api") == dump(tmp_path / "single")
+    # 4 files in 2 shards, by file: shard 1 reads the glob's files only
+    shards = [run_cli(*files, "--data", str(tmp_path / f"shard{index}"), "--shard", f"{index}/2", *options,
+                      "--run-dir", str(tmp_path / f"shard{index}" / "runs" / "shard"))["samples"] for index in range(2)]  # fmt: skip
+    assert [shard["read"] for shard in shards] == [250, 150]
+    merge_stores([tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "merged")
+    assert dump(tmp_path / "merged") == dump(tmp_path / "single")
+    again = run_cli(*files, "--data", str(tmp_path / "shard1"), "--shard", "1/2", *options,
+                    "--run-dir", str(tmp_path / "shard1" / "runs" / "shard"))  # fmt: skip
+    assert again["samples"]["learned"] == 0 and again["samples"]["skipped"] == shards[1]["learned"]
+    # another order is another source: not the same knowledge base (indices and order differ)
+    run_cli(*reversed(files), "--data", str(tmp_path / "reversed"), *options)
+    assert dump(tmp_path / "reversed") != dump(tmp_path / "single")
+    # a hub dataset cannot be one of a list: one line, nothing made
+    refused = subprocess.run([sys.executable, "-m", "ingestd", "run", files[0], "wikitext", "--data", str(tmp_path / "hub")],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode != 0 and "'wikitext' in a list of sources is not a local file" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "hub").exists()
+
+
 def test_merge_refuses_what_would_count_twice_or_miss(tmp_path: Path) -> None:
     from ingestd.engine.store import writer_lock
     from ingestd.source import Shard, SourceError
