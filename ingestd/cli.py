@@ -114,6 +114,16 @@ def _kato_url(url: str | None) -> str | None:
         raise typer.BadParameter(str(error), param_hint="--kato-url") from None
 
 
+def _kato_urls(text: str | None) -> list[str]:
+    """``--kato-url`` as ``ingestd run`` takes it: one server, or several separated by commas."""
+    if text is None:
+        return []
+    urls = [_kato_url(url.strip()) or "" for url in text.split(",") if url.strip()]
+    if not urls:
+        raise typer.BadParameter(f"{text!r}: give http://host:port, or several separated by commas", param_hint="--kato-url")
+    return urls
+
+
 def _int_list(text: str | None, what: str) -> list[int]:
     """``8,8,8`` → [8, 8, 8]; an empty item (``8,,8``) or anything not a whole number is refused."""
     if not text:
@@ -174,7 +184,7 @@ def run_command(
     planners: Annotated[Optional[int], typer.Option(min=0, max=64, help="Processes that tokenize and plan beside learning (default: one per core beyond the first; 0: in this process).", show_default=False, rich_help_panel="Backend")] = None,
     batch_chunks: _BATCH_CHUNKS = 64,
     batching: _BATCHING = True,
-    kato: Annotated[Optional[str], typer.Option("--kato-url", "--kato", help="A KATO server, http://host:port. Default: the embedded engine in-process.", rich_help_panel="Backend")] = None,
+    kato: Annotated[Optional[str], typer.Option("--kato-url", "--kato", help="A KATO server, http://host:port (several, comma-separated, with --shards: shard I learns through the (I mod count)-th). Default: the embedded engine in-process.", rich_help_panel="Backend")] = None,
     data: Annotated[Path, typer.Option("--data-dir", "--data", help="Directory of the embedded engine's knowledge store.", rich_help_panel="Backend")] = Path("kato-data"),
     durability: _DURABILITY = "full",
     fresh: Annotated[bool, typer.Option("--fresh", help="clear-all every node's knowledge base and the run's progress first.", rich_help_panel="Run control")] = False,
@@ -210,7 +220,11 @@ def run_command(
         raise typer.BadParameter(f"{txt_mode!r}: use 'paragraph' or 'line'", param_hint="--txt-mode")
     if durability not in ("full", "normal"):
         raise typer.BadParameter(f"{durability!r}: use 'full' or 'normal'", param_hint="--durability")
-    kato = _kato_url(kato)
+    kato_urls = _kato_urls(kato)
+    if len(kato_urls) > 1 and shards == 1:
+        raise typer.BadParameter(f"{len(kato_urls)} KATO servers are spread over shards: add --shards N (at least "
+                                 f"{len(kato_urls)}), or give one server", param_hint="--kato-url")  # fmt: skip
+    kato = kato_urls[0] if kato_urls else None
     pipeline: Pipeline | None = None
 
     def report(result: dict[str, Any]) -> None:
@@ -258,7 +272,8 @@ def run_command(
             from ingestd.executors.sharded import run_sharded
 
             def sharded(on_progress: Callable[[Any], None]) -> dict[str, Any]:
-                return run_sharded(config, shards, executor=executor or "ray", address=ray_address, on_progress=on_progress)
+                return run_sharded(config, shards, executor=executor or "ray", address=ray_address, kato_urls=kato_urls,
+                                   on_progress=on_progress)  # fmt: skip
 
             try:
                 if show_bar:

@@ -120,14 +120,16 @@ def shard_table(summary: dict[str, Any]) -> Table:
     """A line per shard of a sharded run, and what the merge did."""
     merged = {row["source"]: row for row in summary.get("merged") or []}
     table = Table(title=f"{len(summary['shards'])} shards", title_justify="left")
-    for column in ("shard", "learned", "filtered", "failed", "skipped", "tokens", "seconds", "merged"):
-        table.add_column(column, justify="right" if column not in ("shard", "merged") else "left")
+    servers = len({shard.get("backend") for shard in summary["shards"]}) > 1  # several KATO servers: say whose
+    for column in ("shard", "learned", "filtered", "failed", "skipped", "tokens", "seconds", "merged", *(("server",) if servers else ())):
+        table.add_column(column, justify="right" if column not in ("shard", "merged", "server") else "left")
     for shard in summary["shards"]:
         samples = shard["samples"]
         row = next((row for source, row in merged.items() if source.endswith(shard["shard"].replace("/", "-of-"))), None)
         table.add_row(shard["shard"], f"{samples['learned']:,}", f"{samples['filtered']:,}", f"{samples['failed']:,}",
                       f"{samples['skipped']:,}", f"{shard['tokens']:,}", f"{shard['wall_seconds']:.1f}",
-                      "" if row is None else "before" if row["already_merged"] else f"{int(row['patterns']):,} patterns")  # fmt: skip
+                      "" if row is None else "before" if row["already_merged"] else f"{int(row['patterns']):,} patterns",
+                      *((str(shard.get("backend")),) if servers else ()))  # fmt: skip
     return table
 
 

@@ -103,3 +103,42 @@ def test_a_ray_worker_killed_mid_shard_is_retried_and_the_run_is_exact(tmp_path:
     run_cli(str(source), "--data", str(tmp_path / "single"), *OPTIONS)
     assert dump(tmp_path / "ray") == dump(tmp_path / "single")  # nothing lost, nothing twice
     assert summary["samples"]["learned"] + summary["samples"]["skipped"] == 3 * 7142
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_shards_spread_over_the_servers_of_one_deployment(tmp_path: Path) -> None:
+    """``--kato-url A,B --shards 3``: shards learn through A, B, A, each with a progress of its own (also under
+    one --run-id), into the deployment's one store: exactly the single run; typed again, nothing is learned."""
+    from .conftest import EngineServer
+
+    source = tmp_path / "docs.jsonl"
+    paragraphs = [part for part in CORPUS.read_text(encoding="utf-8").split("\n\n") if part.strip()][:600]
+    source.write_text("".join(json.dumps({"text": text}) + "\n" for text in paragraphs), encoding="utf-8")
+    servers = [EngineServer(tmp_path / "deployment").start() for _ in range(2)]  # replicas over one storage
+    try:
+        before = [_cpu_seconds(server.process.pid) for server in servers]  # type: ignore[union-attr]
+        urls = ",".join(server.url for server in servers)
+        command = [str(source), "--kato-url", urls, "--shards", "3", "--executor", "ray", "--run-id", "spread",
+                   "--node-ids", "{run_id}-node{level}", "--run-dir", str(tmp_path / "runs"), *OPTIONS]  # fmt: skip
+        spread = run_cli(*command, timeout=600)
+        used = [_cpu_seconds(server.process.pid) - start for server, start in zip(servers, before, strict=True)]  # type: ignore[union-attr]
+        assert [shard["backend"] for shard in spread["shards"]] == [servers[0].url, servers[1].url, servers[0].url]
+        assert spread["config"]["backend"] == [servers[0].url, servers[1].url]
+        assert sorted((tmp_path / "runs").glob("*-of-3")) == [tmp_path / "runs" / f"{index}-of-3" for index in range(3)]
+        assert min(used) > 0.25 * max(used), used  # both servers learned (shards 0 and 2 on the first)
+        again = run_cli(*command, timeout=600)
+        assert again["samples"]["learned"] == 0 and again["samples"]["skipped"] == spread["samples"]["learned"]
+    finally:
+        for server in servers:
+            server.stop()
+    run_cli(str(source), "--data", str(tmp_path / "single"), "--run-id", "spread", "--node-ids", "{run_id}-node{level}",
+            *OPTIONS)  # fmt: skip
+    assert dump(tmp_path / "deployment") == dump(tmp_path / "single")
+    # several servers without shards: one line saying what to do, nothing learned
+    refused = subprocess.run([sys.executable, "-m", "ingestd", "run", str(source), "--kato-url", urls], capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "COLUMNS": "300"})  # fmt: skip
+    assert refused.returncode == 2 and "add --shards N" in refused.stderr and "Traceback" not in refused.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from ingestd import __version__, catalogue
@@ -19,19 +18,21 @@ EXECUTORS = ("ray",)
 
 
 def run_sharded(config: RunConfig, shards: int, *, executor: str = "ray", address: str | None = None,
+                kato_urls: list[str] | None = None,
                 on_progress: Callable[[RunStats], None] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Learn ``config``'s source in ``shards`` shards on ``executor``; the whole run's summary (``shards``: each one's)."""
+    """Learn ``config``'s source in ``shards`` shards on ``executor``; the whole run's summary (``shards``: each one's).
+    ``kato_urls``: KATO servers of one deployment (replicas), spread over the shards in turn."""
     if executor not in EXECUTORS:
         raise IngestError(f"--executor {executor!r}: give one of {', '.join(EXECUTORS)} (or run each shard with "
                           "--shard I/N, e.g. in a Slurm job array, then ingestd merge)")  # fmt: skip
     if config.shard is not None:
         raise IngestError("--shards cuts the run into shards itself: leave --shard out")
-    plan = shard_plan(config, shards)
+    plan = shard_plan(config, shards, kato_urls or ())
     started, moment = time.perf_counter(), catalogue.now()
     from ingestd.executors.ray import run_shards
 
     # The whole run in the catalogue (each shard's own run is there too, in its store): <data>/runs/<id>-of-N
-    record = catalogue_dir(config, shards)
+    record = plan.record_dir()
     identity = {**config.identity(), "shards": shards}
     catalogue.attempt(lambda: catalogue.started(record, run_id=record.name, identity=identity,
                                                 backend=config.backend_record(), version=__version__))  # fmt: skip
@@ -53,12 +54,6 @@ def run_sharded(config: RunConfig, shards: int, *, executor: str = "ray", addres
             catalogue.attempt(lambda: catalogue.finished(record, failure))
     catalogue.attempt(lambda: catalogue.finished(record, combined))
     return combined
-
-
-def catalogue_dir(config: RunConfig, shards: int) -> Path:
-    """Where a sharded run keeps its manifest (its shards keep their progress in their own stores)."""
-    base = Path(config.data_dir) / "runs" if config.kato_url is None else Path("ingestd-runs") / "sharded"
-    return base / f"{config.run_name()}-of-{shards}"
 
 
 def _combined(config: RunConfig, summaries: list[dict[str, Any]], merged: list[dict[str, Any]], elapsed: float,
@@ -92,13 +87,15 @@ def _combined(config: RunConfig, summaries: list[dict[str, Any]], merged: list[d
     if config.kato_url is None:
         with StoreReader(config.data_dir) as reader:
             stats.distinct_patterns_per_level = [reader.count(kb_id(node_id)) for node_id in config.node_ids()]
+    backends = list(dict.fromkeys(summary["config"]["backend"] for summary in summaries))
     whole = {**summaries[0]["config"], "shard": None, "shards": len(summaries),
-             "backend": config.kato_url or f"embedded:{config.data_dir}"}  # fmt: skip
+             "backend": backends[0] if len(backends) == 1 else backends}  # fmt: skip
     combined = RunSummary(whole, stats).as_dict()
     # (each shard lists at most 1,000 possible duplicates; their counts are exact)
     combined["recovery"]["possible_duplicates"] = sum(summary["recovery"]["possible_duplicates"] for summary in summaries)
     return {**combined,
-            "shards": [{"shard": summary["config"]["shard"], "samples": summary["samples"], "tokens": summary["tokens"],
+            "shards": [{"shard": summary["config"]["shard"], "backend": summary["config"]["backend"],
+                        "samples": summary["samples"], "tokens": summary["tokens"],
                         "wall_seconds": summary["wall_seconds"], "run_dir": summary["config"]["run_dir"]}
                        for summary in summaries],
             "merged": merged}  # fmt: skip
