@@ -6,7 +6,8 @@ Corpus: tinyshakespeare ``--repeat`` times as a directory of jsonl parts (7,142 
 hierarchy 8,8,8,8 with metadata at 2,3. Each configuration learns the same corpus into a fresh store, as a user
 runs it (``ingestd`` subprocesses, wall time end to end):
 
-* one process (``ingestd run``, its planner process included: the default);
+* one process (``ingestd run``, its planner process included: the default), and how many cores it keeps busy
+  (N shards can be at most ``N / cores_busy`` times faster on N cores);
 * ``--shards N --executor ray`` (a local Ray started by the run: its start-up is in the time, and reported alone);
 * N shards by hand (``--shard I/N``, the N processes at once), then ``ingestd merge``.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -30,12 +32,20 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "tinyshakes
 OPTIONS = ["--metadata-levels", "2,3", "--no-progress", "--log-level", "warning"]
 
 
-def ingestd(*arguments: str, summary: Path | None = None) -> tuple[float, dict[str, Any]]:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def ingestd(*arguments: str, summary: Path | None = None) -> tuple[float, dict[str, Any], float]:
+    """Wall seconds, the summary, and the cores the command kept busy on average (its CPU seconds, its planner
+    process's included, over its wall time; Ray's own processes are not its children and are not counted)."""
     extra = ["--summary-json", str(summary)] if summary is not None else []
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _children_cpu()
     subprocess.run([sys.executable, "-m", "ingestd", *arguments, *extra], check=True, stdout=subprocess.DEVNULL)
     elapsed = time.perf_counter() - started
-    return elapsed, json.loads(summary.read_text(encoding="utf-8")) if summary is not None else {}
+    cores = (_children_cpu() - cpu) / elapsed
+    return elapsed, json.loads(summary.read_text(encoding="utf-8")) if summary is not None else {}, cores
 
 
 def dump(data: Path) -> dict[Any, Any]:
@@ -59,9 +69,9 @@ def main() -> None:
         for number in range(8):
             part = paragraphs[number * size : (number + 1) * size]
             (parts / f"part-{number}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in part), encoding="utf-8")
-        one_seconds, one = ingestd("run", str(parts), "--data-dir", str(root / "one"), *OPTIONS, summary=root / "one.json")
+        one_seconds, one, one_cores = ingestd("run", str(parts), "--data-dir", str(root / "one"), *OPTIONS, summary=root / "one.json")
         tokens = one["tokens"]
-        ray_seconds, on_ray = ingestd("run", str(parts), "--data-dir", str(root / "ray"), "--shards", str(args.shards),
+        ray_seconds, on_ray, _ = ingestd("run", str(parts), "--data-dir", str(root / "ray"), "--shards", str(args.shards),
                                       "--executor", "ray", *OPTIONS, summary=root / "ray.json")  # fmt: skip
         shard_seconds = max(shard["wall_seconds"] for shard in on_ray["shards"])
         started = time.perf_counter()
@@ -80,7 +90,8 @@ def main() -> None:
         assert dump(root / "ray") == reference and dump(root / "hand") == reference, "a sharded store differs"
     result = {
         "samples": one["samples"]["learned"], "tokens": tokens, "shards": args.shards,
-        "one_process": {"seconds": round(one_seconds, 2), "tokens_per_second": round(tokens / one_seconds)},
+        "one_process": {"seconds": round(one_seconds, 2), "tokens_per_second": round(tokens / one_seconds),
+                        "cores_busy": round(one_cores, 2)},
         "ray": {"seconds": round(ray_seconds, 2), "tokens_per_second": round(tokens / ray_seconds),
                 "ratio": round(one_seconds / ray_seconds, 2),
                 "start_up_and_merge_seconds": round(ray_seconds - shard_seconds, 2),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import functools
 import glob
 import hashlib
 import itertools
@@ -213,6 +214,13 @@ class SourceSpec:
             return self.label
         path = Path(self.sources[0])
         return path.stem if path.suffix.lower() in LOCAL_FORMATS else self.sources[0]
+
+    @property
+    def repository(self) -> bool:
+        """A local directory read as a dataset repository (a copy of a hub dataset): named with ``hub_config`` or
+        ``split``, it is read as ``datasets`` reads the hub's, its configs and splits apart."""
+        return (isinstance(self.source, str) and (self.hub_config is not None or self.split is not None)
+                and Path(self.source).expanduser().is_dir())  # fmt: skip
 
     @property
     def is_local(self) -> bool:
@@ -452,6 +460,13 @@ def _count_paragraphs(path: Path) -> int:
         count += blank and content
         blank = not content
     return count
+
+
+def _file_key(path: Path) -> str:
+    """What identifies a local file's content: its path, size, inode and times (ctime and inode too: an edit that
+    keeps the size and sets the time back, as touch -r or cp -p do, changes them)."""
+    stat = path.stat()
+    return json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino])
 
 
 def _parquet_rows(path: Path) -> int:
@@ -737,10 +752,11 @@ class Source:
         self._count: Callable[[], int | None] = lambda: None
         self.files = []
         self._per_file: list[tuple[Callable[[], Iterator[RawRecord]], Callable[[], int | None]]] = []
+        self._file_keys: list[Callable[[], str | None]] = []  # what identifies each file's content (None: not known)
         self.counts_dir: Path | None = None  # where a sharded read caches how many samples each file holds
         self._open()
 
-    files: list[Path]  # a local source's files, in reading order (empty for the hub)
+    files: list[Path | str]  # the source's files in reading order: local paths, or a dataset's data files
 
     def count_records(self) -> int | None:
         """How many records the source holds, before filtering (for a progress total), or None if it cannot say
@@ -754,7 +770,9 @@ class Source:
 
     def _open(self) -> None:
         spec = self.spec
-        if spec.is_local:
+        if spec.is_local and spec.repository:
+            self._open_hub(str(Path(spec.shown).expanduser()))
+        elif spec.is_local:
             self._open_local()
         elif spec.shown in HUB_DATASETS or self._looks_like_hub_name(spec.shown):
             self._open_hub()
@@ -782,6 +800,7 @@ class Source:
                                   "file") from None  # fmt: skip
         # The files one after another, in name order: sample indices run on from one file to the next.
         self._per_file = opened
+        self._file_keys = [functools.partial(_file_key, file) for file in self.files]
         self._records = lambda: itertools.chain.from_iterable(records() for records, _ in opened)
         self._count = lambda: _total(count() for _, count in opened)
 
@@ -837,29 +856,48 @@ class Source:
             return ((lambda: _datasets_records(dataset, text_field, wanted, str(path))),
                     (lambda: _parquet_rows(path)) if local_format == "parquet" else (lambda: None))
 
-    def _open_hub(self) -> None:
+    def _open_hub(self, folder: str | None = None) -> None:
+        """A dataset repository, as ``datasets`` reads it: on the hub, or a local copy of one (``folder``)."""
         spec = self.spec
-        known = HUB_DATASETS.get(spec.shown)
-        name = known.name if known else spec.shown
+        known = HUB_DATASETS.get(spec.shown) if folder is None else None
+        name = folder or (known.name if known else spec.shown)
         config = spec.hub_config if spec.hub_config is not None else (known.config if known else None)
         split = spec.split or (known.split if known else "train")
         text_field = spec.text_field or (known.text_field if known else "text")
         wanted = spec.metadata_fields
+        what = f"dataset repository {name}" if folder else f"hub dataset {name!r}"
         datasets = _datasets()
 
         try:
-            dataset = datasets.load_dataset(name, config, split=split, streaming=True)
+            builder = datasets.load_dataset_builder(name, config)
+            dataset = builder.as_streaming_dataset(split=split)
             first = next(iter(dataset))
         except Exception as error:  # noqa: BLE001 - network, auth, missing config: all end the same way
             raise SourceError(
-                f"hub dataset {name!r} (config {config!r}, split {split!r}) cannot be streamed "
+                f"{what} (config {config!r}, split {split!r}) cannot be streamed "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): check the name, "
-                "--hub-config and --split, and that this machine can reach the Hugging Face hub"
+                "--hub-config and --split" + ("" if folder else ", and that this machine can reach the Hugging Face hub")
             ) from None
-        _require_fields(f"hub dataset {name!r}", list(first), text_field, wanted,
+        _require_fields(what, list(first), text_field, wanted,
                         "name the text field with --text-field, and only existing --metadata-fields")  # fmt: skip
-        self._records = lambda: _datasets_records(dataset, text_field, wanted, f"hub dataset {name!r}")
+        self._records = lambda: _datasets_records(dataset, text_field, wanted, what)
         self._count = lambda: _card_rows(dataset, split)
+        # Its files (datasets' shards), each readable alone: a sharded run reads only its own run of them.
+        data_files = list((builder.config.data_files or {}).get(split) or [])
+        shards = dataset.n_shards
+        if shards > 1:
+            files = data_files if len(data_files) == shards else [f"{name}#{number}" for number in range(shards)]
+
+            def part(number: int) -> tuple[Callable[[], Iterator[RawRecord]], Callable[[], int | None]]:
+                records = dataset.shard(num_shards=shards, index=number)
+                return (lambda: _datasets_records(records, text_field, wanted, f"{what}, file {files[number]}")), lambda: None
+
+            self.files = list(files)
+            self._per_file = [part(number) for number in range(shards)]
+            # a file named with its revision (hf://datasets/<name>@<commit>/...) is that content for good; a local
+            # copy's files by their size and times
+            self._file_keys = [functools.partial(_file_key, Path(file)) if folder and Path(file).is_file()
+                               else (lambda file=file: str(file) if "@" in str(file) else None) for file in files]  # fmt: skip
 
     def events(self, *, skip: int = 0, max_samples: int | None = None,
                shard: Shard | None = None) -> Iterator[SourceEvent]:  # fmt: skip
@@ -929,13 +967,12 @@ class Source:
 
     def _samples_in(self, number: int) -> int:
         """How many sample indices file ``number`` takes (its records but the filtered ones): a pass that reads
-        and parses the file, without tokenizing; cached in the counts folder, by path, size and time."""
-        path = self.files[number]
-        stat = path.stat()
-        # ctime and inode too: an edit that keeps the size and sets the time back (touch -r, cp -p) changes them
-        key = hashlib.sha1(json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino,
-                                       self.spec.describe(), self.spec.max_chars]).encode()).hexdigest()  # fmt: skip
-        cached = self.counts_dir / f"{key}.count" if self.counts_dir is not None else None
+        and parses the file, without tokenizing; cached in the counts folder, by what identifies the file's
+        content (a local file's path, size and times; a hub file's revision) and the source's options."""
+        content = self._file_keys[number]()
+        key = None if content is None else hashlib.sha1(json.dumps([content, self.spec.describe(),
+                                                                    self.spec.max_chars]).encode()).hexdigest()  # fmt: skip
+        cached = self.counts_dir / f"{key}.count" if self.counts_dir is not None and key is not None else None
         if cached is not None:
             with contextlib.suppress(OSError, ValueError):
                 return int(cached.read_text(encoding="ascii"))
@@ -951,11 +988,26 @@ class Source:
                 os.replace(partial, cached)
         return count
 
+    def count_files(self, shard: Shard) -> int:
+        """Count (into the counts folder) the samples of ``shard``'s own run of files, for the shards after it: an
+        executor runs this for every shard at once before learning, so each file is counted once, by the shard
+        that reads it anyway, instead of every later shard counting every file before its own. How many files
+        it counted (0 when the source is not cut by file)."""
+        if shard.count == 1 or len(self.files) < shard.count or shard.index == shard.count - 1:
+            return 0
+        first, last = self._file_run(shard)
+        for number in range(first, last):
+            self._samples_in(number)
+        return last - first
+
+    def _file_run(self, shard: Shard) -> tuple[int, int]:
+        """The files of ``shard`` when the source is cut by file: the I-th of N runs of consecutive files."""
+        return shard.index * len(self.files) // shard.count, (shard.index + 1) * len(self.files) // shard.count
+
     def _file_shard_events(self, skip: int, max_samples: int | None, shard: Shard) -> Iterator[SourceEvent]:
         # Shard I of N takes the I-th of N runs of consecutive files; its first index is the number of samples in
         # the files before its own, counted once (and cached) rather than learned.
-        first = shard.index * len(self.files) // shard.count
-        last = (shard.index + 1) * len(self.files) // shard.count
+        first, last = self._file_run(shard)
         index = sum(self._samples_in(number) for number in range(first))
         records = itertools.chain.from_iterable(self._per_file[number][0]() for number in range(first, last))
         yield from self._events(skip, max_samples, records, index)

@@ -251,6 +251,43 @@ def test_a_list_of_files_is_one_source_read_in_its_order(tmp_path: Path) -> None
     assert "Traceback" not in refused.stderr and not (tmp_path / "hub").exists()
 
 
+def test_a_dataset_repository_is_read_as_datasets_reads_it_and_sharded_by_its_files(tmp_path: Path) -> None:
+    """A local copy of a hub dataset (``--split``/``--hub-config`` on a directory): one split of one config, through
+    ``datasets``' own builder, as the hub's are read; with at least N files, shard I reads only its run of them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from .golden import run_cli
+
+    texts = [part for part in CORPUS.read_text(encoding="utf-8").split("\n\n") if part.strip()][:500]
+    texts[7] = "short"  # filtered, in the first file: the shards after it must count it out
+    repository = tmp_path / "wikitext"
+    (repository / "data").mkdir(parents=True)
+    for number in range(5):
+        pq.write_table(pa.table({"text": texts[number * 100 : (number + 1) * 100]}),
+                       repository / "data" / f"train-{number:05d}-of-00005.parquet")  # fmt: skip
+    pq.write_table(pa.table({"text": ["a validation sample, not to be learned"] * 30}),
+                   repository / "data" / "validation-00000-of-00001.parquet")  # fmt: skip
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    options = ["--chunk-sizes", "4,4,4", "--metadata-levels", "1,2", "--source-label", "wikitext"]
+    single = run_cli(str(tmp_path / "train.jsonl"), "--data", str(tmp_path / "single"), *options)
+    whole = run_cli(str(repository), "--split", "train", "--data", str(tmp_path / "whole"), *options)
+    assert whole["samples"] == single["samples"] and whole["samples"]["read"] == 500  # the train split alone
+    assert dump(tmp_path / "whole") == dump(tmp_path / "single")
+    reads = [run_cli(str(repository), "--split", "train", "--data", str(tmp_path / f"shard{index}"), "--shard",
+                     f"{index}/2", *options)["samples"]["read"] for index in range(2)]  # fmt: skip
+    assert reads == [200, 300]  # files 0-1, then 2-4
+    assert len(list((tmp_path / "shard1" / "file-counts").glob("*.count"))) == 2  # the files before its own
+    merge_stores([tmp_path / "shard0", tmp_path / "shard1"], tmp_path / "merged")
+    assert dump(tmp_path / "merged") == dump(tmp_path / "single")
+    # another split is another source; a split the repository does not have is one line
+    validation = run_cli(str(repository), "--split", "validation", "--data", str(tmp_path / "validation"), *options)
+    assert validation["samples"]["read"] == 30
+    missing = subprocess.run([sys.executable, "-m", "ingestd", "run", str(repository), "--split", "tset", "--data",
+                              str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert missing.returncode != 0 and "split 'tset'" in missing.stderr and "Traceback" not in missing.stderr
+
+
 def test_merge_refuses_what_would_count_twice_or_miss(tmp_path: Path) -> None:
     from ingestd.engine.store import writer_lock
     from ingestd.source import Shard, SourceError

@@ -49,6 +49,14 @@ def test_shards_on_ray_merge_into_the_single_run(tmp_path: Path) -> None:
     assert on_ray["distinct_patterns_per_level"] == single["distinct_patterns_per_level"]
     assert [shard["shard"] for shard in on_ray["shards"]] == [f"{index}/{shards}" for index in range(shards)]
     assert dump(tmp_path / "ray") == dump(tmp_path / "single")
+    # 5 files in 3 shards (files 0, 1-2, 3-4): the files before the last shard's were counted, each once
+    assert len(list((tmp_path / "ray" / "shards").glob("*/file-counts/*.count"))) == 3
+    from ingestd.source import Shard, Source, SourceSpec
+
+    source = Source(SourceSpec(str(parts)))
+    source.counts_dir = tmp_path / "counts"
+    assert [source.count_files(Shard(index, shards)) for index in range(shards)] == [1, 2, 0]  # its own files
+    assert len(list(source.counts_dir.glob("*.count"))) == 3
     # the whole run is in the catalogue, beside its shards' own runs
     listed = subprocess.run([sys.executable, "-m", "ingestd", "runs", "list", "--data-dir", str(tmp_path / "ray"), "--json"],
                             capture_output=True, text=True, timeout=120)  # fmt: skip

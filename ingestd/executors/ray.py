@@ -70,6 +70,11 @@ def _skipped(summary: dict[str, Any]) -> dict[str, Any]:
 def _run(ray: Any, plan: ShardPlan, done: dict[int, dict[str, Any]],
          on_progress: Callable[[RunStats], None] | None) -> list[dict[str, Any]]:  # fmt: skip
     summaries = dict(done)
+    # A source cut by file: each shard first counts its own files (for the shards after it), all at once, so that
+    # no shard counts every file before its own; then they learn.
+    count = ray.remote(_count_shard).options(num_cpus=1, max_retries=MAX_RETRIES)
+    for reference in [count.remote(plan, index) for index in range(plan.count) if index not in summaries]:
+        _result(ray, reference)
     board = ray.remote(_Board).options(num_cpus=0).remote()
     task = ray.remote(_learn_shard).options(num_cpus=1, max_retries=MAX_RETRIES)
     pending = {task.remote(plan, index, board): index for index in range(plan.count) if index not in summaries}
@@ -78,14 +83,7 @@ def _run(ray: Any, plan: ShardPlan, done: dict[int, dict[str, Any]],
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
         for reference in ready:
-            index = pending.pop(reference)
-            try:
-                summaries[index] = ray.get(reference)
-            except ray.exceptions.RayTaskError as error:
-                cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else error
-                if isinstance(cause, IngestError):
-                    raise cause from None
-                raise
+            summaries[pending.pop(reference)] = _result(ray, reference)
         if on_progress is not None:
             on_progress(_total(ray.get(board.snapshot.remote()), summaries, levels, plan.count, started))
     if on_progress is not None:
@@ -93,6 +91,17 @@ def _run(ray: Any, plan: ShardPlan, done: dict[int, dict[str, Any]],
         final.finished = time.perf_counter()
         on_progress(final)
     return [summaries[index] for index in range(plan.count)]
+
+
+def _result(ray: Any, reference: Any) -> Any:
+    """A task's result; a task that failed on the input or the environment raises that error, as a local run does."""
+    try:
+        return ray.get(reference)
+    except ray.exceptions.RayTaskError as error:
+        cause = error.cause if isinstance(getattr(error, "cause", None), BaseException) else error
+        if isinstance(cause, IngestError):
+            raise cause from None
+        raise
 
 
 class _Board:
@@ -106,6 +115,17 @@ class _Board:
 
     def snapshot(self) -> dict[int, dict[str, Any]]:
         return dict(self.stats)
+
+
+def _count_shard(plan: ShardPlan, index: int) -> int:
+    """Count the samples of one shard's own files into the run's counts cache (see ``Source.count_files``)."""
+    from ingestd.source import Source
+
+    config = plan.shard_config(index)
+    assert config.shard is not None
+    source = Source(config.source)
+    source.counts_dir = config.counts_dir
+    return source.count_files(config.shard)
 
 
 def _learn_shard(plan: ShardPlan, index: int, board: Any) -> dict[str, Any]:

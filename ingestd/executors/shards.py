@@ -40,7 +40,7 @@ class ShardPlan:
             # counted once for all shards: how many samples each file holds (the shards after it need it)
             update.update(data_dir=self.directory(index), run_dir=None, counts_dir=self.root / "file-counts")
         else:  # each shard's progress of its own, below the whole run's record (a --run-id alone would share one)
-            update["run_dir"] = self.record_dir() / f"{index}-of-{self.count}"
+            update.update(run_dir=self.record_dir() / f"{index}-of-{self.count}", counts_dir=self.record_dir() / "file-counts")
         # One core per shard: the executor gives each task one, so a shard plans in its own process.
         update["planners"] = 0 if self.config.planners is None else self.config.planners
         return self.config.model_copy(update=update)
