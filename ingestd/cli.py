@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -348,6 +349,66 @@ def merge_command(
         table.add_row(row["source"], row["store_id"], f"{int(row['patterns']):,}",
                       "before (skipped)" if row["already_merged"] else "now")  # fmt: skip
     Console().print(table)
+
+
+@app.command("publish")
+def publish_command(
+    redis_url: Annotated[str, typer.Option("--redis-url", help="The KATO deployment's Redis, redis://host:port[/db] (password: INGESTD_REDIS_PASSWORD or INGESTD_REDIS_PASSWORD_FILE).", rich_help_panel="Deployment")],
+    clickhouse_url: Annotated[str, typer.Option("--clickhouse-url", help="Its ClickHouse HTTP interface, http://host:8123 (INGESTD_CLICKHOUSE_USER, INGESTD_CLICKHOUSE_PASSWORD or _FILE).", rich_help_panel="Deployment")],
+    data: Annotated[Optional[Path], typer.Option("--data-dir", "--data", help="The knowledge store to publish (as `ingestd run --data-dir`, or a merged sharded run's; default ./kato-data).", show_default=False, rich_help_panel="Source")] = None,
+    node_ids: Annotated[Optional[str], typer.Option("--node-ids", help="Its nodes: a template with {level} or ids separated by commas (default: the hierarchy the store holds).", rich_help_panel="Source")] = None,
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="The nodes of this run.", rich_help_panel="Source")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="The nodes of the run in this directory.", rich_help_panel="Source")] = None,
+    rename: Annotated[Optional[str], typer.Option("--as", help="Publish under other node ids: a template with {level}, e.g. 'prod-node{level}'.", rich_help_panel="Deployment")] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Clear target kbs that hold anything first (as KATO's clear-all); then restart every KATO worker.", rich_help_panel="Deployment")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Read the deployment back and compare it with the source, pattern for pattern and counter for counter.", rich_help_panel="Deployment")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    log_format: _LOG_FORMAT = None,
+    log_level: _LOG_LEVEL = None,
+) -> None:
+    """Write a knowledge base into a KATO deployment's Redis and ClickHouse, exactly as KATO 3.10.1 stores what it
+    learns; refuses target nodes that hold anything (unless --replace). Running it again after it was stopped
+    finishes it; after it finished, does nothing."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ingestd.kb.deployment import Credentials, Deployment
+    from ingestd.kb.knowledge_base import KnowledgeBase
+    from ingestd.kb.publish import RESTART_NOTE, publish
+
+    settings = _settings(log_format=log_format, log_level=log_level)
+    try:
+        redis_password, clickhouse_user, clickhouse_password = settings.storage_credentials()
+        with KnowledgeBase(data, node_ids=node_ids, run_id=run_id, run_dir=run_dir) as kb:
+            nodes, store = list(kb.nodes), kb.data_dir
+        credentials = Credentials(redis_password, clickhouse_user, clickhouse_password)
+        with Deployment(redis_url, clickhouse_url, credentials) as deployment:
+            started = time.perf_counter()
+            results = publish(store, nodes, deployment, rename=rename, replace=replace, verify=verify)
+            seconds = time.perf_counter() - started
+    except IngestError as error:
+        typer.echo(f"ingestd: error: {error}", err=True)
+        raise typer.Exit(error.exit_code) from None
+    failed = [result for result in results if result.get("verified") and not result["verified"]["ok"]]
+    if as_json:
+        typer.echo(json.dumps({"nodes": results, "seconds": round(seconds, 3), "note": RESTART_NOTE}, indent=2))
+    else:
+        table = Table(title=f"published into {redis_url} + {clickhouse_url} in {seconds:.1f} s", title_justify="left")
+        for column in ("level", "node", "patterns", "rows", "keys", "done", *(("verified",) if verify else ())):
+            table.add_column(column, justify="right" if column in ("level", "patterns", "rows", "keys") else "left",
+                             overflow="fold")  # fmt: skip
+        for result in results:
+            check = result.get("verified")
+            table.add_row(str(result["level"]), result["target_node_id"], f"{result['patterns']:,}",
+                          f"{result['rows']:,}", f"{result['keys']:,}", result["action"],
+                          *(() if check is None else ("ok" if check["ok"] else "DIFFERS: " + "; ".join(
+                              check["rows"]["examples"] + check["keys"]["examples"]),)))  # fmt: skip
+        Console().print(table)
+        typer.echo(RESTART_NOTE)
+    if failed:
+        typer.echo(f"ingestd: error: {len(failed)} node(s) of the deployment differ from the source (see above): "
+                   "publish them again with --replace", err=True)  # fmt: skip
+        raise typer.Exit(1)
 
 
 @app.command("serve")

@@ -43,6 +43,12 @@ class Settings(BaseSettings):
                                      "(default: <state dir>/corpora); hub datasets are always allowed.")  # fmt: skip
     kato_urls: str = Field(default="", description="KATO servers jobs may use, comma-separated (default: none: "
                            "jobs use the daemon's embedded engine).")  # fmt: skip
+    # -- a KATO deployment's storage (`ingestd publish`, `ingestd inspect --redis-url`): credentials only here --
+    redis_password: SecretStr | None = Field(default=None, description="Password of the deployment's Redis.")
+    redis_password_file: Path | None = Field(default=None, description="File holding the Redis password.")
+    clickhouse_user: str | None = Field(default=None, description="User of the deployment's ClickHouse.")
+    clickhouse_password: SecretStr | None = Field(default=None, description="Password of that ClickHouse user.")
+    clickhouse_password_file: Path | None = Field(default=None, description="File holding the ClickHouse password.")
     max_body_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024, description="Largest POST /jobs body (413 above).")
 
     def job_source_roots(self) -> list[Path]:
@@ -52,6 +58,22 @@ class Settings(BaseSettings):
 
     def job_kato_urls(self) -> list[str]:
         return [url.strip().rstrip("/") for url in self.kato_urls.split(",") if url.strip()]
+
+    def storage_credentials(self) -> tuple[str | None, str | None, str | None]:
+        """(Redis password, ClickHouse user, ClickHouse password) for a KATO deployment's storage (never logged)."""
+        return (self._secret(self.redis_password, self.redis_password_file, "INGESTD_REDIS_PASSWORD"), self.clickhouse_user,
+                self._secret(self.clickhouse_password, self.clickhouse_password_file, "INGESTD_CLICKHOUSE_PASSWORD"))  # fmt: skip
+
+    @staticmethod
+    def _secret(value: SecretStr | None, path: Path | None, name: str) -> str | None:
+        if value is not None:
+            return value.get_secret_value()
+        if path is None:
+            return None
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except OSError as error:
+            raise IngestError(f"cannot read {name}_FILE ({path}): {error.strerror}: check the path and its permissions") from None
 
     def api_token(self) -> str:
         """The job API's token, from INGESTD_TOKEN or the file INGESTD_TOKEN_FILE names (never logged).

@@ -7,6 +7,7 @@ the table layout stays the engine's business.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -68,6 +69,15 @@ class StoreReader:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Every read inside sees one committed state of the store, whatever is learned meanwhile."""
+        self._connection.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self._connection.execute("COMMIT")
 
     # -- what the store holds ----------------------------------------------------------------------
     def store_id(self) -> str:

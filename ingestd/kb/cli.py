@@ -39,6 +39,32 @@ _LEVELS = Annotated[Optional[str], typer.Option("--levels", help="Only these lev
 _LEVEL = Annotated[str, typer.Option("--level", "-l", help="The node: a level or a node id.")]
 
 
+@inspect_app.callback()
+def _where(
+    redis_url: Annotated[Optional[str], typer.Option("--redis-url", help="Read a KATO deployment instead of a store: its Redis (as `ingestd publish --redis-url`; password: INGESTD_REDIS_PASSWORD or _FILE).")] = None,
+    clickhouse_url: Annotated[Optional[str], typer.Option("--clickhouse-url", help="...and its ClickHouse HTTP interface (INGESTD_CLICKHOUSE_USER, INGESTD_CLICKHOUSE_PASSWORD or _FILE); name the nodes with --node-ids.")] = None,
+) -> None:
+    """Where the knowledge bases are: a store (--data-dir on each command), or a KATO deployment."""
+    if (redis_url is None) != (clickhouse_url is None):
+        raise typer.BadParameter("give both --redis-url and --clickhouse-url to read a KATO deployment", param_hint="--redis-url")
+    _WHERE.clear()
+    _WHERE.update(redis_url=redis_url, clickhouse_url=clickhouse_url)
+
+
+_WHERE: dict[str, str | None] = {}  # this invocation's deployment, if any (set by the group's options)
+
+
+def _deployment() -> Any:
+    """The KATO deployment ``ingestd inspect --redis-url … --clickhouse-url …`` names, or None."""
+    where = _WHERE
+    if not where.get("redis_url"):
+        return None
+    from ingestd.kb.deployment import Credentials, Deployment
+    from ingestd.settings import Settings
+
+    return Deployment(where["redis_url"], where["clickhouse_url"], Credentials(*Settings().storage_credentials()))
+
+
 @contextmanager
 def _opened(data: Path, node_ids: str | None, run_id: str | None, run_dir: Path | None,
             tokenizer: str | None = None) -> Iterator[KnowledgeBase]:  # fmt: skip
@@ -46,7 +72,8 @@ def _opened(data: Path, node_ids: str | None, run_id: str | None, run_dir: Path 
     from ingestd.kb.knowledge_base import KnowledgeBase
 
     try:
-        with KnowledgeBase(data, node_ids=node_ids, run_id=run_id, run_dir=run_dir, tokenizer=tokenizer) as kb:
+        with KnowledgeBase(data, node_ids=node_ids, run_id=run_id, run_dir=run_dir, tokenizer=tokenizer,
+                           deployment=_deployment()) as kb:  # fmt: skip
             yield kb
     except IngestError as error:
         typer.echo(f"ingestd: error: {error}", err=True)

@@ -28,6 +28,7 @@ from ingestd.kb.nodes import Hierarchy, Node, NodesUnknown, resolve
 if TYPE_CHECKING:
     import pandas as pd
 
+    from ingestd.kb.deployment import Deployment
     from ingestd.tokenize import Tokenizer
 
 
@@ -115,8 +116,23 @@ class KnowledgeBase:
     """The hierarchy learned into an embedded knowledge store (``ingestd run --data-dir DIR``)."""
 
     def __init__(self, data_dir: str | Path | None = None, *, node_ids: str | None = None, run_id: str | None = None,
-                 run_dir: str | Path | None = None, tokenizer: str | Tokenizer | None = None) -> None:  # fmt: skip
-        """``data_dir``: the store (default ``./kato-data``, or with ``run_dir`` the store that run learned into)."""
+                 run_dir: str | Path | None = None, tokenizer: str | Tokenizer | None = None,
+                 deployment: Deployment | None = None) -> None:  # fmt: skip
+        """``data_dir``: the store (default ``./kato-data``, or with ``run_dir`` the store that run learned into).
+        ``deployment``: read a KATO deployment's storage instead (its nodes named by ``node_ids``)."""
+        self.deployment = deployment
+        if deployment is not None:
+            if not node_ids or run_id or run_dir:
+                raise NodesUnknown("a KATO deployment records no runs: name its nodes with --node-ids (a template "
+                                   "with {level}, or ids separated by commas)")  # fmt: skip
+            from ingestd.kb.deployment import DeploymentReader
+
+            self.data_dir = Path(deployment.address)
+            self._reader: Any = DeploymentReader(deployment)
+            self.hierarchy = resolve(self._reader, self.data_dir, node_ids=node_ids)
+            self._tokenizer_choice = tokenizer
+            self._tokenizer = None
+            return
         if data_dir is None:
             data_dir = _store_of(Path(run_dir).expanduser()) if run_dir is not None else Path("kato-data")
         self.data_dir = Path(data_dir).expanduser()
@@ -177,6 +193,8 @@ class KnowledgeBase:
         self.close()
 
     def __repr__(self) -> str:
+        if self.deployment is not None:
+            return f"KnowledgeBase(deployment={self.deployment.address!r}, nodes={[node.node_id for node in self.nodes]})"
         return f"KnowledgeBase({str(self.data_dir)!r}, nodes={[node.node_id for node in self.nodes]})"
 
     # -- unravelling ----------------------------------------------------------------------------------

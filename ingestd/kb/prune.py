@@ -31,6 +31,9 @@ def prune(kb: KnowledgeBase, below: int, levels: Sequence[int | str] | None = No
     patterns there were, how many went (or would go, with ``dry_run``), and the learns they stood for."""
     import pandas as pd
 
+    if kb.deployment is not None:
+        raise IngestError("prune changes an embedded knowledge store: prune the store, then publish it (a KATO "
+                          "deployment is changed only by KATO, or by ingestd publish --replace)")  # fmt: skip
     if below < 1:
         raise IngestError(f"--below {below}: give a frequency of at least 1 (patterns with a lower one are removed)")
     nodes = list(kb.nodes) if not levels else list(dict.fromkeys(kb.node(level) for level in levels))

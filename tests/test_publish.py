@@ -1,0 +1,295 @@
+"""`ingestd publish`: a knowledge base learned in-process, written into a KATO deployment's storage (a real Redis,
+the real ClickHouse engine behind ClickHouse's HTTP interface), equals what KATO 3.10.1 stored while learning the
+same runs, byte for byte in the canonical dump form; refuses what it must; survives kill -9; verifies."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from ingestd.engine.rules import kb_id
+
+from .conftest import CORPUS, GOLDEN
+from .deployment import Storage
+from .golden import RUNS, load_run, run_cli
+
+STORAGE = GOLDEN / "storage"
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storage]:
+    storage = Storage(tmp_path_factory.mktemp("deployment"), password="r3dis-secret", clickhouse_user="kato",
+                      clickhouse_password="ch-secret").start()  # fmt: skip
+    yield storage
+    storage.stop()
+
+
+def _client(storage: Storage) -> redis.Redis:
+    return redis.Redis(port=storage.redis_port, password=storage.password, decode_responses=True)
+
+
+def _sql(storage: Storage, statement: str) -> str:
+    answer = httpx.post(storage.clickhouse_url, content=statement.encode(), auth=(storage.clickhouse_user, storage.clickhouse_password),
+                        timeout=120)  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    return answer.text
+
+
+def canonical(storage: Storage, kbs: list[str]) -> tuple[str, str]:
+    """The dumps of kato-golden/storage/README.md, made here from what the deployment holds (not with ingestd's
+    own code): ``clickhouse.jsonl`` and ``redis.jsonl`` text for these kbs, level = position in the list."""
+    rows, keys = [], []
+    client = _client(storage)
+    for level, kb in enumerate(kbs):
+        text = _sql(storage, "SELECT name, pattern_data, length, token_set, token_count, first_token, last_token, "
+                             f"minhash_sig, lsh_bands FROM kato.patterns_data WHERE kb_id = '{kb}' FORMAT JSONEachRow")  # fmt: skip
+        for line in text.splitlines():
+            row = json.loads(line)
+            signature, bands = [int(v) for v in row["minhash_sig"]], [int(v) for v in row["lsh_bands"]]
+            out = {"table": "patterns_data", "level": level, "kb_id": "{kb}", "name": row["name"],
+                   "pattern_data": row["pattern_data"], "length": row["length"], "token_set": sorted(row["token_set"]),
+                   "token_count": row["token_count"], "first_token": row["first_token"], "last_token": row["last_token"],
+                   "minhash_sha1": hashlib.sha1(json.dumps([signature, bands], separators=(",", ":")).encode()).hexdigest()}  # fmt: skip
+            if row["name"][0] in "0123":
+                out.update(minhash_sig=signature, lsh_bands=bands)
+            rows.append(((level, row["name"]), out))
+        names = list(client.scan_iter(match=f"{kb}:*", count=5000))
+        for start in range(0, len(names), 5000):
+            part = names[start : start + 5000]
+            with client.pipeline(transaction=False) as pipe:
+                for key in part:
+                    pipe.type(key)
+                kinds = pipe.execute()
+            with client.pipeline(transaction=False) as pipe:
+                for key, kind in zip(part, kinds, strict=True):
+                    {"hash": pipe.hgetall, "set": pipe.smembers}.get(kind, pipe.get)(key)
+                values = pipe.execute()
+            for key, kind, value in zip(part, kinds, values, strict=True):
+                if kind == "hash":
+                    value = dict(sorted(value.items()))
+                elif kind == "set":
+                    value = sorted(value)
+                elif key.startswith(f"{kb}:metadata:"):
+                    value = json.dumps(dict(sorted(json.loads(value).items())))
+                keys.append(((level, "{kb}" + key[len(kb):]), {"key": "{kb}" + key[len(kb):], "level": level,
+                                                                "type": kind, "value": value}))  # fmt: skip
+    client.close()
+
+    def text(lines: list[tuple[Any, dict[str, Any]]]) -> str:
+        return "".join(json.dumps(line, separators=(",", ":"), ensure_ascii=False) + "\n" for _, line in sorted(lines, key=lambda item: item[0]))
+
+    return text(rows), text(keys)
+
+
+def publish(storage: Storage, data: Path, *arguments: str, expect: int = 0, timeout: float = 300) -> dict[str, Any]:
+    result = subprocess.run([sys.executable, "-m", "ingestd", "publish", "--data-dir", str(data), "--redis-url",
+                             storage.redis_url, "--clickhouse-url", storage.clickhouse_url, "--json", *arguments],
+                            capture_output=True, text=True, timeout=timeout, env=storage.env())  # fmt: skip
+    assert result.returncode == expect, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert storage.password not in result.stdout + result.stderr and storage.clickhouse_password not in result.stdout + result.stderr  # type: ignore[operator]
+    return json.loads(result.stdout) if expect == 0 else {"stderr": result.stderr, "stdout": result.stdout}
+
+
+def learn_golden(run_name: str, data: Path, node_template: str, *extra: str) -> list[str]:
+    """The golden run learned in-process by `ingestd run`; its node ids."""
+    run = load_run(run_name)
+    levels = ",".join(str(i) for i, flag in enumerate(run.metadata_levels) if flag)
+    run_cli(str(GOLDEN / "hierarchy" / run_name / "samples.jsonl"), "--chunk-sizes", ",".join(map(str, run.chunk_sizes)),
+            "--node-ids", node_template, "--source-label", run.label, "--data", str(data),
+            *(["--metadata-levels", levels] if levels else []), *extra)  # fmt: skip
+    return [node_template.format(level=level) for level in range(len(run.chunk_sizes))]
+
+
+@pytest.mark.parametrize("run_name", RUNS)
+def test_a_published_golden_run_is_what_kato_stored_byte_for_byte(deployment: Storage, tmp_path: Path, run_name: str) -> None:
+    nodes = learn_golden(run_name, tmp_path / "kb", f"learned-{run_name}-node{{level}}")
+    published = publish(deployment, tmp_path / "kb", "--as", f"pub-{run_name}-node{{level}}", "--verify")
+    assert [node["target_node_id"] for node in published["nodes"]] == [f"pub-{run_name}-node{level}" for level in range(len(nodes))]
+    assert all(node["verified"]["ok"] for node in published["nodes"])
+    rows, keys = canonical(deployment, [kb_id(f"pub-{run_name}-node{level}") for level in range(len(nodes))])
+    assert rows == (STORAGE / run_name / "clickhouse.jsonl").read_text(encoding="utf-8")
+    assert keys == (STORAGE / run_name / "redis.jsonl").read_text(encoding="utf-8")
+    # the source's own node ids are not in the deployment (renamed), and a second publish does nothing
+    assert not _sql(deployment, f"SELECT count() FROM kato.patterns_data WHERE kb_id = '{kb_id(nodes[0])}'").strip() != "0"
+    again = publish(deployment, tmp_path / "kb", "--as", f"pub-{run_name}-node{{level}}")
+    assert {node["action"] for node in again["nodes"]} == {"already published"}
+    assert canonical(deployment, [kb_id(f"pub-{run_name}-node{level}") for level in range(len(nodes))]) == (rows, keys)
+
+
+def test_a_merged_sharded_run_publishes_as_the_single_run(deployment: Storage, tmp_path: Path) -> None:
+    run_name = "shakespeare-docs"
+    template = "shard-docs-node{level}"
+    for index in range(3):
+        learn_golden(run_name, tmp_path / f"shard{index}", template, "--shard", f"{index}/3")
+    subprocess.run([sys.executable, "-m", "ingestd", "merge", *(str(tmp_path / f"shard{index}") for index in range(3)),
+                    "--into", str(tmp_path / "merged")], check=True, capture_output=True, timeout=300)  # fmt: skip
+    publish(deployment, tmp_path / "merged", "--node-ids", template, "--as", "merged-docs-node{level}")
+    rows, keys = canonical(deployment, [kb_id(f"merged-docs-node{level}") for level in range(4)])
+    assert rows == (STORAGE / run_name / "clickhouse.jsonl").read_text(encoding="utf-8")
+    assert keys == (STORAGE / run_name / "redis.jsonl").read_text(encoding="utf-8")
+
+
+def test_a_target_that_holds_anything_is_refused_before_anything_is_written(deployment: Storage, tmp_path: Path) -> None:
+    nodes = learn_golden("shakespeare-dup", tmp_path / "kb", "dup-node{level}")
+    client = _client(deployment)
+    # KATO learned one pattern into the level-2 node of the target: a key, no rows
+    client.set(f"{kb_id('busy-node2')}:frequency:0123", "1")
+    refused = publish(deployment, tmp_path / "kb", "--as", "busy-node{level}", expect=2)
+    assert "busy_node2" in refused["stderr"] and "--replace" in refused["stderr"] and "--as" in refused["stderr"]
+    for level in range(len(nodes)):  # nothing written, levels 0 and 1 included
+        assert not list(client.scan_iter(match=f"{kb_id(f'busy-node{level}')}:*")) or level == 2
+        assert _sql(deployment, f"SELECT count() FROM kato.patterns_data WHERE kb_id = '{kb_id(f'busy-node{level}')}'").strip() == "0"
+    # --replace clears it first (as KATO's clear-all) and publishes: the stray key is gone
+    replaced = publish(deployment, tmp_path / "kb", "--as", "busy-node{level}", "--replace", "--verify")
+    assert [node["action"] for node in replaced["nodes"]] == ["published", "published", "replaced"]
+    assert client.get(f"{kb_id('busy-node2')}:frequency:0123") is None
+    rows, keys = canonical(deployment, [kb_id(f"busy-node{level}") for level in range(3)])
+    assert rows == (STORAGE / "shakespeare-dup" / "clickhouse.jsonl").read_text(encoding="utf-8")
+    assert keys == (STORAGE / "shakespeare-dup" / "redis.jsonl").read_text(encoding="utf-8")
+    client.close()
+
+
+def test_verify_finds_a_tampered_key_and_a_missing_row(deployment: Storage, tmp_path: Path) -> None:
+    learn_golden("shakespeare-dup", tmp_path / "kb", "tamper-node{level}")
+    publish(deployment, tmp_path / "kb")
+    kb = kb_id("tamper-node0")
+    client = _client(deployment)
+    name = next(iter(client.scan_iter(match=f"{kb}:frequency:*"))).split(":")[-1]
+    client.incr(f"{kb}:frequency:{name}")
+    other = _sql(deployment, f"SELECT name FROM kato.patterns_data WHERE kb_id = '{kb}' AND name != '{name}' ORDER BY name LIMIT 1").strip()
+    _sql(deployment, f"ALTER TABLE kato.patterns_data DELETE WHERE kb_id = '{kb}' AND name = '{other}' SETTINGS mutations_sync = 1")
+    checked = publish(deployment, tmp_path / "kb", "--verify", expect=1)
+    report = json.loads(checked["stdout"])["nodes"][0]["verified"]
+    assert not report["ok"] and report["rows"]["missing"] == 1 and report["keys"]["different"] == 1, report
+    assert f"missing {other}" in report["rows"]["examples"] and f"different {kb}:frequency:{name}" in report["keys"]["examples"]
+    assert "differ from the source" in checked["stderr"]
+    fine = publish(deployment, tmp_path / "kb", "--verify", "--node-ids", "tamper-node1,tamper-node2")  # the others are intact
+    assert all(node["verified"]["ok"] for node in fine["nodes"])
+    client.close()
+
+
+def _progress(storage: Storage, kbs: list[str], first: str) -> tuple[int, int, int]:
+    """Cheaply, now: rows of these kbs, whether level 0's first pattern has its keys, how many global counters."""
+    client = _client(storage)
+    rows = int(_sql(storage, f"SELECT count() FROM kato.patterns_data WHERE kb_id IN ({', '.join(repr(kb) for kb in kbs)})").strip())
+    keys = client.exists(f"{kbs[0]}:frequency:{first}")
+    counters = client.exists(*(f"{kb}:global:{name}" for kb in kbs for name in
+                               ("total_symbols_in_patterns_frequencies", "total_pattern_frequencies", "total_unique_patterns")))  # fmt: skip
+    client.close()
+    return rows, keys, counters
+
+
+def test_a_publish_killed_at_any_moment_and_run_again_is_one_uninterrupted_publish(deployment: Storage, tmp_path: Path) -> None:
+    source = tmp_path / "corpus.txt"
+    text = CORPUS.read_text(encoding="utf-8")
+    source.write_text(text[: len(text) // 4], encoding="utf-8")
+    run_cli(str(source), "--chunk-sizes", "4,4,4", "--metadata-levels", "1,2", "--data", str(tmp_path / "kb"),
+            "--node-ids", "big-node{level}")  # fmt: skip
+    with sqlite3.connect(tmp_path / "kb" / "kato.sqlite3") as connection:
+        first = connection.execute("SELECT min(name) FROM patterns WHERE kb_id = ?", (kb_id("big-node0"),)).fetchone()[0]
+    publish(deployment, tmp_path / "kb", "--as", "whole-node{level}")
+    reference = canonical(deployment, [kb_id(f"whole-node{level}") for level in range(3)])
+    kbs = [kb_id(f"killed-node{level}") for level in range(3)]
+    command = [sys.executable, "-m", "ingestd", "publish", "--data-dir", str(tmp_path / "kb"), "--redis-url",
+               deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url, "--as", "killed-node{level}"]  # fmt: skip
+    seen = []
+    moments = [lambda rows, keys, counters: rows > 0 and not keys,  # level 0's rows inserted, no key yet
+               lambda rows, keys, counters: keys and not counters,  # writing level 0's keys
+               lambda rows, keys, counters: 3 <= counters < 6,  # level 0 done, level 1 under way
+               lambda rows, keys, counters: 6 <= counters < 9]  # fmt: skip
+    for moment in moments:
+        process = subprocess.Popen(command, env=deployment.env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            now = _progress(deployment, kbs, first)
+            if moment(*now):
+                os.kill(process.pid, signal.SIGKILL)
+                seen.append(now)
+                break
+            time.sleep(0.002)
+        process.wait(timeout=60)
+    assert any(counters < 9 for _, _, counters in seen), f"every publish finished before it could be killed: {seen}"
+    again = publish(deployment, tmp_path / "kb", "--as", "killed-node{level}", "--verify")
+    assert all(node["verified"]["ok"] for node in again["nodes"])
+    assert canonical(deployment, kbs) == reference
+    assert {node["action"] for node in publish(deployment, tmp_path / "kb", "--as", "killed-node{level}")["nodes"]} == {"already published"}
+
+
+def test_bad_addresses_credentials_and_nodes_are_one_line(deployment: Storage, tmp_path: Path) -> None:
+    learn_golden("shakespeare-dup", tmp_path / "kb", "bad-node{level}")
+    base = [sys.executable, "-m", "ingestd", "publish", "--data-dir", str(tmp_path / "kb")]
+    cases = [
+        (["--redis-url", "redis://user:pw@127.0.0.1:1", "--clickhouse-url", deployment.clickhouse_url], deployment.env(), "credentials"),
+        (["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url], dict(os.environ), "INGESTD_REDIS_PASSWORD"),
+        (["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url],
+         {**deployment.env(), "INGESTD_CLICKHOUSE_PASSWORD": "wrong"}, "INGESTD_CLICKHOUSE_USER"),
+        (["--redis-url", deployment.redis_url, "--clickhouse-url", "http://127.0.0.1:9"], deployment.env(), "cannot be reached"),
+        (["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url, "--as", "same"],
+         deployment.env(), "{level}"),
+        (["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url, "--node-ids", "nope{level}"],
+         deployment.env(), "holds no node"),
+    ]  # fmt: skip
+    for arguments, env, said in cases:
+        result = subprocess.run(base + arguments, capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode != 0 and said in result.stderr, (arguments, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and "r3dis-secret" not in result.stderr and "ch-secret" not in result.stderr
+    assert _progress(deployment, [kb_id(f"bad-node{level}") for level in range(3)], "x") == (0, 0, 0)
+
+
+def _inspect(*arguments: str, env: dict[str, str] | None = None) -> Any:
+    result = subprocess.run([sys.executable, "-m", "ingestd", "inspect", *arguments], capture_output=True, text=True,
+                            timeout=300, env=env)  # fmt: skip
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return json.loads(result.stdout) if "--json" in arguments else None
+
+
+def test_inspect_reads_a_deployment_as_it_reads_the_store(deployment: Storage, tmp_path: Path) -> None:
+    """The notebooks' ClickHouse/Redis analyzer: stats, top, show (unravelled to text), sample, histogram and export
+    give the same answers on the deployment as on the embedded store it was published from."""
+    import pandas as pd
+
+    learn_golden("shakespeare-docs", tmp_path / "kb", "local-node{level}")
+    publish(deployment, tmp_path / "kb", "--as", "remote-node{level}")
+    local = ["--data-dir", str(tmp_path / "kb"), "--node-ids", "local-node{level}"]
+    remote = ["--node-ids", "remote-node{level}"]
+    where = ["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url]
+
+    def same(*command: str) -> Any:
+        mine = _inspect(command[0], *local, *command[1:])
+        theirs = _inspect(*where, command[0], *remote, *command[1:], env=deployment.env())
+        text = json.dumps(theirs).replace("remote-node", "local-node").replace("remote_node", "local_node")
+        if command[0] == "stats":  # the one thing KATO's storage does not record: what chunk size fed a node
+            assert {node["chunk_size"] for node in json.loads(text)} == {None}
+            mine = [{**node, "chunk_size": None} for node in mine]
+        assert json.loads(text) == mine, command
+        return mine
+
+    stats = same("stats", "--json")
+    assert [node["patterns"] for node in stats] == [1941, 249, 35, 12]
+    top = same("top", "--level", "1", "--n", "5", "--json")
+    same("sample", "--level", "3", "--n", "4", "--seed", "7", "--json")
+    same("histogram", "--json")
+    shown = same("show", top[0]["name"], "--json")
+    assert shown["text"] and shown["level"] == 1  # unravelled down to node0's tokens, decoded, through the deployment
+    _inspect("export", *local, "--level", "0", "--out", str(tmp_path / "local.parquet"))
+    _inspect(*where, "export", *remote, "--level", "0", "--out", str(tmp_path / "remote.parquet"), env=deployment.env())
+    mine, theirs = pd.read_parquet(tmp_path / "local.parquet"), pd.read_parquet(tmp_path / "remote.parquet")
+    assert len(mine) == 1941 and mine.drop(columns=[c for c in mine if "node" in c]).equals(theirs.drop(columns=[c for c in theirs if "node" in c]))
+    # a deployment names no runs: --node-ids is asked for, in one line
+    result = subprocess.run([sys.executable, "-m", "ingestd", "inspect", *where, "stats"], capture_output=True, text=True,
+                            timeout=120, env=deployment.env())  # fmt: skip
+    assert result.returncode == 2 and "--node-ids" in result.stderr and "Traceback" not in result.stderr
