@@ -20,11 +20,12 @@ import httpx
 import pytest
 import redis
 
+from ingestd import run
 from ingestd.engine.rules import kb_id
 
 from .conftest import CORPUS, GOLDEN
 from .deployment import Storage
-from .golden import RUNS, load_run, run_cli
+from .golden import RUNS, load_run
 
 STORAGE = GOLDEN / "storage"
 
@@ -104,28 +105,41 @@ def publish(storage: Storage, data: Path, *arguments: str, expect: int = 0, time
     return json.loads(result.stdout) if expect == 0 else {"stderr": result.stderr, "stdout": result.stdout}
 
 
-def learn_golden(run_name: str, data: Path, node_template: str, *extra: str) -> list[str]:
-    """The golden run learned in-process by `ingestd run`; its node ids."""
-    run = load_run(run_name)
-    levels = ",".join(str(i) for i, flag in enumerate(run.metadata_levels) if flag)
-    run_cli(str(GOLDEN / "hierarchy" / run_name / "samples.jsonl"), "--chunk-sizes", ",".join(map(str, run.chunk_sizes)),
-            "--node-ids", node_template, "--source-label", run.label, "--data", str(data),
-            *(["--metadata-levels", levels] if levels else []), *extra)  # fmt: skip
-    return [node_template.format(level=level) for level in range(len(run.chunk_sizes))]
+def learn_golden(run_name: str, data: Path, node_template: str, **extra: Any) -> list[str]:
+    """The golden run learned in-process (``ingestd.run``, the CLI's pipeline); its node ids."""
+    from ingestd import run
+
+    golden = load_run(run_name)
+    run(str(GOLDEN / "hierarchy" / run_name / "samples.jsonl"), chunk_sizes=golden.chunk_sizes, node_ids=node_template,
+        source_label=golden.label, data_dir=data, metadata_levels=[i for i, flag in enumerate(golden.metadata_levels) if flag],
+        progress=False, **extra)  # fmt: skip
+    return [node_template.format(level=level) for level in range(len(golden.chunk_sizes))]
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each golden run learned once, into a store of its own, on nodes ``learned-<run>-node<L>``; the tests
+    publish them under names of their own (``--as``), so they share the stores."""
+    stores = {}
+    for run_name in RUNS:
+        stores[run_name] = tmp_path_factory.mktemp("learned") / run_name
+        learn_golden(run_name, stores[run_name], f"learned-{run_name}-node{{level}}")
+    return stores
 
 
 @pytest.mark.parametrize("run_name", RUNS)
-def test_a_published_golden_run_is_what_kato_stored_byte_for_byte(deployment: Storage, tmp_path: Path, run_name: str) -> None:
-    nodes = learn_golden(run_name, tmp_path / "kb", f"learned-{run_name}-node{{level}}")
-    published = publish(deployment, tmp_path / "kb", "--as", f"pub-{run_name}-node{{level}}", "--verify")
+def test_a_published_golden_run_is_what_kato_stored_byte_for_byte(deployment: Storage, learned: dict[str, Path],
+                                                                 run_name: str) -> None:  # fmt: skip
+    nodes = [f"learned-{run_name}-node{level}" for level in range(len(load_run(run_name).chunk_sizes))]
+    published = publish(deployment, learned[run_name], "--as", f"pub-{run_name}-node{{level}}", "--verify")
     assert [node["target_node_id"] for node in published["nodes"]] == [f"pub-{run_name}-node{level}" for level in range(len(nodes))]
     assert all(node["verified"]["ok"] for node in published["nodes"])
     rows, keys = canonical(deployment, [kb_id(f"pub-{run_name}-node{level}") for level in range(len(nodes))])
     assert rows == (STORAGE / run_name / "clickhouse.jsonl").read_text(encoding="utf-8")
     assert keys == (STORAGE / run_name / "redis.jsonl").read_text(encoding="utf-8")
     # the source's own node ids are not in the deployment (renamed), and a second publish does nothing
-    assert not _sql(deployment, f"SELECT count() FROM kato.patterns_data WHERE kb_id = '{kb_id(nodes[0])}'").strip() != "0"
-    again = publish(deployment, tmp_path / "kb", "--as", f"pub-{run_name}-node{{level}}")
+    assert _sql(deployment, f"SELECT count() FROM kato.patterns_data WHERE kb_id = '{kb_id(nodes[0])}'").strip() == "0"
+    again = publish(deployment, learned[run_name], "--as", f"pub-{run_name}-node{{level}}")
     assert {node["action"] for node in again["nodes"]} == {"already published"}
     assert canonical(deployment, [kb_id(f"pub-{run_name}-node{level}") for level in range(len(nodes))]) == (rows, keys)
 
@@ -134,7 +148,7 @@ def test_a_merged_sharded_run_publishes_as_the_single_run(deployment: Storage, t
     run_name = "shakespeare-docs"
     template = "shard-docs-node{level}"
     for index in range(3):
-        learn_golden(run_name, tmp_path / f"shard{index}", template, "--shard", f"{index}/3")
+        learn_golden(run_name, tmp_path / f"shard{index}", template, shard=f"{index}/3")
     subprocess.run([sys.executable, "-m", "ingestd", "merge", *(str(tmp_path / f"shard{index}") for index in range(3)),
                     "--into", str(tmp_path / "merged")], check=True, capture_output=True, timeout=300)  # fmt: skip
     publish(deployment, tmp_path / "merged", "--node-ids", template, "--as", "merged-docs-node{level}")
@@ -143,18 +157,18 @@ def test_a_merged_sharded_run_publishes_as_the_single_run(deployment: Storage, t
     assert keys == (STORAGE / run_name / "redis.jsonl").read_text(encoding="utf-8")
 
 
-def test_a_target_that_holds_anything_is_refused_before_anything_is_written(deployment: Storage, tmp_path: Path) -> None:
-    nodes = learn_golden("shakespeare-dup", tmp_path / "kb", "dup-node{level}")
+def test_a_target_that_holds_anything_is_refused_before_anything_is_written(deployment: Storage, learned: dict[str, Path]) -> None:
+    source = learned["shakespeare-dup"]
     client = _client(deployment)
     # KATO learned one pattern into the level-2 node of the target: a key, no rows
     client.set(f"{kb_id('busy-node2')}:frequency:0123", "1")
-    refused = publish(deployment, tmp_path / "kb", "--as", "busy-node{level}", expect=2)
+    refused = publish(deployment, source, "--as", "busy-node{level}", expect=2)
     assert "busy_node2" in refused["stderr"] and "--replace" in refused["stderr"] and "--as" in refused["stderr"]
-    for level in range(len(nodes)):  # nothing written, levels 0 and 1 included
+    for level in range(3):  # nothing written, levels 0 and 1 included
         assert not list(client.scan_iter(match=f"{kb_id(f'busy-node{level}')}:*")) or level == 2
         assert _sql(deployment, f"SELECT count() FROM kato.patterns_data WHERE kb_id = '{kb_id(f'busy-node{level}')}'").strip() == "0"
     # --replace clears it first (as KATO's clear-all) and publishes: the stray key is gone
-    replaced = publish(deployment, tmp_path / "kb", "--as", "busy-node{level}", "--replace", "--verify")
+    replaced = publish(deployment, source, "--as", "busy-node{level}", "--replace", "--verify")
     assert [node["action"] for node in replaced["nodes"]] == ["published", "published", "replaced"]
     assert client.get(f"{kb_id('busy-node2')}:frequency:0123") is None
     rows, keys = canonical(deployment, [kb_id(f"busy-node{level}") for level in range(3)])
@@ -163,22 +177,22 @@ def test_a_target_that_holds_anything_is_refused_before_anything_is_written(depl
     client.close()
 
 
-def test_verify_finds_a_tampered_key_and_a_missing_row(deployment: Storage, tmp_path: Path) -> None:
-    learn_golden("shakespeare-dup", tmp_path / "kb", "tamper-node{level}")
-    publish(deployment, tmp_path / "kb")
+def test_verify_finds_a_tampered_key_and_a_missing_row(deployment: Storage, learned: dict[str, Path]) -> None:
+    source = learned["shakespeare-dup"]
+    publish(deployment, source, "--as", "tamper-node{level}")
     kb = kb_id("tamper-node0")
     client = _client(deployment)
     name = next(iter(client.scan_iter(match=f"{kb}:frequency:*"))).split(":")[-1]
     client.incr(f"{kb}:frequency:{name}")
     other = _sql(deployment, f"SELECT name FROM kato.patterns_data WHERE kb_id = '{kb}' AND name != '{name}' ORDER BY name LIMIT 1").strip()
     _sql(deployment, f"ALTER TABLE kato.patterns_data DELETE WHERE kb_id = '{kb}' AND name = '{other}' SETTINGS mutations_sync = 1")
-    checked = publish(deployment, tmp_path / "kb", "--verify", expect=1)
-    report = json.loads(checked["stdout"])["nodes"][0]["verified"]
-    assert not report["ok"] and report["rows"]["missing"] == 1 and report["keys"]["different"] == 1, report
-    assert f"missing {other}" in report["rows"]["examples"] and f"different {kb}:frequency:{name}" in report["keys"]["examples"]
+    checked = publish(deployment, source, "--as", "tamper-node{level}", "--verify", expect=1)
+    reports = [node["verified"] for node in json.loads(checked["stdout"])["nodes"]]
+    assert not reports[0]["ok"] and reports[0]["rows"]["missing"] == 1 and reports[0]["keys"]["different"] == 1, reports[0]
+    assert f"missing {other}" in reports[0]["rows"]["examples"]
+    assert f"different {kb}:frequency:{name}" in reports[0]["keys"]["examples"]
+    assert reports[1]["ok"] and reports[2]["ok"]  # the other nodes are intact
     assert "differ from the source" in checked["stderr"]
-    fine = publish(deployment, tmp_path / "kb", "--verify", "--node-ids", "tamper-node1,tamper-node2")  # the others are intact
-    assert all(node["verified"]["ok"] for node in fine["nodes"])
     client.close()
 
 
@@ -196,9 +210,9 @@ def _progress(storage: Storage, kbs: list[str], first: str) -> tuple[int, int, i
 def test_a_publish_killed_at_any_moment_and_run_again_is_one_uninterrupted_publish(deployment: Storage, tmp_path: Path) -> None:
     source = tmp_path / "corpus.txt"
     text = CORPUS.read_text(encoding="utf-8")
-    source.write_text(text[: len(text) // 4], encoding="utf-8")
-    run_cli(str(source), "--chunk-sizes", "4,4,4", "--metadata-levels", "1,2", "--data", str(tmp_path / "kb"),
-            "--node-ids", "big-node{level}")  # fmt: skip
+    source.write_text(text[: len(text) // 6], encoding="utf-8")
+    run(str(source), chunk_sizes=[4, 4, 4], metadata_levels=[1, 2], data_dir=tmp_path / "kb", node_ids="big-node{level}",
+        progress=False)  # fmt: skip
     with sqlite3.connect(tmp_path / "kb" / "kato.sqlite3") as connection:
         first = connection.execute("SELECT min(name) FROM patterns WHERE kb_id = ?", (kb_id("big-node0"),)).fetchone()[0]
     publish(deployment, tmp_path / "kb", "--as", "whole-node{level}")
@@ -226,12 +240,10 @@ def test_a_publish_killed_at_any_moment_and_run_again_is_one_uninterrupted_publi
     again = publish(deployment, tmp_path / "kb", "--as", "killed-node{level}", "--verify")
     assert all(node["verified"]["ok"] for node in again["nodes"])
     assert canonical(deployment, kbs) == reference
-    assert {node["action"] for node in publish(deployment, tmp_path / "kb", "--as", "killed-node{level}")["nodes"]} == {"already published"}
 
 
-def test_bad_addresses_credentials_and_nodes_are_one_line(deployment: Storage, tmp_path: Path) -> None:
-    learn_golden("shakespeare-dup", tmp_path / "kb", "bad-node{level}")
-    base = [sys.executable, "-m", "ingestd", "publish", "--data-dir", str(tmp_path / "kb")]
+def test_bad_addresses_credentials_and_nodes_are_one_line(deployment: Storage, learned: dict[str, Path]) -> None:
+    base = [sys.executable, "-m", "ingestd", "publish", "--data-dir", str(learned["shakespeare-dup"]), "--as", "bad-node{level}"]
     cases = [
         (["--redis-url", "redis://user:pw@127.0.0.1:1", "--clickhouse-url", deployment.clickhouse_url], deployment.env(), "credentials"),
         (["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url], dict(os.environ), "INGESTD_REDIS_PASSWORD"),
@@ -240,6 +252,8 @@ def test_bad_addresses_credentials_and_nodes_are_one_line(deployment: Storage, t
         (["--redis-url", deployment.redis_url, "--clickhouse-url", "http://127.0.0.1:9"], deployment.env(), "cannot be reached"),
         (["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url, "--as", "same"],
          deployment.env(), "{level}"),
+        (["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url, "--as", "x'-node{level}"],
+         deployment.env(), "--as"),
         (["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url, "--node-ids", "nope{level}"],
          deployment.env(), "holds no node"),
     ]  # fmt: skip
@@ -257,21 +271,21 @@ def _inspect(*arguments: str, env: dict[str, str] | None = None) -> Any:
     return json.loads(result.stdout) if "--json" in arguments else None
 
 
-def test_inspect_reads_a_deployment_as_it_reads_the_store(deployment: Storage, tmp_path: Path) -> None:
+def test_inspect_reads_a_deployment_as_it_reads_the_store(deployment: Storage, learned: dict[str, Path], tmp_path: Path) -> None:
     """The notebooks' ClickHouse/Redis analyzer: stats, top, show (unravelled to text), sample, histogram and export
     give the same answers on the deployment as on the embedded store it was published from."""
     import pandas as pd
 
-    learn_golden("shakespeare-docs", tmp_path / "kb", "local-node{level}")
-    publish(deployment, tmp_path / "kb", "--as", "remote-node{level}")
-    local = ["--data-dir", str(tmp_path / "kb"), "--node-ids", "local-node{level}"]
+    publish(deployment, learned["shakespeare-docs"], "--as", "remote-node{level}")
+    local = ["--data-dir", str(learned["shakespeare-docs"]), "--node-ids", "learned-shakespeare-docs-node{level}"]
     remote = ["--node-ids", "remote-node{level}"]
     where = ["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url]
 
     def same(*command: str) -> Any:
         mine = _inspect(command[0], *local, *command[1:])
         theirs = _inspect(*where, command[0], *remote, *command[1:], env=deployment.env())
-        text = json.dumps(theirs).replace("remote-node", "local-node").replace("remote_node", "local_node")
+        text = (json.dumps(theirs).replace("remote-node", "learned-shakespeare-docs-node")
+                .replace("remote_node", "learned_shakespeare_docs_node"))  # fmt: skip
         if command[0] == "stats":  # the one thing KATO's storage does not record: what chunk size fed a node
             assert {node["chunk_size"] for node in json.loads(text)} == {None}
             mine = [{**node, "chunk_size": None} for node in mine]
@@ -293,3 +307,25 @@ def test_inspect_reads_a_deployment_as_it_reads_the_store(deployment: Storage, t
     result = subprocess.run([sys.executable, "-m", "ingestd", "inspect", *where, "stats"], capture_output=True, text=True,
                             timeout=120, env=deployment.env())  # fmt: skip
     assert result.returncode == 2 and "--node-ids" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_minhash_and_band_hashes_are_datasketchs_and_cpythons() -> None:
+    """The constants are datasketch's (checked against the golden file), the band hash is CPython's own tuple hash
+    (checked against ``hash()`` on random signatures, extremes included), and kato-storage.md's example holds."""
+    import random
+
+    import numpy as np
+
+    from ingestd.kb import storage
+
+    published = json.loads((STORAGE / "minhash_permutations.json").read_text(encoding="utf-8"))
+    a, b = storage.permutations()
+    assert [[int(x), int(y)] for x, y in zip(a, b, strict=True)] == published["a_b"]
+    signatures, bands = storage.MinHasher().signatures([["x", "y"]])
+    assert signatures[0][:4].tolist() == [2681891830, 1055611867, 14964313, 3144002756]
+    assert bands[0][:2].tolist() == [367366262628962406, 316208540161388210]
+    chooser = random.Random(5)
+    rows = np.array([[chooser.choice([0, 1, storage.MAX_HASH, chooser.randrange(storage.MAX_HASH + 1)]) for _ in range(100)]
+                     for _ in range(300)], dtype=np.uint64)  # fmt: skip
+    expected = [[abs(hash(tuple(row[5 * j : 5 * j + 5]))) for j in range(20)] for row in rows.tolist()]
+    assert storage.band_hashes(rows).tolist() == expected
