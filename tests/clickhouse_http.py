@@ -1,7 +1,7 @@
 """The ClickHouse SQL engine (chDB: ClickHouse in-process, from PyPI) behind enough of ClickHouse's HTTP interface
 for ingestd: there is no ClickHouse server package here. It creates KATO 3.10.1's tables as KATO's
 ``config/clickhouse/init.sql`` does (kato-storage.md §2), and answers as ClickHouse does: a statement in the body,
-or in ``?query=`` with the data an INSERT reads in the body; errors as HTTP 500 with ClickHouse's message; a
+or in ``?query=`` with the data an INSERT reads in the body (text formats, RowBinary and Native); errors as HTTP 500 with ClickHouse's message; a
 wrong user or password as ClickHouse's 516.
 
     python -m tests.clickhouse_http --path DIR [--port 0] [--user U --password P]
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import re
 import sys
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -86,11 +88,26 @@ def main() -> None:
                                   b"or there is no user with such name. (AUTHENTICATION_FAILED)\n")  # fmt: skip
                 return
             query = parse_qs(urlsplit(self.path).query).get("query", [""])[0]
-            sql = (query + "\n" + body.decode("utf-8")) if query else body.decode("utf-8")
+            binary = re.fullmatch(r"\s*INSERT INTO\s+([\w.]+)\s*\(([^)]*)\)\s*FORMAT\s+(RowBinary\w*|Native)\s*", query,
+                                  flags=re.IGNORECASE)  # fmt: skip
             try:
                 with lock:
-                    result = engine.query(sql, "TabSeparated")
-                    answer = result.bytes() if result is not None else b""
+                    if binary is not None and body:  # the data is not text: chDB reads it from a file
+                        table, columns, form = binary.groups()
+                        names = [name.strip() for name in columns.split(",")]
+                        types = dict(tuple(line.split("\t")[:2]) for line in engine.query(
+                            f"DESCRIBE TABLE {table}", "TabSeparated").bytes().decode().splitlines())  # fmt: skip
+                        with tempfile.NamedTemporaryFile(dir=args.path, suffix=".bin") as data:
+                            data.write(body)
+                            data.flush()
+                            structure = ", ".join(f"{name} {types[name]}" for name in names)
+                            engine.query(f"INSERT INTO {table} ({columns}) SELECT * FROM file('{data.name}', '{form}', "
+                                         f"'{structure}')")  # fmt: skip
+                        answer = b""
+                    else:
+                        sql = (query + "\n" + body.decode("utf-8")) if query else body.decode("utf-8")
+                        result = engine.query(sql, "TabSeparated")
+                        answer = result.bytes() if result is not None else b""
             except Exception as error:  # noqa: BLE001 - chDB raises RuntimeError with ClickHouse's message
                 self._answer(500, (str(error).strip() + "\n").encode())
                 return

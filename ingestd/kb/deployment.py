@@ -103,12 +103,11 @@ class ClickHouse:
     def scalar(self, sql: str) -> int:
         return int(self.run(sql + " FORMAT TabSeparated").strip() or 0)
 
-    def insert(self, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-        """A synchronous insert of ``rows`` (values in the order of ``columns``; one part on the server: give many
-        at once)."""
-        body = b"\n".join(orjson.dumps(row) for row in rows)
+    def insert(self, table: str, columns: Sequence[str], body: bytes, form: str = "RowBinary") -> None:
+        """A synchronous insert of rows encoded in ``form`` (values in the order of ``columns``; one part on the
+        server: give many rows at once)."""
         if body:
-            self.run(f"INSERT INTO {self.database}.{table} ({', '.join(columns)}) FORMAT JSONCompactEachRow", body,
+            self.run(f"INSERT INTO {self.database}.{table} ({', '.join(columns)}) FORMAT {form}", body,
                      async_insert=0, wait_end_of_query=1)  # fmt: skip
 
 

@@ -22,7 +22,6 @@ Safety:
 from __future__ import annotations
 
 import concurrent.futures
-import datetime
 import hashlib
 import json
 import os
@@ -180,7 +179,7 @@ def _publish_kb(reader: StoreReader, target: Target, deployment: Deployment) -> 
     """One kb, in KATO's order: rows, per-pattern keys, symbol tables, global counters."""
     kb = target.kb
     source = target.node.kb_id
-    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")  # naive local time, as KATO's workers write it
+    now = int(time.time())
     hasher = storage.MinHasher()
     rows = 0
     started = time.perf_counter()
@@ -188,7 +187,7 @@ def _publish_kb(reader: StoreReader, target: Target, deployment: Deployment) -> 
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ingestd-insert") as inserter:
         pending: concurrent.futures.Future[None] | None = None
         for batch in _batches(reader, source):
-            made = storage.rows(kb, batch, hasher, now)
+            made = storage.row_binary(storage.rows(kb, batch, hasher, now))
             if pending is not None:
                 pending.result()
             pending = inserter.submit(deployment.clickhouse.insert, TABLE, storage.ROW_COLUMNS, made)
@@ -245,7 +244,7 @@ def expected_dump(reader: StoreReader, target: Target) -> tuple[list[str], list[
     keys: list[tuple[int, str, str]] = []
     statistics = storage.SymbolStatistics()
     for batch in _batches(reader, target.node.kb_id):
-        for row in map(storage.row_dict, storage.rows(kb, batch, hasher, "")):
+        for row in map(storage.row_dict, storage.rows(kb, batch, hasher, 0)):
             rows.append((level, row["name"], storage.row_line(level, row)))
         for item in batch:
             statistics.add(item)

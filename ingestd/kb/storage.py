@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,8 +132,9 @@ def pattern(name: str, pattern_data: list[list[str]], frequency: int, emotives: 
     return Pattern(strip_prefix(name), pattern_data, frequency, emotives, metadata)
 
 
-def rows(kb: str, patterns: Sequence[Pattern], hasher: MinHasher, now: str) -> list[list[Any]]:
-    """The ``patterns_data`` rows of ``patterns`` (§2.1), values in the order of :data:`ROW_COLUMNS`."""
+def rows(kb: str, patterns: Sequence[Pattern], hasher: MinHasher, now: int) -> list[list[Any]]:
+    """The ``patterns_data`` rows of ``patterns`` (§2.1), values in the order of :data:`ROW_COLUMNS` (``now``: the
+    creation time, seconds since the epoch; KATO's is its worker's clock at the first learn, and nothing reads it)."""
     flat = [item.symbols for item in patterns]
     signatures, bands = hasher.signatures(flat) if patterns else (np.empty((0, PERMUTATIONS)), np.empty((0, BANDS)))
     made = []
@@ -142,6 +144,44 @@ def rows(kb: str, patterns: Sequence[Pattern], hasher: MinHasher, now: str) -> l
                      item.pattern_data[0][0] if item.pattern_data[0] else "",
                      item.pattern_data[-1][-1] if item.pattern_data[-1] else "", now, now])  # fmt: skip
     return made
+
+
+_UINT32 = struct.Struct("<I")
+_SIGNATURE = struct.Struct(f"<B{PERMUTATIONS}I")  # the array's length (one varint byte: 100) and its values
+_BANDS = struct.Struct(f"<B{BANDS}Q")
+
+
+def _varint(number: int) -> bytes:
+    if number < 0x80:
+        return bytes((number,))
+    out = bytearray()
+    while number >= 0x80:
+        out.append((number & 0x7F) | 0x80)
+        number >>= 7
+    out.append(number)
+    return bytes(out)
+
+
+def _text(value: str) -> bytes:
+    encoded = value.encode("utf-8", "surrogatepass")
+    return _varint(len(encoded)) + encoded
+
+
+def _strings(values: Sequence[str]) -> bytes:
+    return _varint(len(values)) + b"".join(map(_text, values))
+
+
+def row_binary(rows: Iterable[Sequence[Any]]) -> bytes:
+    """Rows of :func:`rows` in ClickHouse's RowBinary format (columns as :data:`ROW_COLUMNS`): half the bytes of
+    JSON, and a tenth of the server's work to parse."""
+    out = []
+    for kb, name, data, length, token_set, token_count, signature, bands, first, last, created, updated in rows:
+        stamps = _UINT32.pack(created) + _UINT32.pack(updated)
+        out.append(b"".join((_text(kb), _text(name), _varint(len(data)), b"".join(map(_strings, data)),
+                             _UINT32.pack(length), _strings(token_set), _UINT32.pack(token_count),
+                             _SIGNATURE.pack(PERMUTATIONS, *signature), _BANDS.pack(BANDS, *bands), _text(first),
+                             _text(last), stamps)))  # fmt: skip
+    return b"".join(out)
 
 
 def row_dict(row: Sequence[Any]) -> dict[str, Any]:
