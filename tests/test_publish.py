@@ -196,6 +196,35 @@ def test_verify_finds_a_tampered_key_and_a_missing_row(deployment: Storage, lear
     client.close()
 
 
+def test_two_publishes_at_once_into_one_target_publish_it_once(deployment: Storage, learned: dict[str, Path]) -> None:
+    source = learned["shakespeare-4x8"]
+    command = [sys.executable, "-m", "ingestd", "publish", "--data-dir", str(source), "--redis-url", deployment.redis_url,
+               "--clickhouse-url", deployment.clickhouse_url, "--as", "twice-node{level}", "--json"]  # fmt: skip
+    processes = [subprocess.Popen(command, env=deployment.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]  # fmt: skip
+    outcomes = [(process.wait(timeout=300), process.stdout.read(), process.stderr.read()) for process in processes]  # type: ignore[union-attr]
+    assert sorted(code for code, _, _ in outcomes) in ([0, 0], [0, 2]), outcomes
+    for code, out, err in outcomes:
+        assert "Traceback" not in err
+        if code == 2:
+            assert "another publish into kb twice_node" in err
+        else:
+            assert {node["action"] for node in json.loads(out)["nodes"]} <= {"published", "already published"}
+    rows, keys = canonical(deployment, [kb_id(f"twice-node{level}") for level in range(4)])
+    assert rows == (STORAGE / "shakespeare-4x8" / "clickhouse.jsonl").read_text(encoding="utf-8")  # no row twice
+    assert keys == (STORAGE / "shakespeare-4x8" / "redis.jsonl").read_text(encoding="utf-8")
+    client = _client(deployment)
+    assert not client.keys("ingestd:publish-lock:*")  # released
+    # a publisher on another machine holds the lock of one target: refused, nothing written; once it is gone, fine
+    client.set(f"ingestd:publish-lock:{kb_id('locked-node1')}", "elsewhere:1:token", px=60_000)
+    held = publish(deployment, source, "--as", "locked-node{level}", expect=2)
+    assert "another publish into kb locked_node1_kato is running (elsewhere:1:token)" in held["stderr"]
+    assert _progress(deployment, [kb_id(f"locked-node{level}") for level in range(4)], "x") == (0, 0, 0)
+    client.delete(f"ingestd:publish-lock:{kb_id('locked-node1')}")
+    assert {node["action"] for node in publish(deployment, source, "--as", "locked-node{level}")["nodes"]} == {"published"}
+    client.close()
+
+
 def _progress(storage: Storage, kbs: list[str], first: str) -> tuple[int, int, int]:
     """Cheaply, now: rows of these kbs, whether level 0's first pattern has its keys, how many global counters."""
     client = _client(storage)

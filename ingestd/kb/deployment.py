@@ -319,3 +319,91 @@ class DeploymentReader:
             if pattern is not None:
                 found.append((kb, pattern))
         return found
+
+
+LOCK_PREFIX = "ingestd:publish-lock:"  # outside every kb's keys (``<kb>:``): KATO never reads it
+LOCK_MILLISECONDS = 30_000  # a lock lives this long unless renewed (a publisher renews it every few seconds)
+
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+
+
+class PublishLocks:
+    """One publisher per target kb at a time, across machines: a Redis key per kb, set only if absent, that expires
+    unless renewed (a thread renews it while the publish runs). A lock left by a publisher of this machine whose
+    process is gone (``kill -9``) is taken over at once; one of another machine expires within 30 s."""
+
+    def __init__(self, deployment: Deployment, kbs: Sequence[str]) -> None:
+        import os
+        import socket
+        import threading
+        import uuid
+
+        self.redis = deployment.redis
+        self.kbs = list(kbs)
+        self.host = socket.gethostname()
+        self.value = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="ingestd-publish-lock", daemon=True)
+        self._held: list[str] = []
+
+    def __enter__(self) -> PublishLocks:
+        try:
+            for kb in self.kbs:
+                self._take(LOCK_PREFIX + kb)
+        except BaseException:
+            self._release()
+            raise
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self._release()
+
+    def _take(self, key: str) -> None:
+        import os
+
+        for _ in range(2):
+            if self.redis.set(key, self.value, nx=True, px=LOCK_MILLISECONDS):
+                self._held.append(key)
+                return
+            holder = self.redis.get(key) or ""
+            host, _, rest = holder.partition(":")
+            pid = rest.partition(":")[0]
+            if host == self.host and pid.isdigit() and not _alive(int(pid)) and int(pid) != os.getpid():
+                self.redis.eval(_RELEASE, 1, key, holder)  # its publisher is gone: the journal says what it left
+                continue
+            break
+        raise DeploymentError(f"another publish into kb {key[len(LOCK_PREFIX):]} is running ({holder or 'just now'}): "
+                              "wait for it to finish (a publisher that died frees it within 30 s), then run again")  # fmt: skip
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LOCK_MILLISECONDS / 3000):
+            for key in self._held:
+                try:
+                    self.redis.eval(_RENEW, 1, key, self.value, LOCK_MILLISECONDS)
+                except Exception:  # noqa: BLE001 - the publish itself reports a Redis that went away
+                    return
+
+    def _release(self) -> None:
+        for key in self._held:
+            try:
+                self.redis.eval(_RELEASE, 1, key, self.value)
+            except Exception:  # noqa: BLE001 - it expires by itself
+                pass
+        self._held = []
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

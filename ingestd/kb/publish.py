@@ -15,6 +15,8 @@ Safety:
   deployment, the target kb and the source's content: a publish killed at any moment and run again clears what
   it had written of that kb and publishes it again, ending as one uninterrupted publish would; run again after
   it finished, it does nothing;
+* one publisher per target kb at a time, across machines: a Redis key outside every kb's keys
+  (``ingestd:publish-lock:<kb>``) that expires unless renewed (:class:`~ingestd.kb.deployment.PublishLocks`);
 * ``verify`` reads the deployment back and compares it with the source, pattern for pattern and counter for
   counter, in the canonical form of ``kato-golden/storage/README.md``.
 """
@@ -35,7 +37,7 @@ from ingestd.engine.reader import StoredPattern, StoreReader
 from ingestd.engine.rules import kb_id
 from ingestd.errors import IngestError
 from ingestd.kb import storage
-from ingestd.kb.deployment import TABLE, Deployment, KbState
+from ingestd.kb.deployment import TABLE, Deployment, KbState, PublishLocks
 from ingestd.kb.nodes import Node
 
 ROWS_PER_INSERT = 50_000
@@ -134,6 +136,10 @@ def _decide(target: Target, state: KbState, journal: dict[str, Any] | None, cont
         return "redo"  # begun by a publish of this very source that did not finish (killed, failed)
     if replace:
         return "replace"
+    if journal is not None and journal.get("node") == target.node.kb_id:
+        raise PublishError(f"kb {target.kb} (node {target.node_id}) was published from this store before it changed "
+                           "(it learned or was pruned since): give --replace to publish what it holds now (then restart "
+                           "every KATO worker), or publish into new nodes with --as")  # fmt: skip
     raise PublishError(
         f"the deployment already holds kb {target.kb} (node {target.node_id}: {state.keys:,} Redis keys, "
         f"{state.rows:,} ClickHouse rows): publish into new nodes with --as 'NAME-node{{level}}', or give --replace "
@@ -148,7 +154,7 @@ def publish(data_dir: Path, nodes: Sequence[Node], deployment: Deployment, *, re
     deployment.check()
     journal = _Journal(data_dir, deployment)
     results = []
-    with StoreReader(Path(data_dir)) as reader, reader.snapshot():
+    with PublishLocks(deployment, [target.kb for target in chosen]), StoreReader(Path(data_dir)) as reader, reader.snapshot():
         content = reader.content()
         plans = []
         for target in chosen:  # every target checked before anything is written
