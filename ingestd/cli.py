@@ -362,6 +362,7 @@ def publish_command(
     rename: Annotated[Optional[str], typer.Option("--as", help="Publish under other node ids: a template with {level}, e.g. 'prod-node{level}'.", rich_help_panel="Deployment")] = None,
     replace: Annotated[bool, typer.Option("--replace", help="Clear target kbs that hold anything first (as KATO's clear-all); then restart every KATO worker.", rich_help_panel="Deployment")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Read the deployment back and compare it with the source, pattern for pattern and counter for counter.", rich_help_panel="Deployment")] = False,
+    without_affinity: Annotated[bool, typer.Option("--without-affinity", help="Publish nodes whose patterns carry emotives, without KATO's per-symbol affinity (it cannot be derived from a knowledge base).", rich_help_panel="Deployment")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     log_format: _LOG_FORMAT = None,
     log_level: _LOG_LEVEL = None,
@@ -377,6 +378,10 @@ def publish_command(
     from ingestd.kb.publish import RESTART_NOTE, publish
 
     settings = _settings(log_format=log_format, log_level=log_level)
+    if rename is not None and "{level}" in rename and node_ids is not None and "{level}" not in node_ids:
+        raise typer.BadParameter("with a list of node ids, a node's {level} is its place in the list, not the level "
+                                 "it was learned at: name the targets with {node_id} (e.g. 'prod-{node_id}'), or give "
+                                 "--node-ids as a template with {level}", param_hint="--as")  # fmt: skip
     try:
         redis_password, clickhouse_user, clickhouse_password = settings.storage_credentials()
         with KnowledgeBase(data, node_ids=node_ids, run_id=run_id, run_dir=run_dir) as kb:
@@ -384,7 +389,8 @@ def publish_command(
         credentials = Credentials(redis_password, clickhouse_user, clickhouse_password)
         with Deployment(redis_url, clickhouse_url, credentials) as deployment:
             started = time.perf_counter()
-            results = publish(store, nodes, deployment, rename=rename, replace=replace, verify=verify)
+            results = publish(store, nodes, deployment, rename=rename, replace=replace, verify=verify,
+                              without_affinity=without_affinity)  # fmt: skip
             seconds = time.perf_counter() - started
     except IngestError as error:
         typer.echo(f"ingestd: error: {error}", err=True)

@@ -95,9 +95,10 @@ def canonical(storage: Storage, kbs: list[str]) -> tuple[str, str]:
     return text(rows), text(keys)
 
 
-def publish(storage: Storage, data: Path, *arguments: str, expect: int = 0, timeout: float = 300) -> dict[str, Any]:
+def publish(storage: Storage, data: Path, *arguments: str, expect: int = 0, timeout: float = 300,
+            redis_url: str | None = None) -> dict[str, Any]:  # fmt: skip
     result = subprocess.run([sys.executable, "-m", "ingestd", "publish", "--data-dir", str(data), "--redis-url",
-                             storage.redis_url, "--clickhouse-url", storage.clickhouse_url, "--json", *arguments],
+                             redis_url or storage.redis_url, "--clickhouse-url", storage.clickhouse_url, "--json", *arguments],
                             capture_output=True, text=True, timeout=timeout, env=storage.env())  # fmt: skip
     assert result.returncode == expect, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -186,12 +187,19 @@ def test_verify_finds_a_tampered_key_and_a_missing_row(deployment: Storage, lear
     client.incr(f"{kb}:frequency:{name}")
     other = _sql(deployment, f"SELECT name FROM kato.patterns_data WHERE kb_id = '{kb}' AND name != '{name}' ORDER BY name LIMIT 1").strip()
     _sql(deployment, f"ALTER TABLE kato.patterns_data DELETE WHERE kb_id = '{kb}' AND name = '{other}' SETTINGS mutations_sync = 1")
+    kb1 = kb_id("tamper-node1")
+    doubled = _sql(deployment, f"SELECT name FROM kato.patterns_data WHERE kb_id = '{kb1}' ORDER BY name LIMIT 1").strip()
+    _sql(deployment, "INSERT INTO kato.patterns_data SELECT kb_id, name, [['BOGUS']], length, token_set, token_count, "
+                     "minhash_sig, lsh_bands, first_token, last_token, created_at, updated_at FROM kato.patterns_data "
+                     f"WHERE kb_id = '{kb1}' AND name = '{doubled}'")  # fmt: skip
+    client.set(f"{kb_id('tamper-node2')}:prediction:some-observation", "[]")  # KATO's own, while serving: not the KB
     checked = publish(deployment, source, "--as", "tamper-node{level}", "--verify", expect=1)
     reports = [node["verified"] for node in json.loads(checked["stdout"])["nodes"]]
     assert not reports[0]["ok"] and reports[0]["rows"]["missing"] == 1 and reports[0]["keys"]["different"] == 1, reports[0]
     assert f"missing {other}" in reports[0]["rows"]["examples"]
     assert f"different {kb}:frequency:{name}" in reports[0]["keys"]["examples"]
-    assert reports[1]["ok"] and reports[2]["ok"]  # the other nodes are intact
+    assert not reports[1]["ok"] and reports[1]["rows"]["extra"] == 1 and f"extra {doubled}" in reports[1]["rows"]["examples"]
+    assert reports[2]["ok"]  # intact (a prediction key KATO wrote is not part of the KB)
     assert "differ from the source" in checked["stderr"]
     client.close()
 
@@ -236,7 +244,8 @@ def _progress(storage: Storage, kbs: list[str], first: str) -> tuple[int, int, i
     return rows, keys, counters
 
 
-def test_a_publish_killed_at_any_moment_and_run_again_is_one_uninterrupted_publish(deployment: Storage, tmp_path: Path) -> None:
+def test_a_publish_killed_at_any_moment_and_run_again_is_one_uninterrupted_publish(deployment: Storage, tmp_path: Path,
+                                                                                   learned: dict[str, Path]) -> None:  # fmt: skip
     source = tmp_path / "corpus.txt"
     text = CORPUS.read_text(encoding="utf-8")
     source.write_text(text[: len(text) // 6], encoding="utf-8")
@@ -266,13 +275,33 @@ def test_a_publish_killed_at_any_moment_and_run_again_is_one_uninterrupted_publi
             time.sleep(0.002)
         process.wait(timeout=60)
     assert any(counters < 9 for _, _, counters in seen), f"every publish finished before it could be killed: {seen}"
-    again = publish(deployment, tmp_path / "kb", "--as", "killed-node{level}", "--verify")
+    # run again with the deployment's address spelled another way: the same deployment, so it finishes
+    again = publish(deployment, tmp_path / "kb", "--as", "killed-node{level}", "--verify",
+                    redis_url=f"redis://localhost:{deployment.redis_port}")  # fmt: skip
     assert all(node["verified"]["ok"] for node in again["nodes"])
     assert canonical(deployment, kbs) == reference
+    # killed, then another knowledge base published there with --replace: running the killed one again must not
+    # wipe it (it is not this publish's unfinished kb any more)
+    process = subprocess.Popen([*command[:-1], "stolen-node{level}"], env=deployment.env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    stolen = [kb_id(f"stolen-node{level}") for level in range(3)]
+    while process.poll() is None and not _progress(deployment, stolen, first)[0]:
+        time.sleep(0.002)
+    process.kill()
+    process.wait(timeout=60)
+    other = learned["shakespeare-dup"]
+    publish(deployment, other, "--node-ids", "learned-shakespeare-dup-node{level}", "--as", "stolen-node{level}", "--replace")
+    theirs = canonical(deployment, stolen)
+    refused = publish(deployment, tmp_path / "kb", "--as", "stolen-node{level}", expect=2)
+    assert "that this publish did not write" in refused["stderr"] and canonical(deployment, stolen) == theirs
+    # and a finished publish, replaced by another, then asked again with --replace: replaced, not "already"
+    publish(deployment, other, "--node-ids", "learned-shakespeare-dup-node{level}", "--as", "killed-node{level}", "--replace")
+    back = publish(deployment, tmp_path / "kb", "--as", "killed-node{level}", "--replace")
+    assert {node["action"] for node in back["nodes"]} == {"replaced"} and canonical(deployment, kbs) == reference
 
 
 def test_bad_addresses_credentials_and_nodes_are_one_line(deployment: Storage, learned: dict[str, Path]) -> None:
-    base = [sys.executable, "-m", "ingestd", "publish", "--data-dir", str(learned["shakespeare-dup"]), "--as", "bad-node{level}"]
+    base = [sys.executable, "-m", "ingestd", "publish", "--data-dir", str(learned["shakespeare-dup"])]
     cases = [
         (["--redis-url", "redis://user:pw@127.0.0.1:1", "--clickhouse-url", deployment.clickhouse_url], deployment.env(), "credentials"),
         (["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url], dict(os.environ), "INGESTD_REDIS_PASSWORD"),
@@ -285,9 +314,23 @@ def test_bad_addresses_credentials_and_nodes_are_one_line(deployment: Storage, l
          deployment.env(), "--as"),
         (["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url, "--node-ids", "nope{level}"],
          deployment.env(), "holds no node"),
+        (["--redis-url", f"{deployment.redis_url}?password=r3dis-secret", "--clickhouse-url", deployment.clickhouse_url],
+         deployment.env(), "no credentials or options"),
+        (["--redis-url", deployment.redis_url[:-2] + "/3", "--clickhouse-url", deployment.clickhouse_url], deployment.env(),
+         "database 0"),
+        (["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url, "--as", "{level[0]}"],
+         deployment.env(), "--as"),
+        (["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url, "--as", "{level:>30}"],
+         deployment.env(), "spaces"),
+        (["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url, "--as", "test-node{level}"],
+         deployment.env(), "test_"),
+        (["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url, "--node-ids",
+          "learned-shakespeare-dup-node2", "--as", "x-node{level}"], deployment.env(), "{node_id}"),
     ]  # fmt: skip
     for arguments, env, said in cases:
-        result = subprocess.run(base + arguments, capture_output=True, text=True, timeout=120, env=env)
+        named = [] if "--as" in arguments else ["--as", "bad-node{level}"]
+        result = subprocess.run(base + arguments + named, capture_output=True, text=True, timeout=120,
+                                env={**env, "COLUMNS": "400"})  # fmt: skip
         assert result.returncode != 0 and said in result.stderr, (arguments, result.stderr[-2000:])
         assert "Traceback" not in result.stderr and "r3dis-secret" not in result.stderr and "ch-secret" not in result.stderr
     assert _progress(deployment, [kb_id(f"bad-node{level}") for level in range(3)], "x") == (0, 0, 0)
@@ -358,3 +401,45 @@ def test_minhash_and_band_hashes_are_datasketchs_and_cpythons() -> None:
                      for _ in range(300)], dtype=np.uint64)  # fmt: skip
     expected = [[abs(hash(tuple(row[5 * j : 5 * j + 5]))) for j in range(20)] for row in rows.tolist()]
     assert storage.band_hashes(rows).tolist() == expected
+
+
+def test_a_publish_that_would_not_fit_in_redis_memory_is_refused(deployment: Storage, learned: dict[str, Path]) -> None:
+    """KATO's Redis evicts any key when full (allkeys-lru): a publish that does not fit is refused before writing."""
+    client = _client(deployment)
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory-policy", "allkeys-lru")
+    client.config_set("maxmemory", str(used + 512 * 1024))
+    try:
+        refused = publish(deployment, learned["shakespeare-4x8"], "--as", "full-node{level}", expect=2)
+        assert "maxmemory" in refused["stderr"] and "evict" in refused["stderr"]
+        assert _progress(deployment, [kb_id(f"full-node{level}") for level in range(4)], "x") == (0, 0, 0)
+    finally:
+        client.config_set("maxmemory", "0")
+        client.config_set("maxmemory-policy", "noeviction")
+        client.close()
+
+
+def test_emotives_need_their_affinity_left_out_on_purpose(deployment: Storage, tmp_path: Path) -> None:
+    from .conftest import EngineServer
+
+    server = EngineServer(tmp_path / "kb").start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            session = client.post("/sessions", json={"node_id": "feel-node0", "config": {"process_predictions": False}}).json()["session_id"]
+            for strings, emotives in ((["a"], {"joy": 1.0, "fear": 0.5}), (["b"], {}), (["c"], {"joy": 3.0})):
+                body: dict[str, Any] = {"strings": strings, **({"emotives": emotives} if emotives else {})}
+                assert client.post(f"/sessions/{session}/observe", json=body).status_code == 200
+            assert client.post(f"/sessions/{session}/learn").status_code == 200
+    finally:
+        server.stop()
+    refused = publish(deployment, tmp_path / "kb", "--node-ids", "feel-node0", "--as", "feel-{node_id}", expect=2)
+    assert "emotives" in refused["stderr"] and "--without-affinity" in refused["stderr"]
+    published = publish(deployment, tmp_path / "kb", "--node-ids", "feel-node0", "--as", "feel-{node_id}",
+                        "--without-affinity", "--verify")  # fmt: skip
+    assert published["nodes"][0]["verified"]["ok"]
+    client = _client(deployment)
+    kb = kb_id("feel-feel-node0")
+    emotives = [client.get(key) for key in client.scan_iter(match=f"{kb}:emotives:*")]
+    assert emotives == ['[{"joy": 1.0, "fear": 0.5}, {"joy": 3.0}]']  # Python's json.dumps text, as KATO writes it
+    assert not list(client.scan_iter(match=f"{kb}:affinity:*"))
+    client.close()

@@ -114,6 +114,11 @@ class StoreReader:
     def count(self, kb_id: str) -> int:
         return self._connection.execute("SELECT count(*) FROM patterns WHERE kb_id = ?", (kb_id,)).fetchone()[0]
 
+    def count_with_emotives(self, kb_id: str) -> int:
+        """How many patterns carry emotives."""
+        return self._connection.execute("SELECT count(*) FROM patterns WHERE kb_id = ? AND CAST(emotives AS TEXT) != '[]'",
+                                        (kb_id,)).fetchone()[0]  # fmt: skip
+
     def frequencies(self, kb_id: str) -> Iterator[tuple[str, int, int]]:
         """(name, frequency, length) of every pattern, by name."""
         rows = self._connection.execute(

@@ -84,6 +84,10 @@ def _opened(data: Path, node_ids: str | None, run_id: str | None, run_dir: Path 
     except Exception as error:
         import sqlite3
 
+        if type(error).__module__.startswith("redis"):  # a KATO deployment's Redis failed or went away
+            typer.echo(f"ingestd: error: the deployment's Redis failed ({type(error).__name__}: {error}): check "
+                       "--redis-url and that it runs", err=True)  # fmt: skip
+            raise typer.Exit(2) from None
         if isinstance(error, sqlite3.DatabaseError):
             typer.echo(f"ingestd: error: cannot read the knowledge store in {data} ({error}): is it an ingestd "
                        "data directory?", err=True)  # fmt: skip

@@ -29,18 +29,30 @@ class DeploymentError(IngestError):
 
 
 def check_url(url: str, schemes: tuple[str, ...], what: str) -> str:
-    """A storage address without credentials (it is logged and recorded); raises naming what to do."""
+    """A storage address without credentials or options (it is logged and recorded); raises naming what to do."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError as error:
-        raise DeploymentError(f"{what} {url!r} is not a URL ({error})") from None
+        raise DeploymentError(f"{what}: not a URL ({error}): give {schemes[0]}://host:port") from None
     if parts.scheme not in schemes or not parts.hostname:
         raise DeploymentError(f"{what} {url!r}: give {schemes[0]}://host:port")
-    if parts.username is not None or parts.password is not None:
-        raise DeploymentError(f"{what} must not carry credentials (they would be logged): give them in the "
-                              "environment or a file (see `ingestd publish -h`)")  # fmt: skip
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        raise DeploymentError(f"{what} must be only scheme://host:port (no credentials or options: they would be "
+                              "logged): give credentials in the environment or a file (see `ingestd publish -h`)")  # fmt: skip
+    if parts.scheme.startswith("redis") and parts.path.strip("/") not in ("", "0"):
+        raise DeploymentError(f"{what} {url!r}: KATO keeps its knowledge bases in Redis database 0: leave the "
+                              "database out (or give /0)")  # fmt: skip
     return url.rstrip("/")
+
+
+def identity(url: str) -> str:
+    """One spelling per server: scheme://host:port (default port, localhost as 127.0.0.1, database 0 implied)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    host = "127.0.0.1" if host in ("localhost", "::1") else host
+    port = parts.port or {"redis": 6379, "rediss": 6379, "http": 8123, "https": 8443}.get(parts.scheme, 0)
+    return f"{parts.scheme}://{host}:{port}"
 
 
 def sql_string(text: str) -> str:
@@ -117,11 +129,15 @@ class KbState:
 
     keys: int
     rows: int
-    complete: bool  # its three global counters are there (a publisher writes them last)
+    counters: tuple[str | None, ...]  # its three global counters (a publisher writes them last)
 
     @property
     def empty(self) -> bool:
         return not self.keys and not self.rows
+
+    @property
+    def complete(self) -> bool:
+        return all(value is not None for value in self.counters)
 
 
 class Deployment:
@@ -138,14 +154,20 @@ class Deployment:
         self.redis_url = check_url(redis_url, ("redis", "rediss"), "--redis-url")
         self.clickhouse_url = check_url(clickhouse_url, ("http", "https"), "--clickhouse-url")
         self.redis = redis.Redis.from_url(self.redis_url, password=credentials.redis_password, decode_responses=True,
-                                          socket_timeout=300, socket_connect_timeout=30)  # fmt: skip
+                                          socket_timeout=120, socket_connect_timeout=20)  # fmt: skip
         self.clickhouse = ClickHouse(self.clickhouse_url, credentials.clickhouse_user, credentials.clickhouse_password,
                                      database=database)  # fmt: skip
-        self._redis_errors = (redis.RedisError,)
+        self.redis_errors: tuple[type[Exception], ...] = (redis.RedisError,)
+        self._authentication = (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError)
 
     @property
     def address(self) -> str:
         return f"{self.redis_url} + {self.clickhouse_url}"
+
+    @property
+    def identity(self) -> str:
+        """The deployment, however its addresses are spelled."""
+        return f"{identity(self.redis_url)} + {identity(self.clickhouse_url)}"
 
     def close(self) -> None:
         self.redis.close()
@@ -161,8 +183,10 @@ class Deployment:
         """Both stores answer, and ClickHouse has KATO's table (``config/clickhouse/init.sql``)."""
         try:
             self.redis.ping()
-        except self._redis_errors as error:
-            hint = ("set INGESTD_REDIS_PASSWORD (or _FILE)" if "auth" in str(error).lower() or "NOAUTH" in str(error)
+        except self.redis_errors as error:
+            wrong = isinstance(error, self._authentication) or any(
+                word in str(error) for word in ("NOAUTH", "WRONGPASS", "invalid username-password", "Authentication"))  # fmt: skip
+            hint = ("set INGESTD_REDIS_PASSWORD (or INGESTD_REDIS_PASSWORD_FILE) to its password" if wrong
                     else "check --redis-url and that the server runs")  # fmt: skip
             raise DeploymentError(f"Redis at {self.redis_url}: {type(error).__name__}: {error}: {hint}") from None
         found = self.clickhouse.scalar(f"SELECT count() FROM system.tables WHERE database = "
@@ -180,8 +204,24 @@ class Deployment:
 
     def state(self, kb: str) -> KbState:
         keys = sum(1 for _ in self.keys(kb))
-        complete = self.redis.exists(*(f"{kb}:global:{name}" for name in GLOBALS)) == len(GLOBALS)
-        return KbState(keys, self.row_count(kb), bool(complete))
+        counters = tuple(self.redis.mget([f"{kb}:global:{name}" for name in GLOBALS]))
+        return KbState(keys, self.row_count(kb), counters)
+
+    def evictions(self) -> tuple[int, str | None, int]:
+        """Keys Redis has evicted so far, its eviction policy and its memory limit (policy None: not readable)."""
+        stats = self.redis.info("stats")
+        try:
+            config = self.redis.config_get("maxmemory*")
+        except self.redis_errors:  # CONFIG is often disabled on managed servers
+            return int(stats.get("evicted_keys", 0)), None, 0
+        return int(stats.get("evicted_keys", 0)), config.get("maxmemory-policy"), int(config.get("maxmemory") or 0)
+
+    def memory_room(self) -> int | None:
+        """Bytes Redis may still take before it evicts or refuses writes (None: no limit, or not readable)."""
+        _, policy, limit = self.evictions()
+        if policy is None or not limit:
+            return None
+        return limit - int(self.redis.info("memory").get("used_memory", 0))
 
     def clear(self, kb: str) -> None:
         """What KATO's clear-all removes (§5): the kb's partition and every key under ``<kb>:``."""
@@ -199,21 +239,26 @@ class Deployment:
         yield from self.clickhouse.rows(f"SELECT {ROW_READ} FROM {self.clickhouse.database}.{TABLE} WHERE kb_id = "
                                         f"{sql_string(kb)}{where} ORDER BY name")  # fmt: skip
 
-    def values(self, kb: str) -> Iterator[tuple[str, str, Any]]:
-        """Every key under ``<kb>:`` with its type and value (strings, hashes, sets, as KATO writes them)."""
+    def values(self, kb: str) -> Iterator[tuple[str, str, Any, int]]:
+        """Every key under ``<kb>:`` with its type, value (strings, hashes, sets, as KATO writes them) and time to
+        live in ms (-1: none, as KATO's keys). A key gone between listing and reading is left out."""
         keys = list(self.keys(kb))
         for start in range(0, len(keys), 2000):
             part = keys[start : start + 2000]
             with self.redis.pipeline(transaction=False) as pipe:
                 for key in part:
                     pipe.type(key)
-                kinds = pipe.execute()
+                    pipe.pttl(key)
+                described = pipe.execute()
+            kinds, lives = described[0::2], described[1::2]
             with self.redis.pipeline(transaction=False) as pipe:
                 for key, kind in zip(part, kinds, strict=True):
                     {"hash": pipe.hgetall, "set": pipe.smembers, "string": pipe.get}.get(kind, pipe.type)(key)
                 found = pipe.execute()
-            for key, kind, value in zip(part, kinds, found, strict=True):
-                yield key, kind, (sorted(value) if kind == "set" else value)
+            for key, kind, value, life in zip(part, kinds, found, lives, strict=True):
+                if kind == "none" or value is None:
+                    continue
+                yield key, kind, (sorted(value) if kind == "set" else value), int(life)
 
 
 
@@ -256,7 +301,11 @@ class DeploymentReader:
         found: list[int] = []
         for start in range(0, len(names), 10_000):
             values = self.deployment.redis.mget([f"{kb_id}:frequency:{name}" for name in names[start : start + 10_000]])
-            found.extend(int(value) if value is not None else 0 for value in values)  # no key: KATO answers 0 (§3.1)
+            try:
+                found.extend(int(value) if value is not None else 0 for value in values)  # no key: KATO answers 0 (§3.1)
+            except ValueError as error:
+                raise DeploymentError(f"kb {kb_id} holds a frequency that is not a number ({error}): the deployment's "
+                                      "storage is damaged") from None  # fmt: skip
         return found
 
     def frequencies(self, kb_id: str) -> Iterator[tuple[str, int, int]]:
@@ -281,9 +330,14 @@ class DeploymentReader:
         made = []
         for number, row in enumerate(rows):
             frequency, emotives, metadata = values[3 * number : 3 * number + 3]
-            made.append(StoredPattern(PATTERN_PREFIX + row["name"], row["pattern_data"], int(row["length"]),
-                                      int(frequency) if frequency is not None else 0,
-                                      orjson.loads(emotives) if emotives else [], orjson.loads(metadata) if metadata else {}))  # fmt: skip
+            try:
+                made.append(StoredPattern(PATTERN_PREFIX + row["name"], row["pattern_data"], int(row["length"]),
+                                          int(frequency) if frequency is not None else 0,
+                                          orjson.loads(emotives) if emotives else [],
+                                          orjson.loads(metadata) if metadata else {}))  # fmt: skip
+            except (ValueError, TypeError) as error:
+                raise DeploymentError(f"kb {kb_id} holds a damaged pattern {row['name']} ({type(error).__name__}: "
+                                      f"{error}): its frequency, emotives or metadata key is not what KATO writes") from None  # fmt: skip
         return made
 
     def patterns(self, kb_id: str, names: Iterable[str]) -> dict[str, StoredPattern]:

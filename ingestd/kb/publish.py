@@ -37,7 +37,7 @@ from ingestd.engine.reader import StoredPattern, StoreReader
 from ingestd.engine.rules import kb_id
 from ingestd.errors import IngestError
 from ingestd.kb import storage
-from ingestd.kb.deployment import TABLE, Deployment, KbState, PublishLocks
+from ingestd.kb.deployment import TABLE, Deployment, DeploymentError, KbState, PublishLocks
 from ingestd.kb.nodes import Node
 
 ROWS_PER_INSERT = 50_000
@@ -68,6 +68,9 @@ class Target:
         return self.node.level
 
 
+_BAD_NODE_CHARACTERS = frozenset("'[]")
+
+
 def targets(nodes: Sequence[Node], rename: str | None = None) -> list[Target]:
     """The deployment's node for each source node: the same id, or ``rename`` (``'prod-node{level}'``)."""
     made = []
@@ -77,16 +80,24 @@ def targets(nodes: Sequence[Node], rename: str | None = None) -> list[Target]:
         else:
             try:
                 node_id = rename.format(level=node.level, node_id=node.node_id)
-            except (KeyError, IndexError, ValueError) as error:
-                raise PublishError(f"--as {rename!r}: {error}: use {{level}} (and {{node_id}})") from None
+            except Exception as error:  # noqa: BLE001 - str.format raises many kinds on a template
+                raise PublishError(f"--as {rename!r}: {type(error).__name__}: {error}: use {{level}} (and "
+                                   "{node_id}), e.g. 'prod-node{level}'") from None  # fmt: skip
         made.append(Target(node, node_id, kb_id(node_id)))
     kbs = [target.kb for target in made]
     if len(set(kbs)) != len(kbs):
         raise PublishError(f"--as {rename!r} names the same node for several levels: put {{level}} in it")
     for target in made:
-        if "'" in target.node_id or "[" in target.node_id or "]" in target.node_id:
-            raise PublishError(f"node id {target.node_id!r}: KATO cannot store a node id with ', [ or ] safely "
+        shown = target.node_id.encode("utf-8", "backslashreplace").decode()
+        if not target.node_id or _BAD_NODE_CHARACTERS & set(target.node_id):
+            raise PublishError(f"node id {shown!r}: KATO cannot store a node id with ', [ or ] safely "
                                "(kato-storage.md §11): publish it under another name with --as")  # fmt: skip
+        if any(not character.isprintable() or character.isspace() for character in target.node_id) or shown != target.node_id:
+            raise PublishError(f"node id {shown!r} holds spaces, control characters or undecodable bytes: publish it "
+                               "under a plain name with --as")  # fmt: skip
+        if target.kb.startswith("test_"):
+            raise PublishError(f"node id {shown!r}: KATO drops the knowledge base of a node whose kb id starts with "
+                               "test_ when a worker evicts it (kato-protocol.md): publish it under another name with --as")  # fmt: skip
     return made
 
 
@@ -100,76 +111,110 @@ def _batches(reader: StoreReader, kb: str) -> Iterator[list[storage.Pattern]]:
 
 
 class _Journal:
-    """``<data>/published/<digest>.json`` per (deployment, kb): whether a publish of which content began or ended."""
+    """``<data>/published/<digest>.json`` per (deployment, kb): which content of which node a publish began or
+    finished writing there, and the global counters it wrote (to know the kb holds that publish still)."""
 
     def __init__(self, data_dir: Path, deployment: Deployment) -> None:
         self.folder = Path(data_dir) / JOURNAL
-        self.deployment = deployment.address
+        self.deployment = deployment.identity  # however its URLs are spelled
 
     def _path(self, kb: str) -> Path:
         return self.folder / (hashlib.sha1(f"{self.deployment}\n{kb}".encode()).hexdigest()[:24] + ".json")
 
     def read(self, kb: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self._path(kb).read_text(encoding="utf-8"))
+            record = json.loads(self._path(kb).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+        return record if isinstance(record, dict) else None
 
     def write(self, kb: str, **record: Any) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self._path(kb)
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
-        partial.write_text(json.dumps({"deployment": self.deployment, "kb": kb, **record}), encoding="utf-8")
-        os.replace(partial, path)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.{os.getpid()}")
+            partial.write_text(json.dumps({"deployment": self.deployment, "kb": kb, **record}), encoding="utf-8")
+            os.replace(partial, path)
+        except OSError as error:
+            raise PublishError(f"cannot write the publish journal {path} ({error.strerror or error}): the source's data "
+                               "directory must be writable (it records what was published where)") from None  # fmt: skip
 
 
 def _decide(target: Target, state: KbState, journal: dict[str, Any] | None, content: str, patterns: int,
             replace: bool) -> str:  # fmt: skip
-    """What to do with one target kb: 'publish', 'redo' (ours, unfinished: clear it first), 'replace', 'done'."""
+    """What to do with one target kb: 'publish' (empty), 'redo' (this publish's unfinished kb: clear it first),
+    'replace' (asked), 'done' (this very publish is there, complete)."""
     ours = journal is not None and journal.get("content") == content and journal.get("node") == target.node.kb_id
-    finished = ours and journal is not None and journal.get("state") == "finished"
-    if finished and (state.complete or (state.empty and not patterns)):
-        return "done"  # (what it holds now is --verify's business: a finished publish is not redone unasked)
     if state.empty:
-        return "publish"
-    if ours:
-        return "redo"  # begun by a publish of this very source that did not finish (killed, failed)
+        return "done" if ours and journal and journal.get("state") == "finished" and not patterns else "publish"
     if replace:
         return "replace"
-    if journal is not None and journal.get("node") == target.node.kb_id:
+    if ours and journal and state.complete and list(state.counters) == journal.get("counters"):
+        return "done"  # this publish wrote it to the end, its counters last (what else it holds is --verify's business)
+    if ours and not state.complete:
+        return "redo"  # begun by a publish of this very source that did not finish (killed, failed)
+    if journal is not None and journal.get("node") == target.node.kb_id and journal.get("content") != content:
         raise PublishError(f"kb {target.kb} (node {target.node_id}) was published from this store before it changed "
                            "(it learned or was pruned since): give --replace to publish what it holds now (then restart "
                            "every KATO worker), or publish into new nodes with --as")  # fmt: skip
     raise PublishError(
         f"the deployment already holds kb {target.kb} (node {target.node_id}: {state.keys:,} Redis keys, "
-        f"{state.rows:,} ClickHouse rows): publish into new nodes with --as 'NAME-node{{level}}', or give --replace "
-        "to clear it first (as KATO's clear-all does; then restart every KATO worker)"
+        f"{state.rows:,} ClickHouse rows{'' if state.complete else ', unfinished'}) that this publish did not write "
+        "(or that changed since): publish into new nodes with --as 'NAME-node{level}', or give --replace to clear it "
+        "first (as KATO's clear-all does; then restart every KATO worker)"
     )
 
 
 def publish(data_dir: Path, nodes: Sequence[Node], deployment: Deployment, *, rename: str | None = None,
-            replace: bool = False, verify: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+            replace: bool = False, verify: bool = False, without_affinity: bool = False) -> list[dict[str, Any]]:  # fmt: skip
     """Publish ``nodes`` of the store in ``data_dir`` into ``deployment``; per node, what was done."""
     chosen = targets(nodes, rename)
-    deployment.check()
+    try:
+        deployment.check()
+        with PublishLocks(deployment, [target.kb for target in chosen]):
+            return _publish(Path(data_dir), chosen, deployment, replace=replace, verify=verify,
+                            without_affinity=without_affinity)  # fmt: skip
+    except deployment.redis_errors as error:
+        raise DeploymentError(f"Redis at {deployment.redis_url} failed ({type(error).__name__}: {error}): what was "
+                              "being published stays unfinished (its global counters are missing): run the same "
+                              "command again once Redis is back to finish it") from None  # fmt: skip
+
+
+def _publish(data_dir: Path, chosen: list[Target], deployment: Deployment, *, replace: bool, verify: bool,
+             without_affinity: bool) -> list[dict[str, Any]]:  # fmt: skip
     journal = _Journal(data_dir, deployment)
     results = []
-    with PublishLocks(deployment, [target.kb for target in chosen]), StoreReader(Path(data_dir)) as reader, reader.snapshot():
+    with StoreReader(data_dir) as reader, reader.snapshot():
         content = reader.content()
         plans = []
         for target in chosen:  # every target checked before anything is written
             patterns = reader.count(target.node.kb_id)
+            emotive = reader.count_with_emotives(target.node.kb_id)
+            if emotive and not without_affinity:
+                raise PublishError(f"node {target.node.node_id} has {emotive:,} patterns with emotives: KATO also keeps "
+                                   "per-symbol affinity for them, which depends on the order of every learn and "
+                                   "cannot be published (kato-storage.md §3.6); give --without-affinity to publish "
+                                   "without it (/symbols/affinity and affinity_emotive predictions will differ)")  # fmt: skip
             action = _decide(target, deployment.state(target.kb), journal.read(target.kb), content, patterns, replace)
             plans.append((target, patterns, action))
+        _check_room(deployment, reader, [target for target, _, action in plans if action != "done"])
+        evicted_before = deployment.evictions()[0]
         for target, patterns, action in plans:
             started = time.perf_counter()
             written: dict[str, Any] = {"rows": 0, "keys": 0}
             if action != "done":
                 if action in ("redo", "replace"):
                     deployment.clear(target.kb)
-                journal.write(target.kb, node=target.node.kb_id, content=content, state="started", patterns=patterns)
+                # the counters it will write last, known before it starts: a kb that holds them is this publish's
+                counters = _counters(reader, target)
+                journal.write(target.kb, node=target.node.kb_id, content=content, state="started", patterns=patterns,
+                              counters=counters)  # fmt: skip
                 written = _publish_kb(reader, target, deployment)
-                journal.write(target.kb, node=target.node.kb_id, content=content, state="finished", patterns=patterns)
+                if written.pop("counters") != counters:
+                    raise PublishError(f"kb {target.kb}: the global counters written differ from the ones computed "
+                                       "before: the store changed under the publish; publish again")  # fmt: skip
+                journal.write(target.kb, node=target.node.kb_id, content=content, state="finished", patterns=patterns,
+                              counters=counters)  # fmt: skip
             result = {"level": target.level, "node_id": target.node.node_id, "target_node_id": target.node_id,
                       "kb_id": target.kb, "patterns": patterns, **written,
                       "action": {"publish": "published", "redo": "published (an unfinished publish cleared first)",
@@ -178,10 +223,46 @@ def publish(data_dir: Path, nodes: Sequence[Node], deployment: Deployment, *, re
             if verify:
                 result["verified"] = verify_kb(reader, target, deployment)
             results.append(result)
+        evicted = deployment.evictions()[0] - evicted_before
+        if evicted > 0:
+            raise PublishError(f"Redis evicted {evicted:,} keys while this publish wrote (its memory limit, policy "
+                               "allkeys-*): the deployment has lost data, this publish's or other kbs'. Raise "
+                               "maxmemory or set maxmemory-policy noeviction, then publish again with --replace")  # fmt: skip
     return results
 
 
-def _publish_kb(reader: StoreReader, target: Target, deployment: Deployment) -> dict[str, int]:
+def _counters(reader: StoreReader, target: Target) -> list[str | None]:
+    """The three global counters publishing ``target`` writes (§3.3); none for a node without patterns."""
+    symbols = patterns = 0
+    for _, frequency, length in reader.frequencies(target.node.kb_id):
+        symbols += frequency * length
+        patterns += 1
+    return [str(symbols), str(patterns), str(patterns)] if patterns else [None, None, None]
+
+
+BYTES_PER_KEY = 160  # what Redis takes per small string key, beyond its name and value (measured: ~100-200)
+
+
+def _check_room(deployment: Deployment, reader: StoreReader, chosen: list[Target]) -> None:
+    """Refuse, before writing, a publish whose keys would not fit in the memory Redis has left: KATO's Redis
+    evicts any key when full (``allkeys-lru``), other kbs' too."""
+    room = deployment.memory_room()
+    if room is None or not chosen:
+        return
+    needed = 0
+    for target in chosen:
+        for batch in _batches(reader, target.node.kb_id):
+            for item in batch:
+                needed += sum(len(key) + len(value) + BYTES_PER_KEY for key, value in storage.pattern_keys(target.kb, item))
+                needed += 2 * sum(len(symbol) + 60 for symbol in set(item.symbols))  # symbol tables and sets, roughly
+    if needed > room:
+        raise PublishError(f"publishing needs about {needed / 2**20:,.0f} MiB of Redis memory and Redis has "
+                           f"{max(room, 0) / 2**20:,.0f} MiB left before its maxmemory: it would evict keys (KATO's "
+                           "allkeys-lru evicts any, other kbs' too). Raise maxmemory (CONFIG SET maxmemory) or "
+                           "publish fewer nodes")  # fmt: skip
+
+
+def _publish_kb(reader: StoreReader, target: Target, deployment: Deployment) -> dict[str, Any]:
     """One kb, in KATO's order: rows, per-pattern keys, symbol tables, global counters."""
     kb = target.kb
     source = target.node.kb_id
@@ -218,7 +299,8 @@ def _publish_kb(reader: StoreReader, target: Target, deployment: Deployment) -> 
             keys += len(strings)
         pipe.execute()
     if not statistics.patterns:
-        return {"rows": rows, "keys": 0, "rows_seconds": round(rows_done - started, 3), "keys_seconds": 0.0}
+        return {"rows": rows, "keys": 0, "rows_seconds": round(rows_done - started, 3), "keys_seconds": 0.0,
+                "counters": [None, None, None]}
     for name, table in (("symbols:freq", statistics.freq), ("symbols:pmf", statistics.pmf)):
         fields = list(table.items())
         for start in range(0, len(fields), FIELDS_PER_HSET):
@@ -231,12 +313,13 @@ def _publish_kb(reader: StoreReader, target: Target, deployment: Deployment) -> 
         if len(pipe) >= KEYS_PER_PIPELINE:
             pipe.execute()
     pipe.execute()
-    for key, value in statistics.global_keys(kb):  # last: a kb without them is unfinished
+    counters = statistics.global_keys(kb)
+    for key, value in counters:  # last: a kb without them is unfinished
         pipe.set(key, value)
         keys += 1
     pipe.execute()
     return {"rows": rows, "keys": keys, "rows_seconds": round(rows_done - started, 3),
-            "keys_seconds": round(time.perf_counter() - rows_done, 3)}
+            "keys_seconds": round(time.perf_counter() - rows_done, 3), "counters": [value for _, value in counters]}
 
 
 # -- reading back ---------------------------------------------------------------------------------------------
@@ -268,23 +351,35 @@ def expected_dump(reader: StoreReader, target: Target) -> tuple[list[str], list[
     return list(storage.sorted_lines(rows)), list(storage.sorted_lines(keys))
 
 
+INFERENCE_KEYS = ("prediction", "entropy", "normalized_entropy", "global_normalized_entropy", "tf_vector")
+"""Keys KATO itself writes under ``<kb>:`` while it serves (predictions, finalize-training): not the KB (§3.7)."""
+
+
 def deployment_dump(deployment: Deployment, kb: str, level: int) -> tuple[list[str], list[str]]:
-    """The canonical dump lines (rows, keys) of what ``deployment`` holds of ``kb``."""
+    """The canonical dump lines (rows, keys) of what ``deployment`` holds of ``kb`` (KATO's inference keys left
+    out); a key that expires is dumped with its time to live, so that it differs from what was published."""
     rows = [(level, row["name"], storage.row_line(level, row)) for row in deployment.rows(kb)]
-    keys = [(level, key, storage.key_line(level, kb, key, kind, value)) for key, kind, value in deployment.values(kb)]
+    keys = []
+    for key, kind, value, life in deployment.values(kb):
+        if key[len(kb) + 1 :].split(":", 1)[0] in INFERENCE_KEYS:
+            continue
+        line = storage.key_line(level, kb, key, kind, value)
+        keys.append((level, key, line if life < 0 else line[:-1] + f',"expires_in_ms":{life}}}'))
     return list(storage.sorted_lines(rows)), list(storage.sorted_lines(keys))
 
 
 def verify_kb(reader: StoreReader, target: Target, deployment: Deployment) -> dict[str, Any]:
-    """The deployment's kb against the source: rows and keys missing, extra or different (with a few examples)."""
+    """The deployment's kb against the source: rows and keys missing, extra (a row twice included), different
+    (an expiring key included), with a few examples. KATO's own inference keys (predictions, finalize-training)
+    are not compared."""
     expected_rows, expected_keys = expected_dump(reader, target)
     actual_rows, actual_keys = deployment_dump(deployment, target.kb, target.level)
     report: dict[str, Any] = {"ok": True}
     for what, expected, actual in (("rows", expected_rows, actual_rows), ("keys", expected_keys, actual_keys)):
         want, have = _by_name(expected, what), _by_name(actual, what)
         missing = sorted(set(want) - set(have))
-        extra = sorted(set(have) - set(want))
-        different = sorted(name for name in set(want) & set(have) if want[name] != have[name])
+        extra = sorted(set(have) - set(want)) + sorted(name for name, lines in have.items() if len(lines) > 1)
+        different = sorted(name for name in set(want) & set(have) if have[name][0] != want[name][0])
         shown = {name: name.replace("{kb}", target.kb, 1) for name in [*missing[:3], *extra[:3], *different[:3]]}
         report[what] = {"expected": len(want), "missing": len(missing), "extra": len(extra), "different": len(different),
                         "examples": [f"missing {shown[name]}" for name in missing[:3]] + [f"extra {shown[name]}" for name in extra[:3]]
@@ -293,6 +388,9 @@ def verify_kb(reader: StoreReader, target: Target, deployment: Deployment) -> di
     return report
 
 
-def _by_name(lines: list[str], what: str) -> dict[str, str]:
+def _by_name(lines: list[str], what: str) -> dict[str, list[str]]:
     field = "name" if what == "rows" else "key"
-    return {json.loads(line)[field]: line for line in lines}
+    found: dict[str, list[str]] = {}
+    for line in lines:
+        found.setdefault(json.loads(line)[field], []).append(line)
+    return found

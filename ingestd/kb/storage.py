@@ -257,7 +257,10 @@ def key_line(level: int, kb: str, key: str, kind: str, value: Any) -> str:
     elif kind == "set":
         value = sorted(value)
     elif key.startswith(f"{kb}:metadata:"):
-        value = python_text(dict(sorted(json.loads(value).items())))
+        try:
+            value = python_text(dict(sorted(json.loads(value).items())))
+        except (ValueError, AttributeError, TypeError):  # not a JSON object: dumped as it is (and so it differs)
+            pass
     return _line({"key": "{kb}" + key[len(kb):], "level": level, "type": kind, "value": value})
 
 
