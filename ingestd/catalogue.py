@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 
 from ingestd.progress import read_run
+from ingestd.runtime import process_alive
 
 log = structlog.get_logger("ingestd.catalogue")
 
@@ -54,7 +55,7 @@ def read(run_dir: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(manifest, dict):
         return None
-    if manifest.get("status") == "running" and not _alive(manifest.get("host"), manifest.get("pid")):
+    if manifest.get("status") == "running" and not process_alive(manifest.get("host"), manifest.get("pid")):
         manifest["status"] = "interrupted"  # killed, or its machine went down
         history = manifest.get("history") or []
         if history and isinstance(history[-1], dict) and history[-1].get("status") == "running":
@@ -169,15 +170,3 @@ def _write(run_dir: Path, manifest: dict[str, Any]) -> None:
         partial.unlink(missing_ok=True)
 
 
-def _alive(host: Any, pid: Any) -> bool:
-    if host != socket.gethostname():
-        return True  # another machine's run: it cannot be checked from here
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

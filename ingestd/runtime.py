@@ -112,3 +112,20 @@ def listen_problem(host: str, port: int) -> str | None:
         return f"cannot listen on {host}:{port} ({error.strerror or error})"
     return None
 
+
+def process_alive(host: Any, pid: Any) -> bool:
+    """Whether process ``pid`` of machine ``host`` may still run: false only when it is this machine's and gone."""
+    import os
+    import socket
+
+    if host != socket.gethostname():
+        return True  # another machine's: it cannot be checked from here
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -19,6 +19,7 @@ from ingestd.engine.reader import StoredPattern
 from ingestd.engine.rules import PATTERN_PREFIX, strip_prefix
 from ingestd.errors import IngestError
 from ingestd.kb.storage import GLOBALS
+from ingestd.runtime import process_alive
 
 TABLE = "patterns_data"
 ROW_READ = "name, pattern_data, length, token_set, token_count, minhash_sig, lsh_bands, first_token, last_token"
@@ -427,7 +428,7 @@ class PublishLocks:
             holder = self.redis.get(key) or ""
             host, _, rest = holder.partition(":")
             pid = rest.partition(":")[0]
-            if host == self.host and pid.isdigit() and not _alive(int(pid)) and int(pid) != os.getpid():
+            if pid.isdigit() and not process_alive(host, int(pid)) and int(pid) != os.getpid():
                 self.redis.eval(_RELEASE, 1, key, holder)  # its publisher is gone: the journal says what it left
                 continue
             break
@@ -450,14 +451,3 @@ class PublishLocks:
                 pass
         self._held = []
 
-
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

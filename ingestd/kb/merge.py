@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ingestd import catalogue
-from ingestd.progress import read_run
-
 from ingestd.engine.merge import MergeRefused, merge
 from ingestd.engine.reader import StoreMissing
 from ingestd.engine.store import StoreBusy
 from ingestd.errors import IngestError
+from ingestd.progress import read_run
 
 if TYPE_CHECKING:
     import pandas as pd
