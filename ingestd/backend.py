@@ -29,6 +29,7 @@ import anyio
 import orjson
 
 from ingestd import metrics
+from ingestd.adaptive import AdaptiveLimit
 from ingestd.engine import Engine, EngineSettings, Feeder, KatoError, Learned, Place, SessionNotFound
 from ingestd.engine.ledger import HEADER as LEDGER_HEADER
 from ingestd.engine.load import SampleLoad
@@ -37,6 +38,7 @@ from ingestd.errors import (
     Ambiguous,
     KatoRejected,
     KatoUnavailable,
+    Overloaded,
     ServerDown,
     SessionLost,
     StoreUnusable,
@@ -173,6 +175,7 @@ class HttpKato:
         self._connections = max(1, connections)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._http: aiohttp.ClientSession | None = None
+        self.limit = AdaptiveLimit(self._connections)  # requests in flight: adapted to what the server takes
 
     @property
     def _client(self) -> aiohttp.ClientSession:
@@ -236,25 +239,30 @@ class HttpKato:
         if key is not None or place is not None:
             headers = {**headers, **({"idempotency-key": key} if key is not None else {}),
                        **({LEDGER_HEADER: place.header()} if place is not None else {})}  # fmt: skip
-        started = time.perf_counter()
         status: int | None = None
-        try:
-            async with self._client.request(method, path, data=content, headers=headers) as answer:
-                raw = await answer.read()
-                status = answer.status
-                if place is not None and status == 200 and LEDGER_HEADER not in answer.headers:
-                    self.ledger = False  # not honoured here (say, a proxy dropped the header): resends may duplicate
-        except aiohttp.ClientConnectorError as error:  # never connected: nothing was sent
-            raise ServerDown(f"cannot connect ({error.os_error or error})") from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as error:
-            raise Ambiguous(f"connection lost ({type(error).__name__})") from None
-        except TimeoutError:
-            raise Ambiguous(f"no answer within {self._timeout.total:g} s") from None
-        finally:
-            metrics.record_request(endpoint, status, time.perf_counter() - started)
+        async with self.limit.slot() as epoch:
+            started = time.perf_counter()
+            try:
+                async with self._client.request(method, path, data=content, headers=headers) as answer:
+                    raw = await answer.read()
+                    status = answer.status
+                    if place is not None and status == 200 and LEDGER_HEADER not in answer.headers:
+                        self.ledger = False  # not honoured here (say, a proxy dropped the header): resends may duplicate
+            except aiohttp.ClientConnectorError as error:  # never connected: nothing was sent
+                raise ServerDown(f"cannot connect ({error.os_error or error})") from None
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError) as error:
+                raise Ambiguous(f"connection lost ({type(error).__name__})") from None
+            except TimeoutError:
+                raise Ambiguous(f"no answer within {self._timeout.total:g} s") from None
+            finally:
+                metrics.record_request(endpoint, status, time.perf_counter() - started)
+        if status == 503:  # at its concurrency limit (or unavailable): fewer at once, then resend
+            self.limit.refused(epoch)
+            raise Overloaded(f"{method} {path} answered 503")
+        self.limit.answered()
         if status == 200:
             return parse(raw)
-        if status in (502, 503, 504):
+        if status in (502, 504):
             raise ServerDown(f"{method} {path} answered {status}")
         text = _answer_text(raw)
         if status == 404 and b"SESSION_NOT_FOUND" in raw[:200]:

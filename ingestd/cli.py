@@ -69,6 +69,7 @@ def kato_serve(
     ] = None,
     persistence: Annotated[Optional[int], typer.Option(help="KATO's PERSISTENCE, emotives kept per pattern (default 5).")] = None,
     session_ttl: Annotated[Optional[int], typer.Option(help="KATO's SESSION_TTL in seconds (default 3600).")] = None,
+    limit_concurrency: Annotated[Optional[int], typer.Option(min=1, help="Answer 503 beyond this many connections and requests at once, as uvicorn's --limit-concurrency (KATO's image: 100 per worker). Default: no limit.")] = None,
 ) -> None:
     """Serve KATO 3.10.1's HTTP API from the embedded engine, storing knowledge bases in --data-dir.
 
@@ -81,7 +82,7 @@ def kato_serve(
     server = settings.server.model_validate(
         {**settings.server.model_dump(), **_overrides(
             host=host, port=port, data_dir=data, durability=durability, persistence=persistence,
-            session_ttl=session_ttl)}
+            session_ttl=session_ttl, limit_concurrency=limit_concurrency)}
     )  # fmt: skip
     serve(server)
 

@@ -100,9 +100,17 @@ class Transient(Exception):
 
 
 class ServerDown(Transient):
-    """The server refused the connection or answered 502/503/504: the request was not applied."""
+    """The server refused the connection or answered 502/504: the request was not applied."""
 
     cause = "server_down"
+
+
+class Overloaded(Transient):
+    """503: the server is at its concurrency limit (uvicorn's ``--limit-concurrency``; KATO's 100 per worker) or
+    otherwise unavailable. Nothing was applied. Back-pressure, not an outage: the client sends fewer requests at
+    once and resends; one that lasts past ``--patience`` stops the run like an outage."""
+
+    cause = "overloaded"
 
 
 class SessionLost(Transient):

@@ -1,6 +1,8 @@
 """How a worker gets a KATO call through failures, by cause (see :mod:`ingestd.errors`).
 
-* **server down** (refused, 502/503/504): nothing was applied. Wait for ``GET /health`` with backoff, at
+* **overloaded** (503: the server at its concurrency limit): nothing was applied. Back-pressure: the backend
+  sends fewer requests at once (:mod:`ingestd.adaptive`) and the call is resent with backoff; not an outage.
+* **server down** (refused, 502/504): nothing was applied. Wait for ``GET /health`` with backoff, at
   most ``patience`` seconds per outage (one worker polls, the others wait for it), then resend.
 * however a call fails, it is resent for at most ``patience`` seconds; then the run stops
   (:class:`~ingestd.errors.KatoUnavailable`, exit 6), progress saved.

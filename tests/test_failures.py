@@ -523,3 +523,22 @@ def test_a_reader_of_standard_output_that_goes_away_costs_the_display_only(tmp_p
         os.close(writer)
     assert result.returncode == 0, result.stderr[-1000:]
     assert json.loads((tmp_path / "s.json").read_text())["samples"]["learned"] == 2
+
+
+def test_a_server_at_its_concurrency_limit_gets_back_pressure_not_a_storm(corpus: Path, clean: Any, tmp_path: Path) -> None:
+    """Against a server answering 503 past 10 requests at once (uvicorn's --limit-concurrency, as KATO's 100 per
+    worker), a run with 64 workers adapts how many it sends: no outage, no server-down retry, the exact KB."""
+    clean_kb, _ = clean
+    server = EngineServer(tmp_path / "kb", extra_args=("--limit-concurrency", "10")).start()
+    try:
+        base = [str(corpus), *LEVELS, "--kato", server.url, "--run-dir", str(tmp_path / "run"), "--workers", "64"]
+        process, started = _run(*base, summary=tmp_path / "s.json")
+        code, stderr, _ = _finish(process, started)
+        assert code == 0 and "Traceback" not in stderr, stderr[-3000:]
+    finally:
+        server.stop()
+    recovery = json.loads((tmp_path / "s.json").read_text())["recovery"]
+    assert recovery["server_outages"] == 0 and recovery["retries"].get("server_down", 0) == 0, recovery
+    assert recovery["retries"].get("overloaded", 0) > 0  # the limit was met, and taken as back-pressure
+    assert recovery["possible_duplicates"] == 0
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == clean_kb

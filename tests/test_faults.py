@@ -274,15 +274,16 @@ def test_sessions_lost_at_random(corpus: Path, clean: dict[str, Any], upstream: 
 
 def test_unavailable_bursts(corpus: Path, clean: dict[str, Any], upstream: EngineServer, proxy: FaultProxy,
                             tmp_path: Path) -> None:  # fmt: skip
-    """Three bursts mid-run: the next 6 requests each get 503 (then one burst of 502)."""
+    """Three bursts mid-run: the next 6 requests each get 503 (then one burst of 502). A 503 is back-pressure (the
+    server at its concurrency limit): resent with fewer requests at once, not an outage; a 502 is an outage."""
     statuses = iter([503, 503, 502])
     with Trigger(proxy, [150, 350, 550], lambda: proxy.unavailable_burst(6, next(statuses))) as trigger:
         summary, before = faulty_run(corpus, upstream, proxy, tmp_path)
     recovery = summary["recovery"]
     assert len(trigger.fired) == 3
     assert proxy.injected["unavailable_burst"] == 18
-    assert recovery["retries"].get("server_down", 0) >= 3
-    assert recovery["server_outages"] >= 3  # one per burst at least: they are far apart
+    assert recovery["retries"].get("overloaded", 0) >= 2 and recovery["retries"].get("server_down", 0) >= 1
+    assert recovery["server_outages"] >= 1  # the 502s
     assert recovery["possible_duplicates"] == 0
     assert_same_kb(upstream, "faulty", clean["kb"])
     assert_sessions_closed(upstream, before, summary["recovery"], dict(proxy.injected))

@@ -36,6 +36,7 @@ def serve(settings: ServerSettings) -> None:
         log_level="warning",
         access_log=False,
         timeout_keep_alive=5,  # as KATO's image
+        limit_concurrency=settings.limit_concurrency,
     )
     server = uvicorn.Server(config)
     listening = config.bind_socket()
