@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from ingestd.engine import config as session_config
 from ingestd.engine import feeders, ledger, load, rules
@@ -26,6 +27,8 @@ from ingestd.engine.session import Learn, Observation, Session, new_session_id
 from ingestd.engine.settings import EngineSettings
 from ingestd.engine.store import KnowledgeStore, load_document
 
+T = TypeVar("T")
+
 KATO_VERSION = "3.10.1"
 
 
@@ -35,6 +38,29 @@ class SessionNotFound(Exception):
     def __init__(self, session_id: str) -> None:
         super().__init__(f"Session {session_id} not found or expired")
         self.session_id = session_id
+
+
+class StaleSession(Exception):
+    """Another process changed the session since this one read it: the call is made again from its new state."""
+
+
+_STALE_RETRIES = 20
+
+
+def fresh(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """A call on a session, made again from the session's new state when another process wrote it in between
+    (``shared_sessions``): each try reads the session, works on a copy, and writes only over what it read."""
+
+    @functools.wraps(method)
+    async def call(self: Engine, session_id: str, *args: Any, **kwargs: Any) -> T:
+        for _ in range(_STALE_RETRIES):
+            try:
+                return await method(self, session_id, *args, **kwargs)
+            except StaleSession:
+                await asyncio.sleep(0)  # the next try reads the session back (live_session)
+        raise KatoError(503, f"session {session_id} is being changed by another server process: try again")
+
+    return call
 
 
 class Learned(NamedTuple):
@@ -130,11 +156,28 @@ class Engine:
     def live_session(self, session_id: str) -> Session:
         """The session, or :class:`SessionNotFound` if it is unknown or expired."""
         session = self._sessions.get(session_id)
+        if self.settings.shared_sessions:
+            session = self._current(session_id, session)
         if session is None:
             raise SessionNotFound(session_id)
         if session.expires_at < time.time():
             self._forget(session_id)
             raise SessionNotFound(session_id)
+        return session
+
+    def _current(self, session_id: str, cached: Session | None) -> Session | None:
+        """The session as the store holds it now (another process may have written it): the cached one while the
+        store's version of it (its expiry, set anew by every write) is the cached one's."""
+        version = cached.expires_at if cached is not None else None
+        row = self.store.read(lambda connection: connection.execute(
+            "SELECT CASE WHEN expires_at = ? THEN NULL ELSE document END FROM sessions WHERE session_id = ?",
+            (version, session_id)).fetchone())  # fmt: skip
+        if row is None:  # deleted (or expired and swept) by another process
+            self._forget(session_id)
+            return None
+        if row[0] is None:
+            return cached
+        session = self._sessions[session_id] = Session.from_document(load_document(row[0]))
         return session
 
     def session_exists(self, session_id: str) -> bool:
@@ -171,7 +214,7 @@ class Engine:
         return lock
 
     async def _write(self, draft: Session, learns: Sequence[Learn] = (), *, clear_kb: bool = False,
-                     applied: tuple[str, Any] | None = None, place: Place | None = None) -> bool:  # fmt: skip
+                     applied: tuple[str, Any] | None = None, place: Place | None = None, new: bool = False) -> bool:  # fmt: skip
         """Persist a session's new state with its learns in one transaction, then make it current.
 
         ``applied`` = (idempotency key, outcome) is recorded in the same transaction, so a call is
@@ -179,12 +222,17 @@ class Engine:
         the run ledger says it was not yet (:mod:`ingestd.engine.ledger`); returns False for a replay, which
         stores nothing and leaves the session as it was.
         """
+        base = draft.expires_at if self.settings.shared_sessions and not new else None
         draft.expires_at = time.time() + draft.ttl_seconds
         draft.enforce_limits()
         document = draft.to_document()
         store = self.store
 
         def job(connection: Any) -> bool:
+            if base is not None:  # another process may serve this session too: write only over what we read
+                row = connection.execute("SELECT expires_at FROM sessions WHERE session_id = ?", (draft.session_id,)).fetchone()
+                if row is None or row[0] != base:
+                    raise StaleSession(draft.session_id)
             if place is not None and not ledger.record(connection, place, draft.kb_id):
                 return False
             if clear_kb:
@@ -248,7 +296,7 @@ class Engine:
             body = self._session_body(session, ttl_seconds or 3600)
             self._sessions[session.session_id] = session
             try:
-                await self._write(session, applied=None if idempotency_key is None else (idempotency_key, body))
+                await self._write(session, applied=None if idempotency_key is None else (idempotency_key, body), new=True)
             except BaseException:
                 self._forget(session.session_id)
                 raise
@@ -271,6 +319,8 @@ class Engine:
 
     def session_count(self) -> int:
         now = time.time()
+        if self.settings.shared_sessions:  # other processes' sessions too
+            return int(self.store.read(lambda connection: KnowledgeStore.count_sessions(connection, now)))
         return sum(1 for session in self._sessions.values() if session.expires_at >= now)
 
     async def extend_session(self, session_id: str, ttl_seconds: int) -> dict[str, Any]:
@@ -289,6 +339,7 @@ class Engine:
         session = self.live_session(session_id)
         return {"session_id": session_id, "config": session_config.effective_config(session.config)}
 
+    @fresh
     async def update_config(self, session_id: str, body: dict[str, Any]) -> dict[str, Any]:
         updates = body["config"] if isinstance(body.get("config"), dict) else body
         updates = dict(updates)
@@ -308,6 +359,7 @@ class Engine:
         return {"status": "okay", "message": "Configuration updated", "session_id": session_id}
 
     # -- observing and learning -----------------------------------------------------
+    @fresh
     async def observe(self, session_id: str, observation: Observation) -> dict[str, Any]:
         async with self._lock(session_id):
             draft = self.live_session(session_id).copy()
@@ -325,6 +377,7 @@ class Engine:
             "auto_learned_pattern": auto_learned,
         }
 
+    @fresh
     async def observe_sequence(
         self,
         session_id: str,
@@ -409,6 +462,7 @@ class Engine:
             answer["idempotent_replay"] = True
         return answer
 
+    @fresh
     async def learn_chunks(
         self, session_id: str, chunks: Sequence[Sequence[str]], metadata: dict[str, Any] | None = None,
         *, idempotency_key: str | None = None, place: Place | None = None,
@@ -454,6 +508,7 @@ class Engine:
             kb = self._kb_ids[node_id] = rules.kb_id(node_id, self.settings.service_name)
         return kb
 
+    @fresh
     async def learn(self, session_id: str) -> dict[str, Any]:
         async with self._lock(session_id):
             draft = self.live_session(session_id).copy()
@@ -475,6 +530,7 @@ class Engine:
         stm = self.live_session(session_id).stm
         return {"stm": stm, "session_id": session_id, "length": len(stm)}
 
+    @fresh
     async def clear_stm(self, session_id: str) -> dict[str, Any]:
         async with self._lock(session_id):
             draft = self.live_session(session_id).copy()
@@ -482,6 +538,7 @@ class Engine:
             await self._write(draft)
         return {"status": "cleared", "session_id": session_id}
 
+    @fresh
     async def clear_all(self, session_id: str) -> dict[str, Any]:
         """Reset the session and delete the whole knowledge base of its node."""
         async with self._lock(session_id):

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
+import os
+import signal
+import socket
 import sqlite3
 import sys
+import threading
+import time
+from typing import Any
 
 import uvicorn
 
@@ -26,8 +33,26 @@ def serve(settings: ServerSettings) -> None:
     if problem is not None:
         print(f"ingestd kato: error: {problem}: give another --port or --host", file=sys.stderr, flush=True)
         sys.exit(2)
-    app = create_app(settings, max_body_bytes=settings.max_body_bytes)
-    config = uvicorn.Config(
+    if settings.workers > 1:  # several processes over one store: each reads sessions back when another wrote them
+        settings = settings.model_copy(update={"shared_sessions": True})
+    config = _config(settings, None)
+    listening = config.bind_socket()
+    host, port = listening.getsockname()[:2]  # --port 0: the port the system chose
+    print(
+        f"ingestd kato: KATO 3.10.1 API on http://{host}:{port} "
+        f"(data: {settings.data_dir.resolve()}, durability: {settings.durability}"
+        + (f", {settings.workers} worker processes" if settings.workers > 1 else "") + ")",
+        file=sys.stderr,
+        flush=True,
+    )
+    if settings.workers > 1:
+        _supervise(settings, listening)
+        return
+    _serve_one(settings, listening)
+
+
+def _config(settings: ServerSettings, app: Any) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -36,19 +61,58 @@ def serve(settings: ServerSettings) -> None:
         log_level="warning",
         access_log=False,
         timeout_keep_alive=5,  # as KATO's image
-        limit_concurrency=settings.limit_concurrency,
+        limit_concurrency=settings.limit_concurrency,  # per process, as uvicorn's
     )
-    server = uvicorn.Server(config)
-    listening = config.bind_socket()
-    host, port = listening.getsockname()[:2]  # --port 0: the port the system chose
-    print(
-        f"ingestd kato: KATO 3.10.1 API on http://{host}:{port} "
-        f"(data: {settings.data_dir.resolve()}, durability: {settings.durability})",
-        file=sys.stderr,
-        flush=True,
-    )
+
+
+def _serve_one(settings: ServerSettings, listening: socket.socket, parent: int | None = None) -> None:
+    """One server process on the listening socket (the only one, or one of ``--workers``, whose ``parent`` is the
+    supervisor: when it is gone, even by kill -9, this one stops too)."""
+    if parent is not None:
+        threading.Thread(target=_orphaned, args=(parent,), name="kato-parent-watch", daemon=True).start()
+    config = _config(settings, create_app(settings, max_body_bytes=settings.max_body_bytes))
     with throughput_gc():
-        server.run(sockets=[listening])
+        uvicorn.Server(config).run(sockets=[listening])
+
+
+def _supervise(settings: ServerSettings, listening: socket.socket) -> None:
+    """``--workers`` processes accepting connections on one socket (each connection stays with the process that
+    accepted it, as with uvicorn's workers); one that dies is started again; SIGINT or SIGTERM stops them all."""
+    context = multiprocessing.get_context("spawn")
+    stopping = threading.Event()
+
+    def start() -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=_serve_one, args=(settings, listening, os.getpid()), daemon=False)
+        process.start()
+        return process
+
+    def stop(*_: object) -> None:
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    workers = [start() for _ in range(settings.workers)]
+    try:
+        while not stopping.wait(0.5):
+            for index, process in enumerate(workers):
+                if not process.is_alive() and not stopping.is_set():
+                    workers[index] = start()
+    finally:
+        for process in workers:
+            if process.is_alive():
+                process.terminate()  # SIGTERM: uvicorn's graceful shutdown
+        for process in workers:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _orphaned(parent: int) -> None:
+    """Stop this worker (gracefully, as SIGTERM does) once its supervisor has gone."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class ServerProcess:

@@ -26,6 +26,11 @@ class EngineSettings(BaseModel):
     persistence: int = Field(default=5, ge=1, le=100, description="KATO's PERSISTENCE: emotives kept per pattern.")
     session_ttl: int = Field(default=3600, ge=1, description="KATO's SESSION_TTL in seconds.")
     sweep_interval: float = Field(default=60.0, gt=0, description="Seconds between purges of expired sessions.")
+    shared_sessions: bool = Field(
+        default=False,
+        description="Other processes serve the same store (`ingestd kato serve --workers N`): a session is read "
+        "back from the store whenever another process may have changed it, and written only if it did not.",
+    )
     idempotency_ttl: float = Field(
         default=7 * 24 * 3600.0, gt=0,
         description="Seconds an Idempotency-Key is remembered (a call resent with it within that time is not re-applied).",
@@ -35,6 +40,8 @@ class EngineSettings(BaseModel):
 class ServerSettings(EngineSettings):
     """The engine served over KATO's HTTP API (``ingestd kato serve``)."""
 
+    workers: int = Field(default=1, ge=1, le=256, description="Server processes over the one store, as uvicorn's "
+                         "--workers (KATO's image: one per core); each connection stays with the one that accepted it.")  # fmt: skip
     host: str = Field(default="127.0.0.1", description="Address to bind; loopback unless you mean it.")
     port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest request body accepted.")
