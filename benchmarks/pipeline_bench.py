@@ -1,6 +1,7 @@
 """ingestd vs a notebook-style client, against the same embedded KATO server over HTTP; plus ingestd in-process.
 
-    python benchmarks/pipeline_bench.py [--docs 60] [--lines 40] [--workers 8] [--rounds 3] [--json out.json]
+    python benchmarks/pipeline_bench.py [--docs 60] [--lines 40] [--workers 8] [--rounds 3] [--server-workers 1]
+                                        [--json out.json]
 
 Corpus: documents of ``--lines`` consecutive lines of tinyshakespeare (about
 10 GPT-2 tokens a line, so 40 lines ~ the notebooks' 500-token samples).
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=40)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="runs of each ingestd client (the median is reported)")
+    parser.add_argument("--server-workers", type=int, default=1, help="processes of the server (ingestd kato serve --workers)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -113,7 +115,7 @@ def main() -> None:
         corpus = Path(scratch) / "docs.jsonl"
         texts = write_corpus(corpus, args.docs, args.lines)
         rounds: dict[str, list[dict[str, Any]]] = {"ingestd (HTTP)": [], "ingestd (in-process)": []}
-        with ServerProcess(f"{scratch}/server") as server:
+        with ServerProcess(f"{scratch}/server", "--workers", str(args.server_workers)) as server:
             url = server.url
             notebook = notebook_client(url, texts, "nb")
             for number in range(args.rounds):
@@ -128,7 +130,8 @@ def main() -> None:
 
     base_rate = notebook["samples"] / notebook["seconds"]
     print(f"{args.docs} documents of {args.lines} lines, {notebook['tokens']} GPT-2 tokens; chunks {CHUNKS}, metadata at "
-          f"levels {sorted(METADATA_LEVELS)}; {args.workers} ingestd workers; {args.rounds} rounds of each ingestd "
+          f"levels {sorted(METADATA_LEVELS)}; {args.workers} ingestd workers, {args.server_workers} server processes; "
+          f"{args.rounds} rounds of each ingestd "
           f"client; identical knowledge bases: {same}")  # fmt: skip
     print(f"{'client':<24} {'samples/s':>10} {'tokens/s':>10} {'requests/sample':>16} {'speed-up':>9} {'range':>14}")
     rows = []
