@@ -349,40 +349,59 @@ def _inspect(*arguments: str, env: dict[str, str] | None = None) -> Any:
 
 def test_inspect_reads_a_deployment_as_it_reads_the_store(deployment: Storage, learned: dict[str, Path], tmp_path: Path) -> None:
     """The notebooks' ClickHouse/Redis analyzer: stats, top, show (unravelled to text), sample, histogram and export
-    give the same answers on the deployment as on the embedded store it was published from."""
+    give the same answers on the deployment as on the embedded store it was published from (the Python API; and
+    the CLI for stats and show)."""
     import pandas as pd
 
+    from ingestd import Deployment, KnowledgeBase
+    from ingestd.kb.export import export_parquet
+
     publish(deployment, learned["shakespeare-docs"], "--as", "remote-node{level}")
-    local = ["--data-dir", str(learned["shakespeare-docs"]), "--node-ids", "learned-shakespeare-docs-node{level}"]
-    remote = ["--node-ids", "remote-node{level}"]
-    where = ["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url]
+    local = KnowledgeBase(learned["shakespeare-docs"], node_ids="learned-shakespeare-docs-node{level}")
+    remote = KnowledgeBase(node_ids="remote-node{level}", deployment=Deployment(
+        deployment.redis_url, deployment.clickhouse_url, _credentials(deployment)))  # fmt: skip
+    with local, remote:
+        def same(mine: pd.DataFrame, theirs: pd.DataFrame, *drop: str) -> None:
+            def plain(frame: pd.DataFrame) -> list[dict[str, Any]]:
+                text = json.dumps(frame.drop(columns=[c for c in drop if c in frame]).to_dict(orient="records"), default=str)
+                return json.loads(text.replace("remote-node", "learned-shakespeare-docs-node")
+                                  .replace("remote_node", "learned_shakespeare_docs_node"))  # fmt: skip
 
-    def same(*command: str) -> Any:
-        mine = _inspect(command[0], *local, *command[1:])
-        theirs = _inspect(*where, command[0], *remote, *command[1:], env=deployment.env())
-        text = (json.dumps(theirs).replace("remote-node", "learned-shakespeare-docs-node")
-                .replace("remote_node", "learned_shakespeare_docs_node"))  # fmt: skip
-        if command[0] == "stats":  # the one thing KATO's storage does not record: what chunk size fed a node
-            assert {node["chunk_size"] for node in json.loads(text)} == {None}
-            mine = [{**node, "chunk_size": None} for node in mine]
-        assert json.loads(text) == mine, command
-        return mine
+            assert plain(theirs) == plain(mine)
 
-    stats = same("stats", "--json")
-    assert [node["patterns"] for node in stats] == [1941, 249, 35, 12]
-    top = same("top", "--level", "1", "--n", "5", "--json")
-    same("sample", "--level", "3", "--n", "4", "--seed", "7", "--json")
-    same("histogram", "--json")
-    shown = same("show", top[0]["name"], "--json")
-    assert shown["text"] and shown["level"] == 1  # unravelled down to node0's tokens, decoded, through the deployment
-    _inspect("export", *local, "--level", "0", "--out", str(tmp_path / "local.parquet"))
-    _inspect(*where, "export", *remote, "--level", "0", "--out", str(tmp_path / "remote.parquet"), env=deployment.env())
+        # KATO's storage does not record what chunk size fed a node
+        same(local.stats(), remote.stats(), "chunk_size")
+        assert list(remote.stats()["patterns"]) == [1941, 249, 35, 12]
+        top = local.top(level=1, n=5)
+        same(top, remote.top(level=1, n=5))
+        same(local.sample(level=3, n=4, seed=7), remote.sample(level=3, n=4, seed=7))
+        same(local.histogram(), remote.histogram())
+        name = top["name"][0]
+        assert remote.show(name).as_dict()["text"] == local.show(name).as_dict()["text"] != ""  # unravelled to text
+        assert export_parquet(local, 0, tmp_path / "local.parquet") == export_parquet(remote, 0, tmp_path / "remote.parquet") == 1941
     mine, theirs = pd.read_parquet(tmp_path / "local.parquet"), pd.read_parquet(tmp_path / "remote.parquet")
-    assert len(mine) == 1941 and mine.drop(columns=[c for c in mine if "node" in c]).equals(theirs.drop(columns=[c for c in theirs if "node" in c]))
+    assert mine.drop(columns=[c for c in mine if "node" in c]).equals(theirs.drop(columns=[c for c in theirs if "node" in c]))
+    # the CLI: `ingestd inspect --redis-url … --clickhouse-url …`, credentials from the environment
+    where = ["--redis-url", deployment.redis_url, "--clickhouse-url", deployment.clickhouse_url]
+    shown = _inspect(*where, "show", name, "--node-ids", "remote-node{level}", "--json", env=deployment.env())
+    assert shown["text"] == local_text(learned["shakespeare-docs"], name) and shown["level"] == 1
     # a deployment names no runs: --node-ids is asked for, in one line
     result = subprocess.run([sys.executable, "-m", "ingestd", "inspect", *where, "stats"], capture_output=True, text=True,
                             timeout=120, env=deployment.env())  # fmt: skip
     assert result.returncode == 2 and "--node-ids" in result.stderr and "Traceback" not in result.stderr
+
+
+def _credentials(storage: Storage) -> Any:
+    from ingestd.kb.deployment import Credentials
+
+    return Credentials(storage.password, storage.clickhouse_user, storage.clickhouse_password)
+
+
+def local_text(data: Path, name: str) -> str:
+    from ingestd import KnowledgeBase
+
+    with KnowledgeBase(data, node_ids="learned-shakespeare-docs-node{level}") as kb:
+        return kb.show(name).text
 
 
 def test_minhash_and_band_hashes_are_datasketchs_and_cpythons() -> None:
