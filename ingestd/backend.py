@@ -185,10 +185,21 @@ class HttpKato:
                                                json_serialize=lambda body: orjson.dumps(body).decode())  # fmt: skip
         return self._http
 
+    async def _get(self, path: str) -> tuple[int, str | None, bytes]:
+        """``GET path`` (status, content type, body), resent for up to a minute while the server answers 503: a
+        server at its concurrency limit is busy, not absent."""
+        delay, deadline = 0.1, time.monotonic() + 60.0
+        while True:
+            async with self._client.get(path, timeout=aiohttp.ClientTimeout(total=10.0)) as answer:
+                status, content_type, raw = answer.status, answer.headers.get("content-type"), await answer.read()
+            if status != 503 or time.monotonic() > deadline:
+                return status, content_type, raw
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
     async def start(self) -> None:
         try:
-            async with self._client.get("/health", timeout=aiohttp.ClientTimeout(total=10.0)) as answer:
-                status, content_type, raw = answer.status, answer.headers.get("content-type"), await answer.read()
+            status, content_type, raw = await self._get("/health")
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
             raise KatoUnavailable(
                 f"cannot reach KATO at {self.url} ({type(error).__name__}: {error or 'no answer'}): start the server, "
@@ -211,8 +222,7 @@ class HttpKato:
     async def _engine_store_id(self) -> str | None:
         """The store id if the server is ingestd's engine (KATO answers 404 to ``GET /ingestd``), else None."""
         try:
-            async with self._client.get("/ingestd", timeout=aiohttp.ClientTimeout(total=10.0)) as answer:
-                status, raw = answer.status, await answer.read()
+            status, _, raw = await self._get("/ingestd")
         except (aiohttp.ClientError, TimeoutError):
             return None
         try:

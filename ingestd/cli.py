@@ -70,7 +70,7 @@ def kato_serve(
     persistence: Annotated[Optional[int], typer.Option(help="KATO's PERSISTENCE, emotives kept per pattern (default 5).")] = None,
     session_ttl: Annotated[Optional[int], typer.Option(help="KATO's SESSION_TTL in seconds (default 3600).")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, max=256, help="Server processes over the one store, as uvicorn's --workers (KATO's image: one per core); exact under any concurrency. Default 1.")] = None,
-    limit_concurrency: Annotated[Optional[int], typer.Option(min=1, help="Answer 503 beyond this many connections and requests at once, as uvicorn's --limit-concurrency (KATO's image: 100 per worker). Default: no limit.")] = None,
+    limit_concurrency: Annotated[Optional[int], typer.Option(min=2, help="Answer 503 beyond this many connections and requests at once (each request counts with its connection), per process, as uvicorn's --limit-concurrency (KATO's image: 100 per worker). Default: no limit.")] = None,
 ) -> None:
     """Serve KATO 3.10.1's HTTP API from the embedded engine, storing knowledge bases in --data-dir.
 

@@ -93,3 +93,50 @@ def test_64_workers_against_2_server_processes_limited_to_10_give_the_exact_kb(c
         server.stop()
     assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == clean_kb
     assert json.dumps(clean_kb, default=str)  # (a real knowledge base: the fixture learned the corpus)
+
+
+def test_resent_calls_and_heartbeats_racing_across_processes_apply_once(tmp_path: Path) -> None:
+    """What a client's resends do when they land on another process while the first is still in flight: an
+    Idempotency-Key is applied once (a learn, a session's creation), an /extend never undoes an observation or
+    brings a deleted session back."""
+    server = EngineServer(tmp_path / "kb", extra_args=("--workers", "3")).start()
+    try:
+        def post(path: str, body: Any, key: str | None = None) -> httpx.Response:
+            with _fresh_connection(server.url) as own:
+                return own.post(path, json=body, headers={"Idempotency-Key": key} if key else {})
+
+        with _fresh_connection(server.url) as client, concurrent.futures.ThreadPoolExecutor(12) as pool:
+            # one session's creation resent four times at once: one session
+            answers = list(pool.map(lambda _: post("/sessions", {"node_id": "r-node0", "config": {"process_predictions": False}},
+                                                   "create-1"), range(4)))  # fmt: skip
+            assert {answer.status_code for answer in answers} == {200}
+            assert len({answer.json()["session_id"] for answer in answers}) == 1
+            assert client.get("/sessions/count").json()["active_session_count"] == 1
+            session = answers[0].json()["session_id"]
+            # 30 learns, each resent three times at once under its key: each pattern learned once
+            calls = [(number, f"learn-{number}") for number in range(30) for _ in range(3)]
+            sequence = lambda number: {"observations": [{"strings": [f"x{number}"]}, {"strings": ["y"]}], "learn_at_end": True}  # noqa: E731
+            answers = list(pool.map(lambda call: post(f"/sessions/{session}/observe-sequence", sequence(call[0]), call[1]), calls))
+            assert {answer.status_code for answer in answers} == {200}
+            names = {answer.json()["final_learned_pattern"] for answer in answers}
+            assert len(names) == 30
+            for name in names:
+                pattern = client.get(f"/pattern/{name.replace('|', '%7C')}", params={"node_id": "r-node0"}).json()
+                assert pattern["pattern"]["pattern"]["frequency"] == 1, name
+            # observations and heartbeats at once: every observation stays
+            other = post("/sessions", {"node_id": "r-node1", "config": {"process_predictions": False}}).json()["session_id"]
+            mixed = [("observe", number) for number in range(30)] + [("extend", number) for number in range(30)]
+            answers = list(pool.map(lambda call: post(f"/sessions/{other}/observe", {"strings": [f"o{call[1]:02d}"]})
+                                    if call[0] == "observe" else post(f"/sessions/{other}/extend?ttl_seconds=600", {}),
+                                    mixed))  # fmt: skip
+            assert {answer.status_code for answer in answers} == {200}
+            assert sorted(event[0] for event in client.get(f"/sessions/{other}/stm").json()["stm"]) == [f"o{n:02d}" for n in range(30)]
+            # a deletion and heartbeats at once: once the deletion is answered, the session is gone for good
+            answers = list(pool.map(lambda number: post(f"/sessions/{other}/extend?ttl_seconds=600", {}) if number
+                                    else httpx.delete(f"{server.url}/sessions/{other}", headers={"Connection": "close"}),
+                                    range(12)))  # fmt: skip
+            assert answers[0].status_code == 200
+            for _ in range(6):
+                assert client.get(f"/sessions/{other}/stm").status_code == 404
+    finally:
+        server.stop()

@@ -44,6 +44,14 @@ class StaleSession(Exception):
     """Another process changed the session since this one read it: the call is made again from its new state."""
 
 
+class AlreadyApplied(Exception):
+    """Another process applied a call with this idempotency key meanwhile: its outcome is the answer."""
+
+    def __init__(self, outcome: Any) -> None:
+        super().__init__("already applied")
+        self.outcome = outcome
+
+
 _STALE_RETRIES = 20
 
 
@@ -56,8 +64,8 @@ def fresh(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         for _ in range(_STALE_RETRIES):
             try:
                 return await method(self, session_id, *args, **kwargs)
-            except StaleSession:
-                await asyncio.sleep(0)  # the next try reads the session back (live_session)
+            except (StaleSession, AlreadyApplied):  # the next try reads the session back, or replays the outcome
+                await asyncio.sleep(0)
         raise KatoError(503, f"session {session_id} is being changed by another server process: try again")
 
     return call
@@ -97,6 +105,8 @@ class Engine:
             settings.data_dir,
             synchronous="FULL" if settings.durability == "full" else "NORMAL",
             persistence=settings.persistence,
+            # several server processes take turns at the one writer lock: a long write of one must not fail the others
+            busy_timeout=120.0 if settings.shared_sessions else 10.0,
         )
         self._sessions: dict[str, Session] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -228,7 +238,13 @@ class Engine:
         document = draft.to_document()
         store = self.store
 
+        shared = self.settings.shared_sessions
+
         def job(connection: Any) -> bool:
+            if shared and applied is not None:  # another process may have applied this key since we looked
+                outcome = KnowledgeStore.applied_outcome(connection, applied[0])
+                if outcome is not None:
+                    raise AlreadyApplied(outcome)
             if base is not None:  # another process may serve this session too: write only over what we read
                 row = connection.execute("SELECT expires_at FROM sessions WHERE session_id = ?", (draft.session_id,)).fetchone()
                 if row is None or row[0] != base:
@@ -297,6 +313,9 @@ class Engine:
             self._sessions[session.session_id] = session
             try:
                 await self._write(session, applied=None if idempotency_key is None else (idempotency_key, body), new=True)
+            except AlreadyApplied as done:  # another server process created it for this key meanwhile
+                self._forget(session.session_id)
+                return dict(done.outcome)
             except BaseException:
                 self._forget(session.session_id)
                 raise
@@ -323,14 +342,24 @@ class Engine:
             return int(self.store.read(lambda connection: KnowledgeStore.count_sessions(connection, now)))
         return sum(1 for session in self._sessions.values() if session.expires_at >= now)
 
+    @fresh
     async def extend_session(self, session_id: str, ttl_seconds: int) -> dict[str, Any]:
         async with self._lock(session_id):
             session = self.live_session(session_id)
             # /extend moves only the current expiry; the next write slides it back to the session's TTL.
             draft = session.copy()
+            base = session.expires_at if self.settings.shared_sessions else None
             draft.expires_at = time.time() + ttl_seconds
             document = draft.to_document()
-            await self._run(lambda connection: KnowledgeStore.save_session(connection, document))
+
+            def job(connection: Any) -> None:
+                if base is not None:  # write only over what we read (another process may have changed or deleted it)
+                    row = connection.execute("SELECT expires_at FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+                    if row is None or row[0] != base:
+                        raise StaleSession(session_id)
+                KnowledgeStore.save_session(connection, document)
+
+            await self._run(job)
             if session_id in self._sessions:
                 self._sessions[session_id] = draft
         return {"status": "extended", "session_id": session_id, "ttl_seconds": ttl_seconds}

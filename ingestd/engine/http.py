@@ -722,7 +722,7 @@ class HotPaths:
         if action == "clear-stm":
             try:
                 return JSONResponse(await engine.clear_stm(session_id))
-            except SessionNotFound:  # expired in between: the full app says so
+            except (SessionNotFound, KatoError):  # expired in between, or busy: the full app gives the answer
                 return None
         body = _quick_json(raw, content_type.decode("latin-1") if content_type else None)
         try:

@@ -38,8 +38,9 @@ def serve(settings: ServerSettings) -> None:
     config = _config(settings, None)
     listening = config.bind_socket()
     host, port = listening.getsockname()[:2]  # --port 0: the port the system chose
+    shown = f"[{host}]" if ":" in host else host
     print(
-        f"ingestd kato: KATO 3.10.1 API on http://{host}:{port} "
+        f"ingestd kato: KATO 3.10.1 API on http://{shown}:{port} "
         f"(data: {settings.data_dir.resolve()}, durability: {settings.durability}"
         + (f", {settings.workers} worker processes" if settings.workers > 1 else "") + ")",
         file=sys.stderr,
@@ -80,6 +81,7 @@ def _supervise(settings: ServerSettings, listening: socket.socket) -> None:
     accepted it, as with uvicorn's workers); one that dies is started again; SIGINT or SIGTERM stops them all."""
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
+    failures = [0] * settings.workers  # quick deaths in a row, per worker: restarts back off
 
     def start() -> multiprocessing.process.BaseProcess:
         process = context.Process(target=_serve_one, args=(settings, listening, os.getpid()), daemon=False)
@@ -91,11 +93,24 @@ def _supervise(settings: ServerSettings, listening: socket.socket) -> None:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     workers = [start() for _ in range(settings.workers)]
+    started_at = [time.monotonic()] * settings.workers
+    restart_at = [0.0] * settings.workers  # when a dead worker starts again (0: not dead)
     try:
         while not stopping.wait(0.5):
             for index, process in enumerate(workers):
-                if not process.is_alive() and not stopping.is_set():
+                if process.is_alive() or stopping.is_set():
+                    continue
+                now = time.monotonic()
+                if not restart_at[index]:  # found dead: again at once, or later if it keeps dying on start
+                    quick = now - started_at[index] < 10
+                    failures[index] = failures[index] + 1 if quick else 0
+                    restart_at[index] = now + (min(30.0, 0.5 * 2 ** failures[index]) if failures[index] else 0.0)
+                    if failures[index] == 3:
+                        print(f"ingestd kato: a worker process keeps exiting (code {process.exitcode}); restarting it "
+                              "with backoff", file=sys.stderr, flush=True)  # fmt: skip
+                if now >= restart_at[index]:
                     workers[index] = start()
+                    started_at[index], restart_at[index] = now, 0.0
     finally:
         for process in workers:
             if process.is_alive():
@@ -111,7 +126,7 @@ def _supervise(settings: ServerSettings, listening: socket.socket) -> None:
 def _orphaned(parent: int) -> None:
     """Stop this worker (gracefully, as SIGTERM does) once its supervisor has gone."""
     while os.getppid() == parent:
-        time.sleep(1.0)
+        time.sleep(0.2)
     os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -49,6 +49,6 @@ class ServerSettings(EngineSettings):
                                   "headers; slower ones are closed (half-open connections do not pile up).")  # fmt: skip
     body_timeout: float = Field(default=60.0, gt=0, description="Seconds a request's body may take to arrive after "
                                 "its headers; slower connections are closed.")  # fmt: skip
-    limit_concurrency: int | None = Field(default=None, ge=1, description="Connections and requests at once beyond "
+    limit_concurrency: int | None = Field(default=None, ge=2, description="Connections and requests at once beyond "
                                           "which the server answers 503, as uvicorn's --limit-concurrency (KATO: 100 "
                                           "per worker); None: no limit.")  # fmt: skip

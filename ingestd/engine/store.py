@@ -120,9 +120,11 @@ def writer_lock(directory: Path, *, exclusive: bool) -> IO[str]:
 class KnowledgeStore:
     """Knowledge bases and sessions in ``<directory>/kato.sqlite3``, used from one event loop."""
 
-    def __init__(self, directory: Path, *, synchronous: str = "FULL", persistence: int = 5) -> None:
+    def __init__(self, directory: Path, *, synchronous: str = "FULL", persistence: int = 5,
+                 busy_timeout: float = 10.0) -> None:  # fmt: skip
         self.path = Path(directory) / "kato.sqlite3"
         self.synchronous = synchronous
+        self.busy_timeout = busy_timeout  # seconds a write waits for another process's
         self.persistence = persistence
         self._connection: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
@@ -160,7 +162,7 @@ class KnowledgeStore:
         connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute(f"PRAGMA synchronous={self.synchronous}")
-        connection.execute("PRAGMA busy_timeout=10000")
+        connection.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
         connection.execute("PRAGMA temp_store=MEMORY")
         connection.executescript(_SCHEMA)
         connection.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (secrets.token_hex(8),))
