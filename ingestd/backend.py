@@ -148,14 +148,23 @@ def _endpoint(method: str, path: str) -> str:
     return parts[0] or "root"
 
 
+ROTATE_EVERY = 64
+"""One request in this many asks the server to close its connection after answering: a server with several worker
+processes keeps each connection with the process that accepted it, so connections made once would load them unevenly
+for the whole run; re-made ones are accepted anew by whichever process is free (a new loopback connection costs far
+less than the 64 requests it carries)."""
+
+
 class HttpKato:
     """A KATO server (real, or ``ingestd kato serve``) over HTTP.
 
     One aiohttp connection pool sized to the pipeline's concurrency (one
-    request in flight per session): every concurrent request has a keep-alive
-    connection of its own, and since uvicorn hands each connection to one of
-    its workers, the load spreads over all of them. Idle connections are
-    dropped after 4 s, before uvicorn's 5 s keep-alive timeout closes them.
+    request in flight per session), with requests in flight adapted to what the
+    server takes (:mod:`ingestd.adaptive`; a 503 is back-pressure). A connection
+    stays with the server process that accepted it, so one request in
+    :data:`ROTATE_EVERY` closes its connection after the answer: connections are
+    re-made and spread over a multi-process server's workers. Idle connections
+    are dropped after 4 s, before uvicorn's 5 s keep-alive timeout closes them.
 
     Why aiohttp and not httpx here: this is the pipeline's hot path, and on
     these 2-core machines the client's CPU per request decides throughput.
@@ -176,6 +185,7 @@ class HttpKato:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._http: aiohttp.ClientSession | None = None
         self.limit = AdaptiveLimit(self._connections)  # requests in flight: adapted to what the server takes
+        self._sent = 0
 
     @property
     def _client(self) -> aiohttp.ClientSession:
@@ -246,6 +256,9 @@ class HttpKato:
         endpoint = endpoint or _endpoint(method, path)
         content = None if body is None else orjson.dumps(body)
         headers = _JSON_HEADERS
+        self._sent += 1
+        if ROTATE_EVERY and self._sent % ROTATE_EVERY == 0:
+            headers = {**headers, "connection": "close"}  # re-made, and so re-accepted by any server process
         if key is not None or place is not None:
             headers = {**headers, **({"idempotency-key": key} if key is not None else {}),
                        **({LEDGER_HEADER: place.header()} if place is not None else {})}  # fmt: skip

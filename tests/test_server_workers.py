@@ -140,3 +140,17 @@ def test_resent_calls_and_heartbeats_racing_across_processes_apply_once(tmp_path
                 assert client.get(f"/sessions/{other}/stm").status_code == 404
     finally:
         server.stop()
+
+
+def test_a_run_spreads_its_connections_over_the_server_processes(corpus: Path, tmp_path: Path) -> None:
+    """Connections stay with the process that accepted them; ingestd re-makes them now and then, so each of the
+    server's processes does a fair share of a run's work (its CPU time, read from the server side)."""
+    server = EngineServer(tmp_path / "kb", extra_args=("--workers", "2")).start()
+    try:
+        assert server.process is not None
+        before = _children_cpu(server.process.pid)
+        ok(str(corpus), *LEVELS, "--kato", server.url, "--run-dir", str(tmp_path / "run"), "--workers", "4")
+        used = [after - start for after, start in zip(_children_cpu(server.process.pid), before, strict=True)]
+    finally:
+        server.stop()
+    assert min(used) > 0.3 * sum(used), used  # each of the two did at least 30% of the work
