@@ -386,6 +386,94 @@ class HttpKato:
         return {node_id: int(count) for node_id, count in body["patterns"].items()}
 
 
+class ReplicatedKato:
+    """Several servers of one KATO deployment (replicas over one storage, behind no load balancer), used together:
+    each session is created on the next server in turn and all its calls go to that server (a server may not know
+    another's sessions); reads and the run ledger go to the first. They must be one deployment: ingestd's engine
+    servers say which store they serve, and different stores are refused."""
+
+    def __init__(self, servers: Sequence[HttpKato]) -> None:
+        self.servers = list(servers)
+        self.description = "KATO at " + ", ".join(server.url for server in self.servers)
+        self._owner: dict[str, HttpKato] = {}
+        self._turn = 0
+
+    @property
+    def requests(self) -> int:
+        return sum(server.requests for server in self.servers)
+
+    @property
+    def store(self) -> str:
+        return self.servers[0].store
+
+    @property
+    def ledger(self) -> bool:
+        return all(server.ledger for server in self.servers)
+
+    @property
+    def extensions(self) -> bool:
+        return all(server.extensions for server in self.servers)
+
+    @property
+    def registry(self) -> NodeRegistry | None:
+        return self.servers[0].registry
+
+    async def start(self) -> None:
+        for server in self.servers:
+            await server.start()
+        stores = {server.store for server in self.servers if server.extensions}
+        if len(stores) > 1 or (stores and not self.extensions):
+            raise KatoUnavailable(f"{self.description} are not one deployment (they serve different knowledge stores): "
+                                  "give the servers of one deployment to --kato-url, or one server")  # fmt: skip
+
+    async def aclose(self) -> None:
+        for server in self.servers:
+            await server.aclose()
+
+    def _of(self, session_id: str) -> HttpKato:
+        return self._owner.get(session_id, self.servers[0])
+
+    async def create_session(self, node_id: str, config: dict[str, Any], *, key: str | None = None) -> str:
+        server = self.servers[self._turn % len(self.servers)]
+        self._turn += 1
+        session_id = await server.create_session(node_id, config, key=key)
+        self._owner[session_id] = server
+        return session_id
+
+    async def delete_session(self, session_id: str) -> None:
+        await self._of(session_id).delete_session(session_id)
+        self._owner.pop(session_id, None)
+
+    async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
+                    auto_learn: bool, place: Place | None = None) -> Learned:  # fmt: skip
+        return await self._of(session_id).learn(session_id, chunks, metadata=metadata, auto_learn=auto_learn, place=place)
+
+    async def clear_stm(self, session_id: str) -> None:
+        await self._of(session_id).clear_stm(session_id)
+
+    async def healthy(self) -> bool:
+        return all([await server.healthy() for server in self.servers])
+
+    async def clear_all(self, node_id: str) -> None:
+        await self.servers[0].clear_all(node_id)
+
+    async def get_pattern(self, node_id: str, name: str) -> dict[str, Any] | None:
+        return await self.servers[0].get_pattern(node_id, name)
+
+    async def ledger_status(self, run_key: str, node_ids: Sequence[str], samples: Sequence[int] = ()) -> dict[str, Any]:
+        return await self.servers[0].ledger_status(run_key, node_ids, samples)
+
+    async def ledger_forget(self, run_key: str, *, samples: Sequence[int] | None = None, keep: Sequence[int] = (),
+                            everything: bool = False) -> None:  # fmt: skip
+        await self.servers[0].ledger_forget(run_key, samples=samples, keep=keep, everything=everything)
+
+    async def claim_nodes(self, claims: Sequence[tuple[str, Feeder]], *, allow_mixed: bool) -> dict[str, list[Feeder]]:
+        return await self.servers[0].claim_nodes(claims, allow_mixed=allow_mixed)
+
+    async def pattern_counts(self, node_ids: Sequence[str]) -> dict[str, int] | None:
+        return await self.servers[0].pattern_counts(node_ids)
+
+
 class EmbeddedKato:
     """The embedded engine in this process, on a local directory (the default backend).
 

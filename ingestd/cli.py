@@ -187,7 +187,7 @@ def run_command(
     planners: Annotated[Optional[int], typer.Option(min=0, max=64, help="Processes that tokenize and plan beside learning (default: one per core beyond the first; 0: in this process).", show_default=False, rich_help_panel="Backend")] = None,
     batch_chunks: _BATCH_CHUNKS = 64,
     batching: _BATCHING = True,
-    kato: Annotated[Optional[str], typer.Option("--kato-url", "--kato", help="A KATO server, http://host:port (several, comma-separated, with --shards: shard I learns through the (I mod count)-th). Default: the embedded engine in-process.", rich_help_panel="Backend")] = None,
+    kato: Annotated[Optional[str], typer.Option("--kato-url", "--kato", help="A KATO server, http://host:port; several of one deployment, comma-separated, are used together (a run spreads its sessions over them; with --shards, shard I learns through the (I mod count)-th). Default: the embedded engine in-process.", rich_help_panel="Backend")] = None,
     data: Annotated[Path, typer.Option("--data-dir", "--data", help="Directory of the embedded engine's knowledge store.", rich_help_panel="Backend")] = Path("kato-data"),
     durability: _DURABILITY = "full",
     fresh: Annotated[bool, typer.Option("--fresh", help="clear-all every node's knowledge base and the run's progress first.", rich_help_panel="Run control")] = False,
@@ -224,10 +224,8 @@ def run_command(
     if durability not in ("full", "normal"):
         raise typer.BadParameter(f"{durability!r}: use 'full' or 'normal'", param_hint="--durability")
     kato_urls = _kato_urls(kato)
-    if len(kato_urls) > 1 and shards == 1:
-        raise typer.BadParameter(f"{len(kato_urls)} KATO servers are spread over shards: add --shards N (at least "
-                                 f"{len(kato_urls)}), or give one server", param_hint="--kato-url")  # fmt: skip
-    kato = kato_urls[0] if kato_urls else None
+    # several servers of one deployment: a run's sessions are spread over them; with --shards, the shards
+    kato = (",".join(kato_urls) if shards == 1 else kato_urls[0]) if kato_urls else None
     pipeline: Pipeline | None = None
 
     def report(result: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ingestd import __version__, catalogue, metrics
-from ingestd.backend import EmbeddedKato, HttpKato, KatoBackend, check_kato_url
+from ingestd.backend import EmbeddedKato, HttpKato, KatoBackend, ReplicatedKato, check_kato_url
 from ingestd.engine import EngineSettings
 from ingestd.errors import IngestError, KatoRejected, ServerDown, Transient, find_ingest_error
 from ingestd.hierarchy import Hierarchy
@@ -66,7 +66,8 @@ class RunConfig(BaseModel):
     batch_chunks: int = Field(default=64, ge=1, le=MAX_BATCH_CHUNKS,
                               description="Chunks per observe-sequence call on batched levels.")  # fmt: skip
     batching: bool = True
-    kato_url: str | None = Field(default=None, description="A KATO server; None = the embedded engine in-process.")
+    kato_url: str | None = Field(default=None, description="A KATO server, or several of one deployment separated "
+                                 "by commas (used together); None = the embedded engine in-process.")  # fmt: skip
     data_dir: Path = Path("kato-data")
     durability: Literal["full", "normal"] = "full"
     run_id: str = ""
@@ -103,7 +104,13 @@ class RunConfig(BaseModel):
     @field_validator("kato_url")
     @classmethod
     def _kato_url(cls, url: str | None) -> str | None:
-        return None if url is None else check_kato_url(url)
+        """One server, or several of one deployment separated by commas (used together)."""
+        if url is None:
+            return None
+        urls = [check_kato_url(part.strip()) for part in url.split(",") if part.strip()]
+        if not urls:
+            raise ValueError("give a KATO server, http://host:port (or several, separated by commas)")
+        return ",".join(dict.fromkeys(urls))
 
     @field_validator("source")
     @classmethod
@@ -280,7 +287,10 @@ def make_backend(config: RunConfig) -> KatoBackend:
     if config.kato_url:
         connections = config.workers * max(1, len(config.hierarchy.levels))
         registry = NodeRegistry(config.node_registry or Path("ingestd-runs") / "kato-nodes.sqlite3")
-        return HttpKato(config.kato_url, connections=connections, timeout=config.retry.request_timeout, registry=registry)
+        urls = config.kato_url.split(",")
+        servers = [HttpKato(url, connections=connections, timeout=config.retry.request_timeout, registry=registry)
+                   for url in urls]  # fmt: skip
+        return servers[0] if len(servers) == 1 else ReplicatedKato(servers)
     return EmbeddedKato(EngineSettings(data_dir=config.data_dir, durability=config.durability))
 
 

@@ -154,3 +154,32 @@ def test_a_run_spreads_its_connections_over_the_server_processes(corpus: Path, t
     finally:
         server.stop()
     assert min(used) > 0.3 * sum(used), used  # each of the two did at least 30% of the work
+
+
+def test_a_run_uses_several_servers_of_one_deployment_together(corpus: Path, clean: Any, tmp_path: Path) -> None:
+    """``--kato-url A,B`` (replicas over one store, behind no load balancer): the run's sessions are spread over
+    both, each session's calls go to the server that made it, and the knowledge base is exact; servers of
+    different stores are refused."""
+    clean_kb, _ = clean
+    servers = [EngineServer(tmp_path / "kb").start() for _ in range(2)]
+    other = EngineServer(tmp_path / "elsewhere").start()
+    try:
+        assert all(server.process is not None for server in servers)
+        before = [_process_cpu(server.process.pid) for server in servers]  # type: ignore[union-attr]
+        urls = ",".join(server.url for server in servers)
+        summary = ok(str(corpus), *LEVELS, "--kato", urls, "--run-dir", str(tmp_path / "run"), "--workers", "6")
+        used = [_process_cpu(server.process.pid) - start for server, start in zip(servers, before, strict=True)]  # type: ignore[union-attr]
+        assert min(used) > 0.25 * sum(used), used  # both served the run
+        assert summary["recovery"]["possible_duplicates"] == 0 and summary["samples"]["failed"] == 0
+        refused = ok(str(corpus), *LEVELS, "--kato", f"{servers[0].url},{other.url}", "--run-dir", str(tmp_path / "run2"),
+                     expect=6)  # fmt: skip
+        assert "not one deployment" in refused["error"]["message"]
+    finally:
+        for server in (*servers, other):
+            server.stop()
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == clean_kb
+
+
+def _process_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
