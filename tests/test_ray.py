@@ -17,6 +17,7 @@ import pytest
 
 from .conftest import CORPUS
 from .golden import run_cli, samples_done
+from .tools import cpu_seconds
 
 OPTIONS = ["--chunk-sizes", "4,4,4", "--metadata-levels", "1,2"]
 
@@ -113,10 +114,6 @@ def test_a_ray_worker_killed_mid_shard_is_retried_and_the_run_is_exact(tmp_path:
     assert summary["samples"]["learned"] + summary["samples"]["skipped"] == 3 * 7142
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
 
 def test_shards_spread_over_the_servers_of_one_deployment(tmp_path: Path) -> None:
     """``--kato-url A,B --shards 3``: shards learn through A, B, A, each with a progress of its own (also under
@@ -128,12 +125,12 @@ def test_shards_spread_over_the_servers_of_one_deployment(tmp_path: Path) -> Non
     source.write_text("".join(json.dumps({"text": text}) + "\n" for text in paragraphs), encoding="utf-8")
     servers = [EngineServer(tmp_path / "deployment").start() for _ in range(2)]  # replicas over one storage
     try:
-        before = [_cpu_seconds(server.process.pid) for server in servers]  # type: ignore[union-attr]
+        before = [cpu_seconds(server.process.pid) for server in servers]  # type: ignore[union-attr]
         urls = ",".join(server.url for server in servers)
         command = [str(source), "--kato-url", urls, "--shards", "3", "--executor", "ray", "--run-id", "spread",
                    "--node-ids", "{run_id}-node{level}", "--run-dir", str(tmp_path / "runs"), *OPTIONS]  # fmt: skip
         spread = run_cli(*command, timeout=600)
-        used = [_cpu_seconds(server.process.pid) - start for server, start in zip(servers, before, strict=True)]  # type: ignore[union-attr]
+        used = [cpu_seconds(server.process.pid) - start for server, start in zip(servers, before, strict=True)]  # type: ignore[union-attr]
         assert [shard["backend"] for shard in spread["shards"]] == [servers[0].url, servers[1].url, servers[0].url]
         assert spread["config"]["backend"] == [servers[0].url, servers[1].url]
         assert sorted((tmp_path / "runs").glob("*-of-3")) == [tmp_path / "runs" / f"{index}-of-3" for index in range(3)]

@@ -14,6 +14,7 @@ import httpx
 from .conftest import EngineServer
 from .golden import kb_dump
 from .test_exactly_once import LEVELS, NODES, clean, corpus, ok  # noqa: F401 - the fixtures are used by name
+from .tools import cpu_seconds
 
 
 def _children_cpu(pid: int) -> list[float]:
@@ -165,10 +166,10 @@ def test_a_run_uses_several_servers_of_one_deployment_together(corpus: Path, cle
     other = EngineServer(tmp_path / "elsewhere").start()
     try:
         assert all(server.process is not None for server in servers)
-        before = [_process_cpu(server.process.pid) for server in servers]  # type: ignore[union-attr]
+        before = [cpu_seconds(server.process.pid) for server in servers]  # type: ignore[union-attr]
         urls = ",".join(server.url for server in servers)
         summary = ok(str(corpus), *LEVELS, "--kato", urls, "--run-dir", str(tmp_path / "run"), "--workers", "6")
-        used = [_process_cpu(server.process.pid) - start for server, start in zip(servers, before, strict=True)]  # type: ignore[union-attr]
+        used = [cpu_seconds(server.process.pid) - start for server, start in zip(servers, before, strict=True)]  # type: ignore[union-attr]
         assert min(used) > 0.25 * sum(used), used  # both served the run
         assert summary["recovery"]["possible_duplicates"] == 0 and summary["samples"]["failed"] == 0
         refused = ok(str(corpus), *LEVELS, "--kato", f"{servers[0].url},{other.url}", "--run-dir", str(tmp_path / "run2"),
@@ -179,7 +180,3 @@ def test_a_run_uses_several_servers_of_one_deployment_together(corpus: Path, cle
             server.stop()
     assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == clean_kb
 
-
-def _process_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

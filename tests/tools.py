@@ -106,3 +106,9 @@ def _from_debian(package: str, *, with_dependencies: bool) -> Path | None:
         (cache / "root.complete").touch()
         shutil.rmtree(cache / "lists", ignore_errors=True)  # package lists are needed only to download
         return root
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
