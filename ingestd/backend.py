@@ -149,10 +149,10 @@ def _endpoint(method: str, path: str) -> str:
 
 
 ROTATE_EVERY = 64
-"""One request in this many asks the server to close its connection after answering: a server with several worker
-processes keeps each connection with the process that accepted it, so connections made once would load them unevenly
-for the whole run; re-made ones are accepted anew by whichever process is free (a new loopback connection costs far
-less than the 64 requests it carries)."""
+"""After one request in this many, its connection is closed (by the client, once the answer is read) rather than kept:
+a server with several worker processes keeps each connection with the process that accepted it, so connections made
+once would load them unevenly for the whole run; re-made ones are accepted anew by whichever process is free (a new
+loopback connection costs far less than the 64 requests it carries)."""
 
 
 class HttpKato:
@@ -161,8 +161,8 @@ class HttpKato:
     One aiohttp connection pool sized to the pipeline's concurrency (one
     request in flight per session), with requests in flight adapted to what the
     server takes (:mod:`ingestd.adaptive`; a 503 is back-pressure). A connection
-    stays with the server process that accepted it, so one request in
-    :data:`ROTATE_EVERY` closes its connection after the answer: connections are
+    stays with the server process that accepted it, so after one request in
+    :data:`ROTATE_EVERY` the client closes its connection: connections are
     re-made and spread over a multi-process server's workers. Idle connections
     are dropped after 4 s, before uvicorn's 5 s keep-alive timeout closes them.
 
@@ -257,8 +257,7 @@ class HttpKato:
         content = None if body is None else orjson.dumps(body)
         headers = _JSON_HEADERS
         self._sent += 1
-        if ROTATE_EVERY and self._sent % ROTATE_EVERY == 0:
-            headers = {**headers, "connection": "close"}  # re-made, and so re-accepted by any server process
+        rotate = bool(ROTATE_EVERY) and self._sent % ROTATE_EVERY == 0
         if key is not None or place is not None:
             headers = {**headers, **({"idempotency-key": key} if key is not None else {}),
                        **({LEDGER_HEADER: place.header()} if place is not None else {})}  # fmt: skip
@@ -269,6 +268,8 @@ class HttpKato:
                 async with self._client.request(method, path, data=content, headers=headers) as answer:
                     raw = await answer.read()
                     status = answer.status
+                    if rotate:  # this connection, read to its end, is closed rather than kept: the next is new
+                        answer.close()
                     if place is not None and status == 200 and LEDGER_HEADER not in answer.headers:
                         self.ledger = False  # not honoured here (say, a proxy dropped the header): resends may duplicate
             except aiohttp.ClientConnectorError as error:  # never connected: nothing was sent
