@@ -15,11 +15,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, settings
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 GOLDEN = SHARED / "kato-golden"
 CORPUS = SHARED / "corpus" / "tinyshakespeare.txt"
+
+# Hypothesis on a loaded machine: no per-example deadline and no "input generation is slow" check (both are
+# wall-clock limits, which a busy CI runner breaks without any bug).
+settings.register_profile("ingestd", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ingestd")
 
 
 def free_port() -> int:
