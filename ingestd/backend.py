@@ -138,6 +138,15 @@ def check_kato_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def check_kato_urls(text: str) -> list[str]:
+    """``--kato-url`` as a run takes it: one server, or several of one deployment separated by commas; each checked
+    as :func:`check_kato_url`, each once, in the order given. Raises ``ValueError`` naming what is wrong."""
+    urls = list(dict.fromkeys(check_kato_url(part.strip()) for part in text.split(",") if part.strip()))
+    if not urls:
+        raise ValueError(f"{text!r}: give a KATO server, http://host:port (or several, separated by commas)")
+    return urls
+
+
 def _endpoint(method: str, path: str) -> str:
     """A low-cardinality name for a KATO call: the route, without ids."""
     parts = path.split("?")[0].strip("/").split("/")

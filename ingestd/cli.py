@@ -119,12 +119,12 @@ def _kato_url(url: str | None) -> str | None:
 
 def _kato_urls(text: str | None) -> list[str]:
     """``--kato-url`` as ``ingestd run`` takes it: one server, or several separated by commas."""
-    if text is None:
-        return []
-    urls = [_kato_url(url.strip()) or "" for url in text.split(",") if url.strip()]
-    if not urls:
-        raise typer.BadParameter(f"{text!r}: give http://host:port, or several separated by commas", param_hint="--kato-url")
-    return urls
+    from ingestd.backend import check_kato_urls
+
+    try:
+        return [] if text is None else check_kato_urls(text)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--kato-url") from None
 
 
 def _int_list(text: str | None, what: str) -> list[int]:

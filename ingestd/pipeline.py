@@ -24,7 +24,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ingestd import __version__, catalogue, metrics
-from ingestd.backend import EmbeddedKato, HttpKato, KatoBackend, ReplicatedKato, check_kato_url
+from ingestd.backend import EmbeddedKato, HttpKato, KatoBackend, ReplicatedKato, check_kato_urls
 from ingestd.engine import EngineSettings
 from ingestd.errors import IngestError, KatoRejected, ServerDown, Transient, find_ingest_error
 from ingestd.hierarchy import Hierarchy
@@ -105,12 +105,7 @@ class RunConfig(BaseModel):
     @classmethod
     def _kato_url(cls, url: str | None) -> str | None:
         """One server, or several of one deployment separated by commas (used together)."""
-        if url is None:
-            return None
-        urls = [check_kato_url(part.strip()) for part in url.split(",") if part.strip()]
-        if not urls:
-            raise ValueError("give a KATO server, http://host:port (or several, separated by commas)")
-        return ",".join(dict.fromkeys(urls))
+        return None if url is None else ",".join(check_kato_urls(url))
 
     @field_validator("source")
     @classmethod

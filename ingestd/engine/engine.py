@@ -71,6 +71,14 @@ def fresh(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     return call
 
 
+def _still(connection: Any, session_id: str, version: float) -> None:
+    """Raise :class:`StaleSession` unless the store still holds ``version`` of the session (its expiry, which every
+    write sets anew): another process wrote or deleted it since this one read it."""
+    row = connection.execute("SELECT expires_at FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+    if row is None or row[0] != version:
+        raise StaleSession(session_id)
+
+
 class Learned(NamedTuple):
     """What :meth:`Engine.learn_chunks` did: every name, in order, and whether it was a replay (stored before)."""
 
@@ -232,13 +240,12 @@ class Engine:
         the run ledger says it was not yet (:mod:`ingestd.engine.ledger`); returns False for a replay, which
         stores nothing and leaves the session as it was.
         """
-        base = draft.expires_at if self.settings.shared_sessions and not new else None
+        shared = self.settings.shared_sessions
+        base = draft.expires_at if shared and not new else None
         draft.expires_at = time.time() + draft.ttl_seconds
         draft.enforce_limits()
         document = draft.to_document()
         store = self.store
-
-        shared = self.settings.shared_sessions
 
         def job(connection: Any) -> bool:
             if shared and applied is not None:  # another process may have applied this key since we looked
@@ -246,9 +253,7 @@ class Engine:
                 if outcome is not None:
                     raise AlreadyApplied(outcome)
             if base is not None:  # another process may serve this session too: write only over what we read
-                row = connection.execute("SELECT expires_at FROM sessions WHERE session_id = ?", (draft.session_id,)).fetchone()
-                if row is None or row[0] != base:
-                    raise StaleSession(draft.session_id)
+                _still(connection, draft.session_id, base)
             if place is not None and not ledger.record(connection, place, draft.kb_id):
                 return False
             if clear_kb:
@@ -354,9 +359,7 @@ class Engine:
 
             def job(connection: Any) -> None:
                 if base is not None:  # write only over what we read (another process may have changed or deleted it)
-                    row = connection.execute("SELECT expires_at FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
-                    if row is None or row[0] != base:
-                        raise StaleSession(session_id)
+                    _still(connection, session_id, base)
                 KnowledgeStore.save_session(connection, document)
 
             await self._run(job)

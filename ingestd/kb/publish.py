@@ -237,7 +237,7 @@ def _counters(reader: StoreReader, target: Target) -> list[str | None]:
     for _, frequency, length in reader.frequencies(target.node.kb_id):
         symbols += frequency * length
         patterns += 1
-    return [str(symbols), str(patterns), str(patterns)] if patterns else [None, None, None]
+    return storage.global_counters(symbols, patterns)
 
 
 BYTES_PER_KEY = 160  # what Redis takes per small string key, beyond its name and value (measured: ~100-200)
@@ -300,7 +300,7 @@ def _publish_kb(reader: StoreReader, target: Target, deployment: Deployment) -> 
         pipe.execute()
     if not statistics.patterns:
         return {"rows": rows, "keys": 0, "rows_seconds": round(rows_done - started, 3), "keys_seconds": 0.0,
-                "counters": [None, None, None]}
+                "counters": storage.global_counters(0, 0)}
     for name, table in (("symbols:freq", statistics.freq), ("symbols:pmf", statistics.pmf)):
         fields = list(table.items())
         for start in range(0, len(fields), FIELDS_PER_HSET):
@@ -313,13 +313,13 @@ def _publish_kb(reader: StoreReader, target: Target, deployment: Deployment) -> 
         if len(pipe) >= KEYS_PER_PIPELINE:
             pipe.execute()
     pipe.execute()
-    counters = statistics.global_keys(kb)
-    for key, value in counters:  # last: a kb without them is unfinished
+    for key, value in statistics.global_keys(kb):  # last: a kb without them is unfinished
         pipe.set(key, value)
         keys += 1
     pipe.execute()
     return {"rows": rows, "keys": keys, "rows_seconds": round(rows_done - started, 3),
-            "keys_seconds": round(time.perf_counter() - rows_done, 3), "counters": [value for _, value in counters]}
+            "keys_seconds": round(time.perf_counter() - rows_done, 3),
+            "counters": storage.global_counters(statistics.symbols_learned, statistics.patterns)}
 
 
 # -- reading back ---------------------------------------------------------------------------------------------

@@ -219,10 +219,15 @@ class SymbolStatistics:
 
     def global_keys(self, kb: str) -> list[tuple[str, str]]:
         """The three global counters, in the order KATO writes them; a kb without patterns has none."""
-        if not self.patterns:
-            return []
-        values = (self.symbols_learned, self.patterns, self.patterns)  # total_pattern_frequencies: distinct patterns
-        return [(f"{kb}:global:{name}", str(value)) for name, value in zip(GLOBALS, values, strict=True)]
+        values = global_counters(self.symbols_learned, self.patterns)
+        return [] if not self.patterns else [(f"{kb}:global:{name}", str(value)) for name, value in zip(GLOBALS, values, strict=True)]
+
+
+def global_counters(symbols_learned: int, patterns: int) -> list[str | None]:
+    """The values of :data:`GLOBALS` for a kb of ``patterns`` distinct patterns whose learns stored
+    ``symbols_learned`` symbols (Σ frequency × length); None for a kb without patterns, which has no such keys.
+    ``total_pattern_frequencies`` is the number of distinct patterns, not of learns: a KATO quirk predictions keep."""
+    return [str(symbols_learned), str(patterns), str(patterns)] if patterns else [None, None, None]
 
 
 # -- canonical dumps (kato-golden/storage/README.md) -------------------------------------------------------------
