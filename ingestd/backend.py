@@ -157,11 +157,11 @@ def _endpoint(method: str, path: str) -> str:
     return parts[0] or "root"
 
 
-ROTATE_EVERY = 64
+ROTATE_EVERY = 16
 """After one request in this many, its connection is closed (by the client, once the answer is read) rather than kept:
 a server with several worker processes keeps each connection with the process that accepted it, so connections made
 once would load them unevenly for the whole run; re-made ones are accepted anew by whichever process is free (a new
-loopback connection costs far less than the 64 requests it carries)."""
+loopback connection costs far less than the 16 requests it carries)."""
 
 
 class HttpKato:
@@ -248,7 +248,7 @@ class HttpKato:
             body = orjson.loads(raw) if status == 200 else None
         except orjson.JSONDecodeError:
             return None
-        if isinstance(body, dict) and isinstance(body.get("extensions"), dict) and body["extensions"].get("ledger") == 1:
+        if isinstance(body, dict) and isinstance(body.get("extensions"), dict) and body["extensions"].get("ledger") == 2:
             return str(body.get("store_id") or self.url)
         return None
 

@@ -71,6 +71,8 @@ def kato_serve(
     session_ttl: Annotated[Optional[int], typer.Option(help="KATO's SESSION_TTL in seconds (default 3600).")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, max=256, help="Server processes over the one store, as uvicorn's --workers (KATO's image: one per core); exact under any concurrency. Default 1.")] = None,
     limit_concurrency: Annotated[Optional[int], typer.Option(min=2, help="Answer 503 beyond this many connections and requests at once (each request counts with its connection), per process, as uvicorn's --limit-concurrency (KATO's image: 100 per worker). Default: no limit.")] = None,
+    cpu_per_request_ms: Annotated[Optional[float], typer.Option(min=0, max=10_000, help="Spend this much CPU on every request before serving it, as a stand-in for a real KATO's speed (KATO 3.10.1: about 4 ms). Default 0.", rich_help_panel="Standing in for a KATO")] = None,
+    cpu_per_symbol_ms: Annotated[Optional[float], typer.Option(min=0, max=10_000, help="... and this much per observed symbol (KATO 3.10.1: about 3 ms). Default 0.", rich_help_panel="Standing in for a KATO")] = None,
 ) -> None:
     """Serve KATO 3.10.1's HTTP API from the embedded engine, storing knowledge bases in --data-dir.
 
@@ -83,7 +85,8 @@ def kato_serve(
     server = settings.server.model_validate(
         {**settings.server.model_dump(), **_overrides(
             host=host, port=port, data_dir=data, durability=durability, persistence=persistence,
-            session_ttl=session_ttl, limit_concurrency=limit_concurrency, workers=workers)}
+            session_ttl=session_ttl, limit_concurrency=limit_concurrency, workers=workers,
+            cpu_per_request_ms=cpu_per_request_ms, cpu_per_symbol_ms=cpu_per_symbol_ms)}
     )  # fmt: skip
     serve(server)
 
@@ -154,6 +157,7 @@ _RUN_ID = Annotated[str, typer.Option(help="Run name, available to --node-ids as
 _ALLOW_MIXED_KB = Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed (refused otherwise).", rich_help_panel="Hierarchy")]
 _WORKERS = Annotated[int, typer.Option(min=1, max=1024, help="Concurrent workers, each with one session per node.", rich_help_panel="Backend")]
 _BATCH_CHUNKS = Annotated[int, typer.Option(min=1, max=4096, help="Chunks per observe-sequence on batched levels.", rich_help_panel="Backend")]
+_PARALLEL_BATCHES = Annotated[int, typer.Option(min=1, max=64, help="Calls of one long sample at one level in flight at once, each on its own session, so one document keeps several KATO workers busy (levels without metadata; 1: one after another).", rich_help_panel="Backend")]
 _BATCHING = Annotated[bool, typer.Option("--batching/--no-batching", help="Batch levels without metadata through KATO's auto-learn.", rich_help_panel="Backend")]
 _DURABILITY = Annotated[str, typer.Option(help="Embedded engine: full (fsync) or normal.", rich_help_panel="Backend")]
 _PATIENCE = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for a KATO that is down, per outage.", rich_help_panel="Backend")]
@@ -186,6 +190,7 @@ def run_command(
     workers: _WORKERS = 8,
     planners: Annotated[Optional[int], typer.Option(min=0, max=64, help="Processes that tokenize and plan beside learning (default: one per core beyond the first; 0: in this process).", show_default=False, rich_help_panel="Backend")] = None,
     batch_chunks: _BATCH_CHUNKS = 64,
+    parallel_batches: _PARALLEL_BATCHES = 4,
     batching: _BATCHING = True,
     kato: Annotated[Optional[str], typer.Option("--kato-url", "--kato", help="A KATO server, http://host:port; several of one deployment, comma-separated, are used together (a run spreads its sessions over them; with --shards, shard I learns through the (I mod count)-th). Default: the embedded engine in-process.", rich_help_panel="Backend")] = None,
     data: Annotated[Path, typer.Option("--data-dir", "--data", help="Directory of the embedded engine's knowledge store.", rich_help_panel="Backend")] = Path("kato-data"),
@@ -251,6 +256,7 @@ def run_command(
                           min_chars=min_chars if min_chars is not None else hierarchy.run_options.get("min_chars", MIN_CHARS))
         config = RunConfig(source=spec, hierarchy=hierarchy, tokenizer=tokenizer, workers=workers, planners=planners,
                            batch_chunks=batch_chunks, batching=batching, kato_url=kato, data_dir=data,
+                           parallel_batches=parallel_batches,
                            durability=durability, run_id=run_id, fresh=fresh, skip=skip,  # type: ignore[arg-type]
                            max_samples=max_samples, run_dir=run_dir, retry_failed=retry_failed,
                            drain_timeout=drain_timeout, allow_mixed_kb=allow_mixed_kb, shard=shard,
@@ -563,6 +569,7 @@ def jobs_submit(
     workers: _WORKERS = 8,
     planners: Annotated[Optional[int], typer.Option(min=0, max=64, help="Processes that tokenize and plan (default: one per core beyond the first).", show_default=False, rich_help_panel="Backend")] = None,
     batch_chunks: _BATCH_CHUNKS = 64,
+    parallel_batches: _PARALLEL_BATCHES = 4,
     batching: _BATCHING = True,
     durability: _DURABILITY = "full",
     patience: _PATIENCE = 600.0,
@@ -580,7 +587,8 @@ def jobs_submit(
         "split": split, "txt_mode": txt_mode, "max_samples": max_samples, "skip": skip,
         "max_sample_chars": max_sample_chars, "min_chars": min_chars, "tokenizer": tokenizer, "run_id": run_id,
         "allow_mixed_kb": allow_mixed_kb, "kato_url": _kato_url(kato), "workers": workers, "planners": planners,
-        "batch_chunks": batch_chunks, "batching": batching, "durability": durability, "patience": patience,
+        "batch_chunks": batch_chunks, "parallel_batches": parallel_batches, "batching": batching,
+        "durability": durability, "patience": patience,
         "request_timeout": request_timeout, "fresh": fresh,
         "metadata_fields": [f.strip() for f in (metadata_fields or "").split(",") if f.strip()],
     }  # fmt: skip

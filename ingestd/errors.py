@@ -78,18 +78,34 @@ class KatoRejected(Exception):
 
 
 class LedgerOutOfStep(KatoRejected):
-    """409 LEDGER_CONFLICT: the run ledger holds another number of a sample's chunks than the call assumed
-    (a killed run's last request was applied late). Nothing was stored; go on from ``stored``."""
+    """409 LEDGER_CONFLICT: the run ledger holds some of the call's chunks already (a killed run's last request
+    was applied late, or a run resumed with another batch size). Nothing was stored; ``stored`` chunks from the
+    first on and the ``ahead`` ranges (first, end) beyond them are: send the rest."""
 
-    def __init__(self, stored: int, message: str) -> None:
+    def __init__(self, stored: int, message: str, ahead: list[tuple[int, int]] | None = None) -> None:
         super().__init__(409, message)
         self.stored = stored
+        self.ahead = ahead or []
+
+    def missing(self, first: int, end: int) -> list[tuple[int, int]]:
+        """The ranges of chunks ``first`` to ``end`` the ledger does not hold, in order."""
+        missing, position = [], max(first, self.stored)
+        for low, high in sorted(self.ahead):
+            if low > position and position < end:
+                missing.append((position, min(low, end)))
+            position = max(position, high)
+        if position < end:
+            missing.append((position, end))
+        return missing
 
 
 def ledger_out_of_step(detail: object) -> LedgerOutOfStep | None:
     """The conflict a 409's ``detail`` describes, if it is the run ledger's."""
     if isinstance(detail, dict) and detail.get("error") == "LEDGER_CONFLICT" and isinstance(detail.get("stored_chunks"), int):
-        return LedgerOutOfStep(detail["stored_chunks"], str(detail.get("message", "")))
+        spans = detail.get("ahead")
+        ahead = [(int(span[0]), int(span[1])) for span in spans if isinstance(span, list) and len(span) == 2
+                 and all(isinstance(bound, int) for bound in span)] if isinstance(spans, list) else []  # fmt: skip
+        return LedgerOutOfStep(detail["stored_chunks"], str(detail.get("message", "")), ahead)
     return None
 
 

@@ -24,7 +24,7 @@ from ingestd import metrics
 from ingestd.backend import check_kato_url
 from ingestd.errors import IngestError, find_ingest_error, first_cause
 from ingestd.hierarchy import MAX_LEVELS, Hierarchy, HierarchyError
-from ingestd.pipeline import MAX_BATCH_CHUNKS, MAX_WORKERS, Pipeline, RunConfig
+from ingestd.pipeline import MAX_BATCH_CHUNKS, MAX_PARALLEL_BATCHES, MAX_WORKERS, Pipeline, RunConfig
 from ingestd.retry import RetryPolicy
 from ingestd.source import MAX_COUNT, MAX_TEXT_CHARS, MIN_CHARS, SourceError, SourceSpec
 
@@ -90,6 +90,7 @@ class JobSpec(BaseModel):
     allow_mixed_kb: bool = Field(default=False, description="Feed nodes another level, chunk size or tokenizer fed.")
     fresh: bool = Field(default=False, description="clear-all the job's nodes before its first start (never on a resume).")
     batch_chunks: int = Field(default=64, ge=1, le=MAX_BATCH_CHUNKS)
+    parallel_batches: int = Field(default=4, ge=1, le=MAX_PARALLEL_BATCHES)
     batching: bool = True
     durability: Literal["full", "normal"] = "full"
     patience: float = Field(default=600.0, gt=0, description="Seconds a KATO may stay unusable before the job fails.")
@@ -131,6 +132,7 @@ class JobSpec(BaseModel):
         fresh = self.fresh and not (run_dir / "progress.sqlite3").exists()
         return RunConfig(source=source, hierarchy=hierarchy, tokenizer=self.tokenizer, workers=self.workers,
                          planners=self.planners, batch_chunks=self.batch_chunks, batching=self.batching,
+                         parallel_batches=self.parallel_batches,
                          durability=self.durability, fresh=fresh,
                          retry=RetryPolicy(patience=self.patience, request_timeout=self.request_timeout),
                          kato_url=self.kato_url, data_dir=state_dir / "kato-data", run_id=self.run_id,

@@ -52,6 +52,7 @@ T = TypeVar("T")
 MAX_WORKERS = 1024
 """Workers at most (each holds a session per level and a connection): beyond, memory grows for nothing."""
 MAX_BATCH_CHUNKS = 4096
+MAX_PARALLEL_BATCHES = 64
 
 
 class RunConfig(BaseModel):
@@ -66,6 +67,8 @@ class RunConfig(BaseModel):
     batch_chunks: int = Field(default=64, ge=1, le=MAX_BATCH_CHUNKS,
                               description="Chunks per observe-sequence call on batched levels.")  # fmt: skip
     batching: bool = True
+    parallel_batches: int = Field(default=4, ge=1, le=MAX_PARALLEL_BATCHES, description="Calls of one sample at one "
+                                  "level in flight at once, each on its own session (over HTTP; levels without metadata).")  # fmt: skip
     kato_url: str | None = Field(default=None, description="A KATO server, or several of one deployment separated "
                                  "by commas (used together); None = the embedded engine in-process.")  # fmt: skip
     data_dir: Path = Path("kato-data")
@@ -280,7 +283,10 @@ class RunSummary:
 
 def make_backend(config: RunConfig) -> KatoBackend:
     if config.kato_url:
-        connections = config.workers * max(1, len(config.hierarchy.levels))
+        # as many as the run's sessions can have in flight: one per level and worker, or on levels without metadata
+        # up to --parallel-batches (a long sample's calls at once)
+        sessions = sum(1 if level.capture_metadata else config.parallel_batches for level in config.hierarchy.levels)
+        connections = config.workers * max(1, sessions)
         registry = NodeRegistry(config.node_registry or Path("ingestd-runs") / "kato-nodes.sqlite3")
         urls = config.kato_url.split(",")
         servers = [HttpKato(url, connections=connections, timeout=config.retry.request_timeout, registry=registry)
@@ -373,6 +379,7 @@ class Pipeline:
         return {"source": config.source.describe(), "tokenizer": config.tokenizer,
                 "hierarchy": config.hierarchy.describe(config.run_id), "workers": config.workers,
                 "batching": config.batching, "batch_chunks": config.batch_chunks,
+                "parallel_batches": config.parallel_batches,
                 "backend": config.kato_url or f"embedded:{config.data_dir}",
                 "run_dir": str(self._run_dir or config.resolved_run_dir()),
                 "shard": str(config.shard) if config.shard is not None else None}  # fmt: skip
@@ -471,7 +478,8 @@ class Pipeline:
                         else:
                             for number in range(config.workers):
                                 worker = Worker(number, backend, setups, config.batch_chunks, policy=config.retry,
-                                                watch=watch, recovery=self.stats, run_key=progress.run_key)  # fmt: skip
+                                                watch=watch, recovery=self.stats, run_key=progress.run_key,
+                                                parallel_batches=config.parallel_batches)  # fmt: skip
                                 pipeline.start_soon(self._work, worker, progress, backend, receive.clone())
                         receive.close()
                 group.cancel_scope.cancel()

@@ -2,8 +2,13 @@
 
 Every level of a sample is sent at once (each on its own session, so there is
 never more than one request in flight per session); the plan already knows
-every name, so a level need not wait for the one below. Each name the server
-returns is checked against the plan.
+every name, so a level need not wait for the one below. A long sample's calls
+at one level go out on up to ``parallel_batches`` sessions of that level at
+once, so one document can keep several server workers busy: each call starts
+on an empty STM (auto-learn clears it, learn empties it), so they do not
+depend on each other; levels with metadata stay on one session, in order (learn
+keeps accumulated metadata). Each name the server returns is checked against
+the plan.
 
 Each call carries its place in the run (run key, sample, first chunk, chunks), so a backend with the
 run ledger stores every chunk of a run once, whatever is resent. A level the server refuses (a 4xx)
@@ -13,6 +18,7 @@ stored, so the sample can be retried from exactly there.
 
 from __future__ import annotations
 
+import bisect
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,7 +29,15 @@ import structlog
 
 from ingestd.backend import KatoBackend
 from ingestd.engine import Place
-from ingestd.errors import KatoRejected, KatoUnavailable, LedgerOutOfStep, PlanMismatch, ServerDown, SessionLost, Transient
+from ingestd.errors import (
+    KatoRejected,
+    KatoUnavailable,
+    LedgerOutOfStep,
+    PlanMismatch,
+    ServerDown,
+    SessionLost,
+    Transient,
+)
 from ingestd.hierarchy import Hierarchy
 from ingestd.plan import LevelPlan, SamplePlan
 from ingestd.retry import RetryPolicy, ServerWatch, send
@@ -88,27 +102,28 @@ class Worker:
     """
 
     def __init__(self, number: int, backend: KatoBackend, levels: list[LevelSetup], batch_chunks: int, *, policy: RetryPolicy,
-                 watch: ServerWatch, recovery: Recovery, run_key: str) -> None:  # fmt: skip
+                 watch: ServerWatch, recovery: Recovery, run_key: str, parallel_batches: int = 1) -> None:  # fmt: skip
         self.number = number
         self.backend = backend
         self.levels = levels
         self.batch_chunks = batch_chunks
+        self.parallel_batches = max(1, parallel_batches)
         self.policy = policy
         self.watch = watch
         self.recovery = recovery
         self.run_key = run_key
-        self.sessions: list[str] = []
+        self.sessions: list[list[str]] = []  # per level: its sessions (more than one once a long sample needed them)
         self._nonce = secrets.token_hex(8)  # session keys are this process's own
         self._created = 0
         self._unclean: set[int] = set()  # metadata levels whose session may still hold a sample's metadata
 
     async def open(self) -> None:
         for level in self.levels:
-            self.sessions.append(await self._create(level))
+            self.sessions.append([await self._create(level)])
 
     async def close(self) -> None:
         """Delete this worker's sessions, resending through outages like any call; a lost one is already gone."""
-        sessions, self.sessions = self.sessions, []
+        sessions, self.sessions = [session for level in self.sessions for session in level], []
         for session_id in sessions:
 
             async def delete(session_id: str = session_id) -> None:
@@ -162,30 +177,68 @@ class Worker:
                             metadata: dict[str, Any] | None, outcome: SampleOutcome) -> None:  # fmt: skip
         # One call is the unit of resending: a batch of whole chunks, or (without auto-learn) one chunk.
         size = self.batch_chunks if level.batched else 1
-        first, total, resyncs = outcome.stored[level.index], len(level_plan.chunks), 0
-        while first < total:
-            chunks, planned = level_plan.chunks[first : first + size], level_plan.names[first : first + size]
-            place = Place(self.run_key, plan.index, first, len(chunks))
+        first, total = outcome.stored[level.index], len(level_plan.chunks)
+        calls = [(start, min(start + size, total)) for start in range(first, total, size)]
+        lanes = 1 if level.capture_metadata else min(len(calls), self.parallel_batches)
+        done = [False] * len(calls)
+        taken = iter(range(len(calls)))  # shared by the lanes: each call is taken once, in order
+        refused: list[KatoRejected] = []
+
+        async def lane(slot: int) -> None:
+            for number in taken:
+                if refused:  # a refusal stops the level: calls in flight finish, no new one starts
+                    return
+                try:
+                    await self._learn_range(level, slot, level_plan, plan, metadata, outcome, *calls[number])
+                except KatoRejected as rejection:
+                    refused.append(rejection)
+                    return
+                done[number] = True
+                reached = outcome.stored[level.index]
+                while (position := bisect.bisect_left(calls, (reached,))) < len(calls) and done[position] \
+                        and calls[position][0] == reached:  # fmt: skip
+                    reached = calls[position][1]
+                outcome.stored[level.index] = reached  # the chunks stored from the first on
+
+        if lanes <= 1:
+            await lane(0)
+        else:
+            while len(self.sessions[level.index]) < lanes:  # made when a sample first needs them, kept for the next
+                self.sessions[level.index].append(await self._create(level))
+            async with anyio.create_task_group() as group:
+                for slot in range(lanes):
+                    group.start_soon(lane, slot)
+        if refused:
+            raise refused[0]
+
+    async def _learn_range(self, level: LevelSetup, slot: int, level_plan: LevelPlan, plan: SamplePlan,
+                           metadata: dict[str, Any] | None, outcome: SampleOutcome, first: int, end: int) -> None:  # fmt: skip
+        """Have chunks ``first`` to ``end`` of a level stored, in one call on the level's session ``slot`` (or, if the
+        run ledger holds some of them already, one call per range it lacks)."""
+        pending, resyncs = [(first, end)], 0
+        while pending:
+            start, stop = pending.pop(0)
+            chunks, planned = level_plan.chunks[start:stop], level_plan.names[start:stop]
+            place = Place(self.run_key, plan.index, start, len(chunks))
             try:
                 learned = await self._send(
-                    level, plan.index,
+                    level, slot, plan.index,
                     lambda session_id, chunks=chunks, place=place: self.backend.learn(
                         session_id, chunks, metadata=metadata, auto_learn=level.batched, place=place),
                     resend_may_duplicate=True,
                 )  # fmt: skip
             except LedgerOutOfStep as step:
-                # The ledger moved since this sample's resume point was read (a killed run's last request,
-                # applied late): go on from what it records. More than twice would be a bug; fail the level.
+                # The ledger holds some of these chunks: a killed run's last request, applied late, or a run resumed
+                # with another batch size. Send only what it lacks. More than twice would be a bug; fail the level.
                 resyncs += 1
-                if resyncs > 2 or not 0 <= step.stored <= total:
+                if resyncs > 2:
                     raise
-                log.warning("the run ledger records another position; going on from it", stored_chunks=step.stored,
-                            first_chunk=first)  # fmt: skip
-                first = outcome.stored[level.index] = step.stored
+                log.warning("the run ledger holds some of these chunks already; sending the rest", stored_chunks=step.stored,
+                            first_chunk=start, chunks=len(chunks))  # fmt: skip
+                pending = step.missing(start, stop) + pending
                 continue
             if learned.names != planned:
                 raise PlanMismatch(_mismatch(self.backend.description, level.node_id, plan.index, learned.names, planned))
-            first = outcome.stored[level.index] = first + len(chunks)
             if learned.replayed:
                 outcome.replayed[level.index] += len(chunks)
             else:
@@ -195,19 +248,23 @@ class Worker:
         """Clear a metadata level's session if it may hold metadata: learn keeps accumulated metadata, so
         without this the next sample's patterns would get this one's too (also after a refusal)."""
         if level.index in self._unclean:
-            await self._send(level, sample_index, self.backend.clear_stm, resend_may_duplicate=False)
+            await self._send(level, 0, sample_index, self.backend.clear_stm, resend_may_duplicate=False)
             self._unclean.discard(level.index)
 
-    async def _send(self, level: LevelSetup, sample_index: int, call: Callable[[str], Awaitable[T]], *,
+    async def _send(self, level: LevelSetup, slot: int, sample_index: int, call: Callable[[str], Awaitable[T]], *,
                     resend_may_duplicate: bool) -> T:  # fmt: skip
+        """One call on the level's session ``slot``, resent as the policy says."""
+        sessions = self.sessions[level.index]
+
         async def on_retry(failure: Transient) -> None:
             self.recovery.retried(failure.cause, str(failure))
             if isinstance(failure, SessionLost):
-                await self._recreate(level)
+                sessions[slot] = await self._create(level)
+                self.recovery.session_recreated(level.node_id)
             elif isinstance(failure, ServerDown):
                 await self.watch.wait_until_up(str(failure))
 
-        result, ambiguous = await send(lambda: call(self.sessions[level.index]), self.policy, on_retry=on_retry,
+        result, ambiguous = await send(lambda: call(sessions[slot]), self.policy, on_retry=on_retry,
                                        server=self.backend.description)  # fmt: skip
         if ambiguous and resend_may_duplicate and not self.backend.ledger:
             self.recovery.possible_duplicate(sample_index, level.node_id)
@@ -217,10 +274,6 @@ class Worker:
         self.recovery.retried(failure.cause, str(failure))  # session calls belong to no sample
         if isinstance(failure, ServerDown):
             await self.watch.wait_until_up(str(failure))
-
-    async def _recreate(self, level: LevelSetup) -> None:
-        self.sessions[level.index] = await self._create(level)
-        self.recovery.session_recreated(level.node_id)
 
 
 def _mismatch(server: str, node_id: str, sample_index: int, learned: list[str], planned: list[str]) -> str:

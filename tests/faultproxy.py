@@ -185,6 +185,8 @@ class FaultProxy:
         self._faults: dict[str, _Fault] = {}
         self._requests = 0
         self._injected: Counter[str] = Counter()
+        self._busy: Counter[str] = Counter()  # sessions with a request upstream now, and how many
+        self._busy_peak = 0
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -207,6 +209,12 @@ class FaultProxy:
         """How often each fault fired, by the name of the method that set it."""
         with self._lock:
             return self._injected.copy()
+
+    @property
+    def busy_sessions_peak(self) -> int:
+        """The most sessions that had a request being served upstream at one moment."""
+        with self._lock:
+            return self._busy_peak
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -372,7 +380,16 @@ class FaultProxy:
                 )
             )
         else:
-            response = await upstream.exchange(request)
+            session_id = _session_of(request.start[1])
+            with self._lock:
+                self._busy[session_id or ""] += 1
+                self._busy_peak = max(self._busy_peak, sum(1 for busy in self._busy if busy))
+            try:
+                response = await upstream.exchange(request)
+            finally:
+                with self._lock:
+                    self._busy[session_id or ""] -= 1
+                    self._busy += Counter()  # drops the sessions no longer busy
             if fault.kind == "drop_response_every":
                 return False
             if fault.kind == "delay_every":

@@ -77,7 +77,7 @@ def _kill(process: subprocess.Popen[bytes] | None) -> bool:
 @pytest.fixture(scope="module")
 def long_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]], int]:
     """All of tinyshakespeare three times (21,426 samples), and its clean knowledge base: in-process, a run learns
-    2,000-3,000 paragraphs a second, and twice over, 14 kills at random moments have outlasted it."""
+    2,000-3,000 paragraphs a second, and twice over, 14 kills at random moments have outlasted it (10 are made)."""
     path = tmp_path_factory.mktemp("crash-long") / "shakespeare.txt"
     path.write_text("\n\n".join(CORPUS.read_text(encoding="utf-8").split("\n\n") * 3), encoding="utf-8")
     data = tmp_path_factory.mktemp("crash-long-clean")
@@ -90,13 +90,13 @@ def test_kill_9_of_ingestd_at_random_moments_in_process(long_corpus: Any, tmp_pa
     draw = random.Random(SEED)
     data, run_dir = tmp_path / "kb", tmp_path / "run"
     history = []
-    for _ in range(14):
+    for _ in range(10):
         options = _options(draw)
         process = _client(corpus, ["--data", str(data)], run_dir, options)
         moment = _moment(draw, run_dir, process)
         history.append((options, moment, _kill(process), samples_done(run_dir)))
     kills = sum(killed for _, _, killed, _ in history)
-    assert kills >= 13 and samples_done(run_dir) < total, history  # the kills fell while there was work left
+    assert kills >= 9 and samples_done(run_dir) < total, history  # the kills fell while there was work left
     final = ok(str(corpus), *LEVELS, "--data", str(data), "--run-dir", str(run_dir), *_options(draw))
     assert final["recovery"]["possible_duplicates"] == 0
     assert kb_dump(data / "kato.sqlite3", NODES) == clean_kb, f"seed {SEED}: {history}"
@@ -112,7 +112,7 @@ def test_kill_9_of_ingestd_the_engine_server_or_both_over_http(corpus: Path, cle
     client: subprocess.Popen[bytes] | None = None
     history = []
     try:
-        for _ in range(16):
+        for _ in range(12):
             if server.process is None or server.process.poll() is not None:
                 server.start()
             if client is None or client.poll() is not None:
@@ -127,7 +127,7 @@ def test_kill_9_of_ingestd_the_engine_server_or_both_over_http(corpus: Path, cle
                 time.sleep(draw.uniform(0.0, 1.0))  # down for a while; a client still running waits for it
             history.append((victim, moment, killed, samples_done(run_dir)))
         kills = sum(sum(killed) for _, _, killed, _ in history)
-        assert kills >= 15 and samples_done(run_dir) < total, history
+        assert kills >= 11 and samples_done(run_dir) < total, history
         if server.process is None or server.process.poll() is not None:
             server.start()
         if client is not None and client.poll() is None:

@@ -150,7 +150,7 @@ def test_a_job_learns_what_ingestd_run_learns_and_metrics_count_it(daemon: Daemo
 def test_a_job_resumes_after_the_daemon_restarts_and_queued_jobs_can_be_cancelled(
     tmp_path: Path, engine_server: EngineServer
 ) -> None:
-    source = corpus(tmp_path, samples=1200)
+    source = corpus(tmp_path, samples=600)
     daemon = Daemon(tmp_path / "state", kato_urls=(engine_server.url,), INGESTD_MAX_JOBS="1").start()
     spec = {"source": str(source), "chunk_sizes": [4, 4, 4], "metadata_levels": [1, 2], "kato_url": engine_server.url,
             "node_ids": "daemon-b-node{level}", "workers": 2}  # fmt: skip

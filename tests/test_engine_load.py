@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import sqlite3
 from pathlib import Path
 from typing import Any
+
+import hypothesis
+from hypothesis import strategies as st
 
 from ingestd.engine import Engine, EngineSettings, Observation
 from ingestd.engine.load import LevelLoad, SampleLoad
@@ -165,3 +169,72 @@ def test_a_store_made_with_the_earlier_clustered_layout_learns_the_same_as_a_new
     expected = _patterns(tmp_path / "new")
     assert len(expected) > 50 and any(row[4] > 2 for row in expected)
     assert _patterns(old) == expected
+
+
+@hypothesis.given(total=st.integers(1, 24), cuts=st.lists(st.integers(1, 23), max_size=8), resends=st.integers(0, 6),
+                  order=st.randoms(use_true_random=False), resize=st.integers(1, 9))  # fmt: skip
+def test_the_ledger_stores_each_chunk_once_whatever_order_the_calls_land_in(total: int, cuts: list[int], resends: int,
+                                                                           order: random.Random, resize: int) -> None:  # fmt: skip
+    """A sample's calls land in any order (a long sample's batches go out on several sessions at once) and some
+    are sent again, whole or regrouped (a resumed run with another batch size): each chunk is applied exactly
+    once; a regrouped call that overlaps what is stored is refused with what is stored, and sending what the
+    refusal says is missing completes the sample."""
+    from ingestd.engine import ledger
+    from ingestd.errors import LedgerOutOfStep
+
+    connection = sqlite3.connect(":memory:")
+    connection.executescript(ledger.SCHEMA)
+    bounds = sorted({0, total, *(cut for cut in cuts if cut < total)})
+    calls = list(itertools.pairwise(bounds))
+    sent = calls + [order.choice(calls) for _ in range(resends)]
+    order.shuffle(sent)
+    applied = [0] * total
+
+    def send(first: int, end: int) -> None:
+        try:
+            if ledger.record(connection, ledger.Place("run", 3, first, end - first), "kb"):
+                for chunk in range(first, end):
+                    applied[chunk] += 1
+        except ledger.LedgerConflict as conflict:
+            assert conflict.stored < end or conflict.ahead  # it does hold some of them
+            for low, high in LedgerOutOfStep(conflict.stored, "", conflict.ahead).missing(first, end):
+                send(low, high)
+
+    half = len(sent) // 2
+    for first, end in sent[:half]:
+        send(first, end)
+    for first in range(0, total, resize):  # the rest, regrouped: a resumed run with another batch size
+        send(first, min(first + resize, total))
+    assert applied == [1] * total
+    found = ledger.positions(connection, "run", [3])
+    assert found[(3, "kb")] == (total, [])  # all joined into the prefix
+    assert ledger.status(connection, "run", ["kb"], [3])["totals"] == {"kb": total}
+
+
+def test_a_load_after_calls_stored_ranges_ahead_stores_only_the_rest(tmp_path: Path) -> None:
+    """A run over HTTP stored some of a long sample's batches out of order and was killed; resumed in-process,
+    the load stores only the chunks the ledger lacks: the knowledge base equals learning the sample once."""
+    tokens = [f"Ġw{index % 13}" for index in range(90)]
+    levels = plan_levels(tokens, [2])
+    sample = SampleLoad(0, [LevelLoad("ahead-node0", levels[0].chunks, levels[0].names)])
+
+    async def whole(data_dir: Path) -> list[list[int]]:
+        async with Engine(EngineSettings(data_dir=data_dir)) as engine:
+            return await engine.load("run", [sample])
+
+    async def calls(data_dir: Path, ranges: list[tuple[int, int]]) -> None:
+        """Ranges of the sample stored as a server stores calls with their ledger place (here out of order)."""
+        from ingestd.engine import Place
+
+        async with Engine(EngineSettings(data_dir=data_dir)) as engine:
+            config = {"process_predictions": False, "max_pattern_length": 2, "stm_mode": "CLEAR"}
+            session = (await engine.create_session("ahead-node0", config))["session_id"]
+            for first, end in ranges:
+                observations = [Observation(strings=[symbol]) for chunk in levels[0].chunks[first:end] for symbol in chunk]
+                await engine.observe_sequence(session, observations, learn_at_end=True, place=Place("run", 0, first, end - first))
+
+    asyncio.run(calls(tmp_path / "kb", [(10, 20), (30, 35), (0, 4)]))
+    assert asyncio.run(whole(tmp_path / "kb")) == [[4 + 10 + 5]]  # held before: what the calls stored
+    assert asyncio.run(whole(tmp_path / "kb")) == [[len(levels[0].names)]]  # and now all of it
+    asyncio.run(whole(tmp_path / "reference"))
+    assert _patterns(tmp_path / "kb") == _patterns(tmp_path / "reference")

@@ -366,13 +366,14 @@ def _sequence(chunks: list[list[str]]) -> dict[str, object]:
 
 def test_the_run_ledger_stores_each_chunk_of_a_run_once(fresh_server: EngineServer) -> None:
     """ingestd's ledger extension: a chunk range of a run is applied once, whichever session, grouping or
-    restart resends it; a gap or an overlap is refused whole; status, forget and clear-all."""
+    restart resends it; a range ahead of what is stored is stored and kept apart (a long sample's batches go out at
+    once); an overlap is refused whole, saying what is stored; status, forget and clear-all."""
     node_id = "ledgered"
     chunks = [["a", "b"], ["c", "d"], ["e", "f"], ["g", "h"]]
     names = [chunk_name(chunk) for chunk in chunks]
     auto = {"process_predictions": False, "max_pattern_length": 2, "stm_mode": "CLEAR"}
     with httpx.Client(base_url=fresh_server.url, timeout=30.0) as client:
-        assert client.get("/ingestd").json()["extensions"]["ledger"] == 1
+        assert client.get("/ingestd").json()["extensions"]["ledger"] == 2
         session = create(client, node_id, config=auto)
         first = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[:2]),
                             headers={"ingestd-ledger": "run1:7:0:2"})  # fmt: skip
@@ -385,13 +386,20 @@ def test_the_run_ledger_stores_each_chunk_of_a_run_once(fresh_server: EngineServ
         part = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[1:2]),
                            headers={"ingestd-ledger": "run1:7:1:1"})  # fmt: skip
         assert part.json()["idempotent_replay"] is True
-        # A gap (chunk 3 before chunk 2) and an overlap (chunks 1..2) are refused, and store nothing.
-        gap = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[3:]),
-                          headers={"ingestd-ledger": "run1:7:3:1"})  # fmt: skip
+        # A range ahead (chunk 3 before chunk 2) is stored; an overlap (chunks 1..2) is refused and stores nothing.
+        ahead = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[3:]),
+                            headers={"ingestd-ledger": "run1:7:3:1"})  # fmt: skip
+        assert ahead.status_code == 200 and "idempotent_replay" not in ahead.json()
         overlap = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[1:3]),
                               headers={"ingestd-ledger": "run1:7:1:2"})  # fmt: skip
-        assert gap.status_code == overlap.status_code == 409
-        assert gap.json()["detail"]["error"] == "LEDGER_CONFLICT" and gap.json()["detail"]["stored_chunks"] == 2
+        assert overlap.status_code == 409
+        assert overlap.json()["detail"]["error"] == "LEDGER_CONFLICT"
+        assert overlap.json()["detail"]["stored_chunks"] == 2 and overlap.json()["detail"]["ahead"] == [[3, 4]]
+        replayed = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[3:]),
+                               headers={"ingestd-ledger": "run1:7:3:1"})  # fmt: skip
+        assert replayed.json()["idempotent_replay"] is True
+        held = client.post("/ingestd/ledger/run1", json={"node_ids": [node_id], "samples": [7]}).json()
+        assert held == {"totals": {node_id: 3}, "samples": {"7": {node_id: 2}}, "ahead": {"7": {node_id: [[3, 4]]}}}
         # Another run's key is another run: it learns the same chunks again.
         other = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[:1]),
                             headers={"ingestd-ledger": "run2:7:0:1"})  # fmt: skip
@@ -399,7 +407,7 @@ def test_the_run_ledger_stores_each_chunk_of_a_run_once(fresh_server: EngineServ
         bad = client.post(f"/sessions/{session}/observe-sequence", json=_sequence(chunks[:1]),
                           headers={"ingestd-ledger": "run1:seven"})  # fmt: skip
         assert bad.status_code == 400 and "ingestd-ledger" in bad.json()["detail"]
-        assert [frequency(client, node_id, name) for name in names] == [2, 1, 0, 0]
+        assert [frequency(client, node_id, name) for name in names] == [2, 1, 0, 1]
     fresh_server.stop()
     fresh_server.start()
     with httpx.Client(base_url=fresh_server.url, timeout=30.0) as client:
@@ -411,11 +419,12 @@ def test_the_run_ledger_stores_each_chunk_of_a_run_once(fresh_server: EngineServ
                            headers={"ingestd-ledger": "run1:7:2:1"})  # fmt: skip
         assert "idempotent_replay" not in rest.json()
         status = client.post("/ingestd/ledger/run1", json={"node_ids": [node_id, "elsewhere"], "samples": [7, 8]}).json()
-        assert status == {"totals": {node_id: 3, "elsewhere": 0},
-                          "samples": {"7": {node_id: 3, "elsewhere": 0}, "8": {node_id: 0, "elsewhere": 0}}}
+        # chunk 2 joined what was stored before it and the range ahead: all four, from the first on
+        assert status == {"totals": {node_id: 4, "elsewhere": 0},
+                          "samples": {"7": {node_id: 4, "elsewhere": 0}, "8": {node_id: 0, "elsewhere": 0}}, "ahead": {}}
         assert client.post("/ingestd/ledger/run1/forget", json={"samples": [7]}).json() == {"forgotten": 1}
         after = client.post("/ingestd/ledger/run1", json={"node_ids": [node_id], "samples": [7]}).json()
-        assert after == {"totals": {node_id: 3}, "samples": {"7": {node_id: 0}}}  # totals stay
+        assert after == {"totals": {node_id: 4}, "samples": {"7": {node_id: 0}}, "ahead": {}}  # totals stay
         session = create(client, node_id)
         assert client.post(f"/sessions/{session}/clear-all").status_code == 200
         cleared = client.post("/ingestd/ledger/run2", json={"node_ids": [node_id]}).json()

@@ -53,7 +53,7 @@ def test_calls_are_counted_and_timed_in_process_and_over_http(corpus: Path, tmp_
     embedded = run(str(corpus), _hierarchy("metrics-inproc"), data_dir=tmp_path / "kb", workers=3, batch_chunks=4)
     middle = _calls()
     over_http = run(str(corpus), _hierarchy("metrics-http"), kato_url=engine_server.url, workers=3, batch_chunks=4,
-                    run_dir=tmp_path / "http-run")  # fmt: skip
+                    parallel_batches=1, run_dir=tmp_path / "http-run")  # fmt: skip
     after = _calls()
 
     assert embedded.stats.samples_learned == over_http.stats.samples_learned == 60
@@ -65,7 +65,8 @@ def test_calls_are_counted_and_timed_in_process_and_over_http(corpus: Path, tmp_
     for endpoint in ENDPOINTS:
         assert http[(endpoint, "2xx")] > 0
         assert http[(endpoint, "timed")] == http[(endpoint, "2xx")]
-    # A worker's three sessions are opened and closed once each; clear-stm once per sample on the metadata level.
+    # A worker's three sessions (one a level: --parallel-batches 1) are opened and closed once each; clear-stm once
+    # per sample on the metadata level.
     assert http[("create-session", "2xx")] == http[("delete-session", "2xx")] == 9
     assert http[("clear-stm", "2xx")] == 60
     assert over_http.stats.requests == sum(count for (_, status), count in http.items() if status == "2xx")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
 from pathlib import Path
 
@@ -55,7 +57,22 @@ def _node_ids(prefix: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """The knowledge base a notebook-style client builds: one call per chunk, one sample at a time."""
+    """The knowledge base a notebook-style client builds: one call per chunk, one sample at a time. Built once per
+    test session: under pytest-xdist the first worker to need it builds it, the others read it (the corpus is the
+    same generated one)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _reference(corpus, tmp_path_factory)
+    shared = tmp_path_factory.getbasetemp().parent / "equivalence-reference.json"  # this session's, all workers'
+    with shared.with_suffix(".lock").open("a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if shared.exists():
+            return json.loads(shared.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+        built = _reference(corpus, tmp_path_factory)
+        shared.write_text(json.dumps(built), encoding="utf-8")
+        return built
+
+
+def _reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     from .conftest import EngineServer
 
     # fsync per commit changes nothing the reference is compared on; it only took most of its time

@@ -6,14 +6,18 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from .conftest import EngineServer
+from .conftest import CORPUS, EngineServer
+from .faultproxy import FaultProxy
 from .golden import kb_dump
-from .test_exactly_once import LEVELS, NODES, clean, corpus, ok  # noqa: F401 - the fixtures are used by name
+from .test_exactly_once import LEVELS, NODES, clean, corpus, ok, start  # noqa: F401 - the fixtures are used by name
 from .tools import cpu_seconds
 
 
@@ -180,3 +184,94 @@ def test_a_run_uses_several_servers_of_one_deployment_together(corpus: Path, cle
             server.stop()
     assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == clean_kb
 
+
+
+@pytest.fixture(scope="module")
+def books(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four long documents (about 3k tokens each): hundreds of chunks, dozens of batches each at level 0."""
+    paragraphs = CORPUS.read_text(encoding="utf-8").split("\n\n")
+    path = tmp_path_factory.mktemp("books") / "books.jsonl"
+    path.write_text("".join(json.dumps({"text": "\n\n".join(paragraphs[70 * book : 70 * (book + 1)])}) + "\n"
+                            for book in range(4)), encoding="utf-8")  # fmt: skip
+    return path
+
+
+def _reference(source: Path, levels: list[str], tmp_path: Path, *options: str) -> list[dict[str, Any]]:
+    ok(str(source), *levels, "--data", str(tmp_path / "reference"), *options)
+    return kb_dump(tmp_path / "reference" / "kato.sqlite3", NODES[: len(levels[1].split(","))])
+
+
+def test_a_long_document_keeps_several_sessions_of_one_level_busy(books: Path, tmp_path: Path) -> None:
+    """One document, one level: its batches go out on several sessions at once (read at a proxy in front of a
+    2-process server), to ingestd's engine and to a plain KATO alike; --parallel-batches 1 sends them one after
+    another. The knowledge base is the one the in-process loader learns."""
+    one = tmp_path / "one.jsonl"
+    one.write_text(books.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    levels = ["--chunk-sizes", "4"]
+    reference = _reference(one, levels, tmp_path)
+    server = EngineServer(tmp_path / "kb", extra_args=("--workers", "2")).start()
+    try:
+        peaks = {}
+        for parallel, plain in (("4", False), ("4", True), ("1", False)):
+            with FaultProxy(server.port, plain_kato=plain) as proxy:
+                summary = ok(str(one), *levels, "--kato", proxy.url, "--run-dir", str(tmp_path / f"run{parallel}{plain}"),
+                             "--workers", "1", "--batch-chunks", "16", "--parallel-batches", parallel, "--fresh")  # fmt: skip
+                peaks[parallel, plain] = proxy.busy_sessions_peak
+            assert summary["samples"]["learned"] == 1 and summary["recovery"]["possible_duplicates"] == 0
+            assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES[:1]) == reference
+    finally:
+        server.stop()
+    assert peaks["4", False] >= 2 and peaks["4", True] >= 2, peaks
+    assert peaks["1", False] == 1, peaks
+
+
+def test_long_documents_killed_mid_way_resume_exactly_with_other_batching(books: Path, tmp_path: Path) -> None:
+    """Killed while long documents' batches are in flight on several sessions (stored out of order), then resumed
+    one batch after another in other sizes, and in-process: every chunk is stored once."""
+    reference = _reference(books, LEVELS, tmp_path)
+    server = EngineServer(tmp_path / "kb", extra_args=("--workers", "2")).start()
+    base = [str(books), *LEVELS, "--run-dir", str(tmp_path / "run")]
+    try:
+        process = start(*base, "--kato", server.url, "--workers", "2", "--batch-chunks", "8", "--parallel-batches", "6")
+        store = tmp_path / "kb" / "kato.sqlite3"
+        deadline = time.monotonic() + 120
+        while not _chunks_ahead(store):  # some batches stored beyond a sample's first missing one
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.01)
+        process.kill()
+        process.wait()
+        first = ok(*base, "--kato", server.url, "--batch-chunks", "5", "--parallel-batches", "1", "--max-samples", "2")
+        assert first["recovery"]["possible_duplicates"] == 0
+    finally:
+        server.stop()
+    rest = ok(*base, "--data", str(tmp_path / "kb"), "--batch-chunks", "7")  # the store itself, in-process
+    assert rest["samples"]["failed"] == 0
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == reference
+
+
+def _chunks_ahead(store: Path) -> bool:
+    try:
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30) as connection:
+            return connection.execute("SELECT count(*) FROM ledger_ahead").fetchone()[0] > 0
+    except sqlite3.OperationalError:  # not created yet
+        return False
+
+
+def test_a_server_standing_in_for_a_kato_spends_its_cpu_per_request_and_symbol(tmp_path: Path) -> None:
+    """--cpu-per-request-ms and --cpu-per-symbol-ms (the benchmarks' stand-in for a real KATO's speed): each
+    request costs the server that much CPU before it is served, and is served as without them."""
+    server = EngineServer(tmp_path / "kb", extra_args=("--workers", "2", "--cpu-per-request-ms", "30",
+                                                       "--cpu-per-symbol-ms", "10")).start()  # fmt: skip
+    try:
+        assert server.process is not None
+        before = sum(_children_cpu(server.process.pid))
+        with _fresh_connection(server.url) as client:
+            session = client.post("/sessions", json={"node_id": "cost-node0", "config": {"process_predictions": False}})
+            body = {"observations": [{"strings": [symbol]} for symbol in "abcdefghij"], "learn_at_end": True}
+            answers = [client.post(f"/sessions/{session.json()['session_id']}/observe-sequence", json=body) for _ in range(5)]
+        used = sum(_children_cpu(server.process.pid)) - before
+    finally:
+        server.stop()
+    assert {answer.status_code for answer in answers} == {200}
+    assert len({answer.json()["final_learned_pattern"] for answer in answers}) == 1
+    assert used >= 6 * 0.030 + 5 * 10 * 0.010 - 0.05, used  # 6 requests, 50 symbols (and the clock's ticks)

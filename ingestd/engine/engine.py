@@ -115,6 +115,7 @@ class Engine:
             persistence=settings.persistence,
             # several server processes take turns at the one writer lock: a long write of one must not fail the others
             busy_timeout=120.0 if settings.shared_sessions else 10.0,
+            take_turns=settings.shared_sessions,
         )
         self._sessions: dict[str, Session] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -596,12 +597,15 @@ class Engine:
 
     async def ledger_status(self, run_key: str, node_ids: Sequence[str], samples: Sequence[int] = ()) -> dict[str, Any]:
         """Per node id, the chunks a run stored in its knowledge base; per asked sample, per node id, how many
-        of that sample's chunks are stored (see :mod:`ingestd.engine.ledger`)."""
+        of that sample's chunks are stored from the first on, and (``ahead``, where there are any) the ranges
+        stored beyond (see :mod:`ingestd.engine.ledger`)."""
         kbs = {node_id: rules.kb_id(node_id, self.settings.service_name) for node_id in node_ids}
         found = await self._run(lambda connection: ledger.status(connection, run_key, sorted(set(kbs.values())), samples))
         return {"totals": {node_id: found["totals"][kb] for node_id, kb in kbs.items()},
                 "samples": {sample: {node_id: stored[kb] for node_id, kb in kbs.items()}
-                            for sample, stored in found["samples"].items()}}  # fmt: skip
+                            for sample, stored in found["samples"].items()},
+                "ahead": {sample: {node_id: ranges[kb] for node_id, kb in kbs.items() if kb in ranges}
+                          for sample, ranges in found["ahead"].items()}}  # fmt: skip
 
     async def ledger_forget(self, run_key: str, *, samples: Sequence[int] | None = None, keep: Sequence[int] = (),
                             everything: bool = False) -> int:  # fmt: skip

@@ -428,13 +428,14 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
     # -- ingestd's extensions (KATO answers 404 to all of these) --------------------------------------------
     async def extensions(request: Request) -> Response:
         return JSONResponse({"service": "ingestd engine", "kato_version": KATO_VERSION, "store_id": engine.store_id,
-                             "extensions": {"ledger": 1, "feeders": 1}})  # fmt: skip
+                             "extensions": {"ledger": 2, "feeders": 1}})  # fmt: skip
 
     async def ledger_status(request: Request) -> Response:
         body: LedgerStatusRequest = await _body_model(request, LedgerStatusRequest)
         found = await engine.ledger_status(_run_key(request), body.node_ids, body.samples)
         return JSONResponse({"totals": found["totals"],
-                             "samples": {str(sample): stored for sample, stored in found["samples"].items()}})  # fmt: skip
+                             "samples": {str(sample): stored for sample, stored in found["samples"].items()},
+                             "ahead": {str(sample): ranges for sample, ranges in found["ahead"].items()}})  # fmt: skip
 
     async def ledger_forget(request: Request) -> Response:
         body: LedgerForgetRequest = await _body_model(request, LedgerForgetRequest)

@@ -2,16 +2,19 @@
 
 A learn call of an ingestd run carries its :class:`Place`: the run's key (random, one per run), the
 sample, and which of that sample's chunks on the call's node it carries (the first one and how many).
-Per (run key, sample, knowledge base) the engine records how many chunks are stored, **in the same
-transaction as the patterns**:
+Per (run key, sample, knowledge base) the engine records which chunks are stored, **in the same
+transaction as the patterns**: how many from the first on (the *prefix*), and the ranges stored beyond it
+(a long sample's batches go out on several sessions at once, so they may land out of order):
 
-* a call that starts where the record ends is applied, and the record moves on;
-* a call that ends at or before the record's end was applied already (a resend after a lost answer,
-  or a resumed run redoing a sample that was in flight): it is answered without storing anything again
-  (a *replay*);
-* any other call (a gap or an overlap) is refused with 409 and the number of chunks the record holds
-  (``{"detail": {"error": "LEDGER_CONFLICT", "stored_chunks": n, ...}}``), for the client to go on from
-  there: a killed client's last request may have been applied after its successor asked the ledger.
+* a call that stores nothing stored yet is applied, and recorded: it moves the prefix on if it starts
+  where the prefix ends (taking in the ranges it now reaches), else it is recorded as a range ahead;
+* a call whose chunks all lie in the prefix or in one range was applied already (a resend after a lost
+  answer, or a resumed run redoing a sample that was in flight): it is answered without storing anything
+  again (a *replay*);
+* a call that overlaps what is stored in part is refused with 409, the prefix and the ranges ahead
+  (``{"detail": {"error": "LEDGER_CONFLICT", "stored_chunks": n, "ahead": [[first, end], ...], ...}}``),
+  for the client to send only what is missing: a killed client's last request may have been applied
+  after its successor asked the ledger, or a run resumed with another batch size.
 
 Chunks, not calls, are counted, so the record does not depend on how chunks were grouped into calls: a
 run resumed with another batch size, or without batching, picks up at the exact chunk. Nothing here
@@ -46,6 +49,14 @@ CREATE TABLE IF NOT EXISTS ledger (
     chunks INTEGER NOT NULL,
     PRIMARY KEY (run_key, sample_index, kb_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ledger_ahead (
+    run_key TEXT NOT NULL,
+    sample_index INTEGER NOT NULL,
+    kb_id TEXT NOT NULL,
+    first_chunk INTEGER NOT NULL,
+    end_chunk INTEGER NOT NULL,
+    PRIMARY KEY (run_key, sample_index, kb_id, first_chunk)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ledger_totals (
     run_key TEXT NOT NULL,
     kb_id TEXT NOT NULL,
@@ -56,15 +67,18 @@ CREATE TABLE IF NOT EXISTS ledger_totals (
 
 
 class LedgerConflict(Exception):
-    """A call's place disagrees with the record (a gap or an overlap): nothing was stored. ``stored`` is
-    what the record holds, for the caller to go on from (KATO-style body: see :meth:`body`)."""
+    """A call's chunks are stored in part: nothing was stored. ``stored`` (the prefix) and ``ahead`` (the
+    ranges beyond it, ``(first, end)``) are what the record holds, for the caller to send only what is
+    missing (KATO-style body: see :meth:`body`)."""
 
-    def __init__(self, message: str, stored: int) -> None:
+    def __init__(self, message: str, stored: int, ahead: Sequence[tuple[int, int]] = ()) -> None:
         super().__init__(message)
         self.stored = stored
+        self.ahead = list(ahead)
 
     def body(self) -> dict[str, Any]:
-        return {"error": "LEDGER_CONFLICT", "message": str(self), "stored_chunks": self.stored}
+        return {"error": "LEDGER_CONFLICT", "message": str(self), "stored_chunks": self.stored,
+                "ahead": [list(span) for span in self.ahead]}  # fmt: skip
 
 
 def check_run_key(run_key: str) -> None:
@@ -105,25 +119,38 @@ class Place:
         return cls(parts[0], sample_index, first_chunk, chunks)
 
 
+def _ahead(connection: sqlite3.Connection, run_key: str, sample_index: int, kb_id: str) -> list[tuple[int, int]]:
+    return connection.execute(
+        "SELECT first_chunk, end_chunk FROM ledger_ahead WHERE run_key = ? AND sample_index = ? AND kb_id = ? "
+        "ORDER BY first_chunk", (run_key, sample_index, kb_id)).fetchall()  # fmt: skip
+
+
 def record(connection: sqlite3.Connection, place: Place, kb_id: str) -> bool:
     """Inside the call's transaction: True if the call is to be applied (and is now recorded), False if
-    it was applied already (a replay); :class:`LedgerConflict` if it does not fit the record."""
-    row = connection.execute(
-        "SELECT chunks FROM ledger WHERE run_key = ? AND sample_index = ? AND kb_id = ?",
-        (place.run_key, place.sample_index, kb_id),
-    ).fetchone()
+    it was applied already (a replay); :class:`LedgerConflict` if it overlaps what is stored in part."""
+    key = (place.run_key, place.sample_index, kb_id)
+    row = connection.execute("SELECT chunks FROM ledger WHERE run_key = ? AND sample_index = ? AND kb_id = ?", key).fetchone()
     stored = 0 if row is None else row[0]
-    end = place.first_chunk + place.chunks
-    if end <= stored:
+    ahead = _ahead(connection, *key)
+    first, end = place.first_chunk, place.first_chunk + place.chunks
+    if end <= stored or any(low <= first and end <= high for low, high in ahead):
         return False
-    if place.first_chunk != stored:
+    if first < stored or any(first < high and low < end for low, high in ahead):
         raise LedgerConflict(
-            f"run {place.run_key}, sample {place.sample_index}: the call carries chunks {place.first_chunk}.."
-            f"{end - 1} of {kb_id}, but {stored} chunk(s) are recorded as stored; is another process using "
-            "this run's key?",
-            stored,
-        )
-    connection.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?)", (place.run_key, place.sample_index, kb_id, end))
+            f"run {place.run_key}, sample {place.sample_index}: the call carries chunks {first}..{end - 1} of {kb_id}, "
+            f"of which some are stored (chunks 0..{stored - 1} and {len(ahead)} range(s) beyond); is another process "
+            "using this run's key?",
+            stored, ahead,
+        )  # fmt: skip
+    # Ranges are kept joined: one that ends where this call starts, or starts where it ends, becomes one with it.
+    joined = [(low, high) for low, high in ahead if high == first or low == end]
+    low, high = min([first, *(span[0] for span in joined)]), max([end, *(span[1] for span in joined)])
+    connection.executemany("DELETE FROM ledger_ahead WHERE run_key = ? AND sample_index = ? AND kb_id = ? AND first_chunk = ?",
+                           [(*key, span[0]) for span in joined])  # fmt: skip
+    if low == stored:
+        connection.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?)", (*key, high))
+    else:
+        connection.execute("INSERT INTO ledger_ahead VALUES (?, ?, ?, ?, ?)", (*key, low, high))
     connection.execute(
         "INSERT INTO ledger_totals VALUES (?, ?, ?) ON CONFLICT (run_key, kb_id) DO UPDATE SET chunks = chunks + ?",
         (place.run_key, kb_id, place.chunks, place.chunks),
@@ -131,19 +158,31 @@ def record(connection: sqlite3.Connection, place: Place, kb_id: str) -> bool:
     return True
 
 
-def positions(connection: sqlite3.Connection, run_key: str, samples: Sequence[int]) -> dict[tuple[int, str], int]:
-    """Per (sample, knowledge base) with a record, how many chunks are stored: for a batch, in one query."""
-    rows = connection.execute(
-        "SELECT sample_index, kb_id, chunks FROM ledger WHERE run_key = ? AND sample_index IN "
-        "(SELECT value FROM json_each(?))", (run_key, "[" + ",".join(str(int(sample)) for sample in samples) + "]"))  # fmt: skip
-    return {(sample, kb): chunks for sample, kb, chunks in rows}
+def positions(connection: sqlite3.Connection, run_key: str,
+              samples: Sequence[int]) -> dict[tuple[int, str], tuple[int, list[tuple[int, int]]]]:  # fmt: skip
+    """Per (sample, knowledge base) with a record, what is stored: the prefix and the ranges beyond it. For a
+    batch, in one query per table."""
+    wanted = (run_key, "[" + ",".join(str(int(sample)) for sample in samples) + "]")
+    found: dict[tuple[int, str], tuple[int, list[tuple[int, int]]]] = {}
+    for sample, kb, chunks in connection.execute(
+            "SELECT sample_index, kb_id, chunks FROM ledger WHERE run_key = ? AND sample_index IN "
+            "(SELECT value FROM json_each(?))", wanted):  # fmt: skip
+        found[(sample, kb)] = (chunks, [])
+    for sample, kb, low, high in connection.execute(
+            "SELECT sample_index, kb_id, first_chunk, end_chunk FROM ledger_ahead WHERE run_key = ? AND sample_index IN "
+            "(SELECT value FROM json_each(?)) ORDER BY first_chunk", wanted):  # fmt: skip
+        found.setdefault((sample, kb), (0, []))[1].append((low, high))
+    return found
 
 
 def advance(connection: sqlite3.Connection, run_key: str, records: Sequence[tuple[int, str, int]],
             added: dict[str, int]) -> None:  # fmt: skip
     """Inside the transaction that stored them: each (sample, knowledge base, chunks) is now stored up to
-    ``chunks``; ``added`` counts, per knowledge base, the chunks newly stored (for the run's totals)."""
+    ``chunks``, every range ahead included; ``added`` counts, per knowledge base, the chunks newly stored (for
+    the run's totals)."""
     connection.executemany("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?)",
+                           [(run_key, sample, kb, chunks) for sample, kb, chunks in records])  # fmt: skip
+    connection.executemany("DELETE FROM ledger_ahead WHERE run_key = ? AND sample_index = ? AND kb_id = ? AND end_chunk <= ?",
                            [(run_key, sample, kb, chunks) for sample, kb, chunks in records])  # fmt: skip
     connection.executemany(
         "INSERT INTO ledger_totals VALUES (?, ?, ?) ON CONFLICT (run_key, kb_id) DO UPDATE SET chunks = chunks + excluded.chunks",
@@ -153,40 +192,46 @@ def advance(connection: sqlite3.Connection, run_key: str, records: Sequence[tupl
 
 def status(connection: sqlite3.Connection, run_key: str, kb_ids: Sequence[str],
            samples: Iterable[int]) -> dict[str, Any]:  # fmt: skip
-    """Totals per knowledge base, and per asked sample the chunks stored per knowledge base (0 if none)."""
+    """Totals per knowledge base, and per asked sample the chunks stored per knowledge base from the first on
+    (0 if none); ``ahead`` lists, per sample and knowledge base that has any, the ranges stored beyond."""
     totals = {kb: 0 for kb in kb_ids}
     for kb, chunks in connection.execute("SELECT kb_id, chunks FROM ledger_totals WHERE run_key = ?", (run_key,)):
         if kb in totals:
             totals[kb] = chunks
     per_sample: dict[int, dict[str, int]] = {}
+    ahead: dict[int, dict[str, list[list[int]]]] = {}
+    samples = list(samples)
+    found = positions(connection, run_key, samples)
     for sample in samples:
-        stored = {kb: 0 for kb in kb_ids}
-        rows = connection.execute("SELECT kb_id, chunks FROM ledger WHERE run_key = ? AND sample_index = ?",
-                                  (run_key, sample))  # fmt: skip
-        for kb, chunks in rows:
-            if kb in stored:
-                stored[kb] = chunks
-        per_sample[sample] = stored
-    return {"totals": totals, "samples": per_sample}
+        per_sample[sample] = {kb: found.get((sample, kb), (0, []))[0] for kb in kb_ids}
+        ranges = {kb: [list(span) for span in found[(sample, kb)][1]] for kb in kb_ids if found.get((sample, kb), (0, []))[1]}
+        if ranges:
+            ahead[sample] = ranges
+    return {"totals": totals, "samples": per_sample, "ahead": ahead}
 
 
 def forget(connection: sqlite3.Connection, run_key: str, *, samples: Sequence[int] | None = None,
            keep: Sequence[int] = (), everything: bool = False) -> int:  # fmt: skip
     """Drop records of a run: of ``samples``; or of every sample but ``keep``; or, with ``everything``,
-    the run's whole record, totals included (the run is over, or started over)."""
+    the run's whole record, totals included (the run is over, or started over). Returns how many
+    (sample, knowledge base) records went."""
     if everything:
         connection.execute("DELETE FROM ledger_totals WHERE run_key = ?", (run_key,))
+        connection.execute("DELETE FROM ledger_ahead WHERE run_key = ?", (run_key,))
         return connection.execute("DELETE FROM ledger WHERE run_key = ?", (run_key,)).rowcount
     if samples is not None:
+        for sample in samples:
+            connection.execute("DELETE FROM ledger_ahead WHERE run_key = ? AND sample_index = ?", (run_key, sample))
         return sum(connection.execute("DELETE FROM ledger WHERE run_key = ? AND sample_index = ?", (run_key, sample)).rowcount
                    for sample in samples)  # fmt: skip
-    return connection.execute(
-        "DELETE FROM ledger WHERE run_key = ? AND sample_index NOT IN (SELECT value FROM json_each(?))",
-        (run_key, "[" + ",".join(str(int(sample)) for sample in keep) + "]"),
-    ).rowcount
+    kept = (run_key, "[" + ",".join(str(int(sample)) for sample in keep) + "]")
+    connection.execute("DELETE FROM ledger_ahead WHERE run_key = ? AND sample_index NOT IN (SELECT value FROM json_each(?))", kept)
+    return connection.execute("DELETE FROM ledger WHERE run_key = ? AND sample_index NOT IN (SELECT value FROM json_each(?))",
+                              kept).rowcount  # fmt: skip
 
 
 def forget_kb(connection: sqlite3.Connection, kb_id: str) -> None:
     """A knowledge base was cleared: no run has anything stored in it any more."""
     connection.execute("DELETE FROM ledger WHERE kb_id = ?", (kb_id,))
+    connection.execute("DELETE FROM ledger_ahead WHERE kb_id = ?", (kb_id,))
     connection.execute("DELETE FROM ledger_totals WHERE kb_id = ?", (kb_id,))

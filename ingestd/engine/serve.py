@@ -36,7 +36,11 @@ def serve(settings: ServerSettings) -> None:
     if settings.workers > 1:  # several processes over one store: each reads sessions back when another wrote them
         settings = settings.model_copy(update={"shared_sessions": True})
     config = _config(settings, None)
-    listening = config.bind_socket()
+    # One process: one socket. Several: each its own on the one port (SO_REUSEPORT), and the kernel gives each new
+    # connection to one of them evenly; on one shared socket, whichever process is running when a connection comes
+    # takes it, so on a busy machine the busiest process takes most. This one holds the port and accepts nothing.
+    listening = config.bind_socket() if settings.workers == 1 else _port_socket(socket.AF_INET6 if ":" in settings.host
+                                                                                 else socket.AF_INET, settings.host, settings.port)  # fmt: skip
     host, port = listening.getsockname()[:2]  # --port 0: the port the system chose
     shown = f"[{host}]" if ":" in host else host
     print(
@@ -47,7 +51,7 @@ def serve(settings: ServerSettings) -> None:
         flush=True,
     )
     if settings.workers > 1:
-        _supervise(settings, listening)
+        _supervise(settings.model_copy(update={"port": port}), listening.family)
         return
     _serve_one(settings, listening)
 
@@ -66,25 +70,75 @@ def _config(settings: ServerSettings, app: Any) -> uvicorn.Config:
     )
 
 
-def _serve_one(settings: ServerSettings, listening: socket.socket, parent: int | None = None) -> None:
-    """One server process on the listening socket (the only one, or one of ``--workers``, whose ``parent`` is the
-    supervisor: when it is gone, even by kill -9, this one stops too)."""
+def _port_socket(family: socket.AddressFamily, host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` that other processes' sockets may bind too (SO_REUSEPORT)."""
+    sock = socket.socket(family=family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _serve_one(settings: ServerSettings, listening: socket.socket | None, parent: int | None = None,
+               family: socket.AddressFamily = socket.AF_INET) -> None:  # fmt: skip
+    """One server process: the only one, on ``listening``; or one of ``--workers`` on a socket of its own on the
+    port (``parent`` is the supervisor: when it is gone, even by kill -9, this one stops too)."""
     if parent is not None:
         threading.Thread(target=_orphaned, args=(parent,), name="kato-parent-watch", daemon=True).start()
-    config = _config(settings, create_app(settings, max_body_bytes=settings.max_body_bytes))
+    if listening is None:
+        listening = _port_socket(family, settings.host, settings.port)
+    app = create_app(settings, max_body_bytes=settings.max_body_bytes)
+    if settings.cpu_per_request_ms or settings.cpu_per_symbol_ms:
+        app = _with_kato_costs(app, settings.cpu_per_request_ms / 1000, settings.cpu_per_symbol_ms / 1000)
+    config = _config(settings, app)
     with throughput_gc():
         uvicorn.Server(config).run(sockets=[listening])
 
 
-def _supervise(settings: ServerSettings, listening: socket.socket) -> None:
-    """``--workers`` processes accepting connections on one socket (each connection stays with the process that
-    accepted it, as with uvicorn's workers); one that dies is started again; SIGINT or SIGTERM stops them all."""
+def _with_kato_costs(app: Any, per_request: float, per_symbol: float) -> Any:
+    """``app`` behind a wrapper that first spends CPU as a real KATO would on the request (``--cpu-per-request-ms``,
+    ``--cpu-per-symbol-ms``; a symbol is one ``"strings"`` list of the body), on the serving thread, as KATO's work
+    holds its uvicorn worker."""
+
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        parts, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            parts.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(parts)
+        until = time.thread_time() + per_request + per_symbol * body.count(b'"strings"')
+        while time.thread_time() < until:
+            pass
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # type: ignore[no-any-return]
+
+        await app(scope, replay, send)
+
+    return wrapped
+
+
+def _supervise(settings: ServerSettings, family: socket.AddressFamily) -> None:
+    """``--workers`` processes, each accepting connections on a socket of its own on the one port (each connection
+    stays with the process that accepted it, as with uvicorn's workers); one that dies is started again; SIGINT or
+    SIGTERM stops them all."""
     context = multiprocessing.get_context("spawn")
     stopping = threading.Event()
     failures = [0] * settings.workers  # quick deaths in a row, per worker: restarts back off
 
     def start() -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=_serve_one, args=(settings, listening, os.getpid()), daemon=False)
+        process = context.Process(target=_serve_one, args=(settings, None, os.getpid(), family), daemon=False)
         process.start()
         return process
 

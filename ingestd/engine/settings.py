@@ -52,3 +52,8 @@ class ServerSettings(EngineSettings):
     limit_concurrency: int | None = Field(default=None, ge=2, description="Connections and requests at once beyond "
                                           "which the server answers 503, as uvicorn's --limit-concurrency (KATO: 100 "
                                           "per worker); None: no limit.")  # fmt: skip
+    cpu_per_request_ms: float = Field(default=0.0, ge=0, le=10_000, description="CPU time spent on every request "
+                                      "before it is served (a real KATO 3.10.1: about 4 ms): a stand-in for a KATO's "
+                                      "speed, to size a client or a benchmark without one.")  # fmt: skip
+    cpu_per_symbol_ms: float = Field(default=0.0, ge=0, le=10_000, description="CPU time spent per observed symbol "
+                                     "of a request (a real KATO 3.10.1: about 3 ms), with cpu_per_request_ms.")  # fmt: skip

@@ -89,6 +89,7 @@ class StoreBusy(OSError):
 
 
 LOCK_FILE = "kato.lock"
+TURN_FILE = "kato.turn"
 
 
 def writer_lock(directory: Path, *, exclusive: bool) -> IO[str]:
@@ -121,10 +122,16 @@ class KnowledgeStore:
     """Knowledge bases and sessions in ``<directory>/kato.sqlite3``, used from one event loop."""
 
     def __init__(self, directory: Path, *, synchronous: str = "FULL", persistence: int = 5,
-                 busy_timeout: float = 10.0) -> None:  # fmt: skip
+                 busy_timeout: float = 10.0, take_turns: bool = False) -> None:  # fmt: skip
         self.path = Path(directory) / "kato.sqlite3"
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout  # seconds a write waits for another process's
+        # Processes that write all the time (a server's --workers) take turns through a lock file, waited for in a
+        # thread: SQLite's own wait for its write lock polls, sleeping up to 100 ms between tries, on the caller's
+        # thread (here the event loop), so one process would keep the lock while the others sleep.
+        self.take_turns = take_turns
+        self._turn: IO[str] | None = None
+        self._turns: concurrent.futures.ThreadPoolExecutor | None = None
         self.persistence = persistence
         self._connection: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
@@ -150,6 +157,9 @@ class KnowledgeStore:
                                        check_same_thread=False)  # fmt: skip
         if self.synchronous == "FULL":
             self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kato-sync")
+        if self.take_turns:
+            self._turn = (self.path.parent / TURN_FILE).open("a+", encoding="utf-8")
+            self._turns = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kato-turn")
 
     def check(self) -> None:
         """Open the file as :meth:`open` would, and close it: raises ``sqlite3.Error`` or ``OSError`` if it
@@ -189,6 +199,10 @@ class KnowledgeStore:
             self._reader = None
         if self._syncer is not None:
             self._syncer.shutdown()
+        if self._turns is not None and self._turn is not None:
+            self._turns.shutdown()
+            self._turn.close()
+            self._turn, self._turns = None, None
         if self._writer_lock is not None:
             self._writer_lock.close()
             self._writer_lock = None
@@ -212,6 +226,21 @@ class KnowledgeStore:
         return job(self._reader)
 
     def _start_group(self) -> None:
+        if self._turns is None or self._turn is None:
+            self._run_group()
+            return
+        turn = asyncio.get_running_loop().run_in_executor(self._turns, fcntl.flock, self._turn, fcntl.LOCK_EX)
+        turn.add_done_callback(self._turn_taken)
+
+    def _turn_taken(self, turn: asyncio.Future[None]) -> None:
+        failure = turn.exception()
+        if failure is None:
+            self._run_group()
+            return
+        group, self._pending = self._pending[:_MAX_GROUP], self._pending[_MAX_GROUP:]
+        self._finish(group, [], failure)
+
+    def _run_group(self) -> None:
         group, self._pending = self._pending[:_MAX_GROUP], self._pending[_MAX_GROUP:]
         connection = self._connection
         assert connection is not None
@@ -252,6 +281,8 @@ class KnowledgeStore:
                 failure: BaseException | None) -> None:  # fmt: skip
         if failure is not None and self._connection is not None and self._connection.in_transaction:
             self._connection.execute("ROLLBACK")
+        if self._turn is not None:
+            fcntl.flock(self._turn, fcntl.LOCK_UN)  # the others' turn: a process waiting in the kernel is woken now
         for index, (_, future) in enumerate(group):
             if future.done():  # the caller was cancelled; its job ran (or not) all the same
                 continue
