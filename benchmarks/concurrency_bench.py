@@ -1,7 +1,8 @@
 """How ingestd's concurrency settings fare against a server that is the wall, as a real KATO is (issue 17).
 
     python benchmarks/concurrency_bench.py [--docs 120] [--lines 20] [--scale 0.1] [--workers 1,2,4,8,16,32,64]
-                                           [--server-workers 1,2] [--limit-concurrency 100] [--json out.json]
+                                           [--server-workers 1,2] [--limit-concurrency 100] [--rounds 3]
+                                           [--long-doc-lines 1500] [--json out.json]
 
 The server is ``ingestd kato serve --workers S`` standing in for a KATO 3.10.1 of S uvicorn workers: it spends
 ``--scale`` times a real KATO's CPU on each request (4 ms, and 3 ms per observed symbol:
@@ -10,9 +11,9 @@ image: 100). Corpus: ``--docs`` documents of ``--lines`` consecutive lines of ti
 8,8,8,8 with metadata at levels 2 and 3 (the notebooks'). Every run learns the same documents into nodes of its own.
 
 For each server size: a run with ingestd's defaults, and one per ``--workers`` value; samples/s, the 503s the
-server answered (retries), and each server process's share of the server's CPU. Then one long document (one sample,
-every chunk of it at level 0 in many batches) with ``--parallel-batches`` 1 and the default. Figures are ratios within
-this one run: absolute speed differs 2-3x between machines, and on a 2-core machine the server's processes and the
+server answered (retries), and each server process's share of the server's CPU; each setting runs ``--rounds`` times,
+alternating, and its median is reported. Then, with several server processes, one long document (one sample, its
+level 0 in many batches) with ``--parallel-batches`` 1 and 4 (the default). Figures are ratios within this one run: absolute speed differs 2-3x between machines, and on a 2-core machine the server's processes and the
 client share the cores.
 """
 
@@ -69,6 +70,12 @@ def learn(corpus: Path, url: str, prefix: str, scratch: Path, server_pid: int, *
             "server_cpu_shares": [round(part / sum(used), 2) if sum(used) else None for part in used]}  # fmt: skip
 
 
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median speed, with the range of speeds over the rounds."""
+    ordered = sorted(runs, key=lambda found: found["samples_per_second"])
+    return {**ordered[len(ordered) // 2], "range": [ordered[0]["samples_per_second"], ordered[-1]["samples_per_second"]]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=120)
@@ -77,7 +84,8 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2,4,8,16,32,64")
     parser.add_argument("--server-workers", default="1,2")
     parser.add_argument("--limit-concurrency", type=int, default=100)
-    parser.add_argument("--long-doc-lines", type=int, default=600, help="lines of the one long document (0: skip it)")
+    parser.add_argument("--long-doc-lines", type=int, default=1500, help="lines of the one long document (0: skip it)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each setting, alternating (the median is reported)")
     parser.add_argument("--json", type=Path)
     arguments = parser.parse_args()
     worker_counts = [int(count) for count in arguments.workers.split(",")]
@@ -94,27 +102,36 @@ def main() -> None:
                                    str(arguments.limit_concurrency), *costs)  # fmt: skip
             with server:
                 time.sleep(1.0)  # every process up
-                rows: dict[str, Any] = {"default": learn(corpus, server.url, f"s{size}-default", scratch, server.process.pid)}
-                print(f"server x{size}  default      {rows['default']}", flush=True)
-                for count in worker_counts:
-                    rows[f"workers={count}"] = learn(corpus, server.url, f"s{size}-w{count}", scratch, server.process.pid,
-                                                     workers=count)  # fmt: skip
-                    print(f"server x{size}  --workers {count:<3} {rows[f'workers={count}']}", flush=True)
-                fixed = [rows[f"workers={count}"]["samples_per_second"] for count in worker_counts]
-                rows["default_vs_best_fixed"] = round(rows["default"]["samples_per_second"] / max(fixed), 3)
-                rows["slowest_vs_workers_1"] = round(min(fixed) / rows["workers=1"]["samples_per_second"], 3) \
-                    if "workers=1" in rows else None  # fmt: skip
-                print(f"server x{size}  default / best --workers: {rows['default_vs_best_fixed']}; slowest / --workers 1: "
-                      f"{rows['slowest_vs_workers_1']}", flush=True)  # fmt: skip
+                configs: dict[str, dict[str, Any]] = {"default": {}}
+                configs |= {f"workers={count}": {"workers": count} for count in worker_counts}
+                runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+                for round_ in range(arguments.rounds):  # alternating, so that drift hits every setting alike
+                    for name, options in configs.items():
+                        runs[name].append(learn(corpus, server.url, f"s{size}-{name.replace('=', '')}-r{round_}",
+                                                scratch, server.process.pid, **options))  # fmt: skip
+                        print(f"server x{size}  {name:<11} round {round_}: {runs[name][-1]}", flush=True)
+                rows: dict[str, Any] = {name: _median(found) for name, found in runs.items()}
+                fixed = {name: row["samples_per_second"] for name, row in rows.items() if name != "default"}
+                rows["default_vs_best_fixed"] = round(rows["default"]["samples_per_second"] / max(fixed.values()), 3)
+                rows["best_fixed"] = max(fixed, key=fixed.__getitem__)
+                if "workers=1" in fixed:
+                    rows["slowest_vs_workers_1"] = round(min(fixed.values()) / fixed["workers=1"], 3)
+                print(f"server x{size}  median samples/s: " + ", ".join(f"{name} {row['samples_per_second']}"
+                                                                       for name, row in rows.items() if isinstance(row, dict)))  # fmt: skip
+                print(f"server x{size}  default / best fixed ({rows['best_fixed']}): {rows['default_vs_best_fixed']}; "
+                      f"slowest / --workers 1: {rows.get('slowest_vs_workers_1')}", flush=True)  # fmt: skip
                 if arguments.long_doc_lines and size > 1:
                     long_doc = scratch / "long.jsonl"
                     long_doc.write_text(json.dumps({"text": "\n".join(lines[: arguments.long_doc_lines])}) + "\n")
-                    for parallel in (1, 4):
-                        rows[f"long_doc_parallel_batches={parallel}"] = learn(
-                            long_doc, server.url, f"s{size}-long{parallel}", scratch, server.process.pid,
-                            workers=1, parallel_batches=parallel)  # fmt: skip
-                        print(f"server x{size}  long document, --parallel-batches {parallel}: "
-                              f"{rows[f'long_doc_parallel_batches={parallel}']}", flush=True)  # fmt: skip
+                    long_runs: dict[int, list[dict[str, Any]]] = {1: [], 4: []}
+                    for round_ in range(arguments.rounds):
+                        for parallel, found in long_runs.items():
+                            found.append(learn(long_doc, server.url, f"s{size}-long{parallel}-r{round_}", scratch,
+                                               server.process.pid, workers=1, parallel_batches=parallel))  # fmt: skip
+                            print(f"server x{size}  long document, --parallel-batches {parallel}, round {round_}: "
+                                  f"{found[-1]}", flush=True)  # fmt: skip
+                    for parallel, found in long_runs.items():
+                        rows[f"long_doc_parallel_batches={parallel}"] = _median(found)
                     one, four = (rows[f"long_doc_parallel_batches={parallel}"]["seconds"] for parallel in (1, 4))
                     rows["long_doc_speedup"] = round(one / four, 2)
                     print(f"server x{size}  long document: --parallel-batches 4 is {rows['long_doc_speedup']}x 1", flush=True)

@@ -209,6 +209,10 @@ class Worker:
                 for slot in range(lanes):
                     group.start_soon(lane, slot)
         if refused:
+            if not self.backend.ledger and any(done[number] and calls[number][0] >= outcome.stored[level.index]
+                                               for number in range(len(calls))):  # fmt: skip
+                # stored beyond where the sample's retry starts: a server without the ledger would store it again
+                self.recovery.possible_duplicate(plan.index, level.node_id)
             raise refused[0]
 
     async def _learn_range(self, level: LevelSetup, slot: int, level_plan: LevelPlan, plan: SamplePlan,
@@ -235,7 +239,9 @@ class Worker:
                     raise
                 log.warning("the run ledger holds some of these chunks already; sending the rest", stored_chunks=step.stored,
                             first_chunk=start, chunks=len(chunks))  # fmt: skip
-                pending = step.missing(start, stop) + pending
+                missing = step.missing(start, stop)
+                outcome.replayed[level.index] += stop - start - sum(high - low for low, high in missing)
+                pending = missing + pending
                 continue
             if learned.names != planned:
                 raise PlanMismatch(_mismatch(self.backend.description, level.node_id, plan.index, learned.names, planned))

@@ -225,6 +225,23 @@ def test_a_long_document_keeps_several_sessions_of_one_level_busy(books: Path, t
     assert peaks["1", False] == 1, peaks
 
 
+def test_a_refused_call_of_a_long_document_on_a_plain_kato_is_a_possible_duplicate(books: Path, tmp_path: Path) -> None:
+    """Without the run ledger, calls stored beyond a refused one would be stored again by the sample's retry (which
+    starts where the stored chunks stop being contiguous): the sample is counted as a possible duplicate."""
+    one = tmp_path / "one.jsonl"
+    one.write_text(books.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    server = EngineServer(tmp_path / "kb").start()
+    try:
+        with FaultProxy(server.port, plain_kato=True) as proxy:
+            proxy.unavailable_burst(1, status=422, only_paths="observe-sequence")  # one call refused, the others not
+            failed = ok(str(one), "--chunk-sizes", "4", "--kato", proxy.url, "--run-dir", str(tmp_path / "run"),
+                        "--workers", "1", "--batch-chunks", "16", expect=7)  # fmt: skip
+    finally:
+        server.stop()
+    assert failed["samples"]["failed"] == 1
+    assert failed["recovery"]["possible_duplicates"] == 1, failed["recovery"]
+
+
 def test_long_documents_killed_mid_way_resume_exactly_with_other_batching(books: Path, tmp_path: Path) -> None:
     """Killed while long documents' batches are in flight on several sessions (stored out of order), then resumed
     one batch after another in other sizes, and in-process: every chunk is stored once."""

@@ -115,7 +115,6 @@ class Engine:
             persistence=settings.persistence,
             # several server processes take turns at the one writer lock: a long write of one must not fail the others
             busy_timeout=120.0 if settings.shared_sessions else 10.0,
-            take_turns=settings.shared_sessions,
         )
         self._sessions: dict[str, Session] = {}
         self._locks: dict[str, asyncio.Lock] = {}

@@ -89,27 +89,29 @@ def _serve_one(settings: ServerSettings, listening: socket.socket | None, parent
         listening = _port_socket(family, settings.host, settings.port)
     app = create_app(settings, max_body_bytes=settings.max_body_bytes)
     if settings.cpu_per_request_ms or settings.cpu_per_symbol_ms:
-        app = _with_kato_costs(app, settings.cpu_per_request_ms / 1000, settings.cpu_per_symbol_ms / 1000)
+        app = _with_kato_costs(app, settings.cpu_per_request_ms / 1000, settings.cpu_per_symbol_ms / 1000,
+                               settings.max_body_bytes)
     config = _config(settings, app)
     with throughput_gc():
         uvicorn.Server(config).run(sockets=[listening])
 
 
-def _with_kato_costs(app: Any, per_request: float, per_symbol: float) -> Any:
+def _with_kato_costs(app: Any, per_request: float, per_symbol: float, limit: int) -> Any:
     """``app`` behind a wrapper that first spends CPU as a real KATO would on the request (``--cpu-per-request-ms``,
     ``--cpu-per-symbol-ms``; a symbol is one ``"strings"`` list of the body), on the serving thread, as KATO's work
     holds its uvicorn worker."""
 
     async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"] in ("/health", "/"):
             await app(scope, receive, send)
             return
-        parts, more = [], True
-        while more:
+        parts, more, size = [], True, 0
+        while more and size <= limit:  # a body past the limit is the app's to refuse, unread here
             message = await receive()
             if message["type"] != "http.request":  # the client went away
                 return
             parts.append(message.get("body", b""))
+            size += len(parts[-1])
             more = message.get("more_body", False)
         body = b"".join(parts)
         until = time.thread_time() + per_request + per_symbol * body.count(b'"strings"')
@@ -121,7 +123,7 @@ def _with_kato_costs(app: Any, per_request: float, per_symbol: float) -> Any:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": more}
             return await receive()  # type: ignore[no-any-return]
 
         await app(scope, replay, send)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import fcntl
 import json
 import os
@@ -122,14 +123,14 @@ class KnowledgeStore:
     """Knowledge bases and sessions in ``<directory>/kato.sqlite3``, used from one event loop."""
 
     def __init__(self, directory: Path, *, synchronous: str = "FULL", persistence: int = 5,
-                 busy_timeout: float = 10.0, take_turns: bool = False) -> None:  # fmt: skip
+                 busy_timeout: float = 10.0) -> None:  # fmt: skip
         self.path = Path(directory) / "kato.sqlite3"
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout  # seconds a write waits for another process's
-        # Processes that write all the time (a server's --workers) take turns through a lock file, waited for in a
-        # thread: SQLite's own wait for its write lock polls, sleeping up to 100 ms between tries, on the caller's
-        # thread (here the event loop), so one process would keep the lock while the others sleep.
-        self.take_turns = take_turns
+        # Processes writing to one store (a server's --workers, a run beside a server) take turns through a lock
+        # file, waited for in a thread: SQLite's own wait for its write lock polls, sleeping up to 100 ms between
+        # tries, on the caller's thread (here the event loop), so one process would keep the lock while the others
+        # sleep. Uncontended, a turn is taken at once, on the loop.
         self._turn: IO[str] | None = None
         self._turns: concurrent.futures.ThreadPoolExecutor | None = None
         self.persistence = persistence
@@ -157,9 +158,8 @@ class KnowledgeStore:
                                        check_same_thread=False)  # fmt: skip
         if self.synchronous == "FULL":
             self._syncer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kato-sync")
-        if self.take_turns:
-            self._turn = (self.path.parent / TURN_FILE).open("a+", encoding="utf-8")
-            self._turns = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kato-turn")
+        self._turn = (self.path.parent / TURN_FILE).open("a+", encoding="utf-8")
+        self._turns = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kato-turn")
 
     def check(self) -> None:
         """Open the file as :meth:`open` would, and close it: raises ``sqlite3.Error`` or ``OSError`` if it
@@ -225,10 +225,20 @@ class KnowledgeStore:
             raise StoreClosed("the knowledge store is closed")
         return job(self._reader)
 
-    def _start_group(self) -> None:
+    def _start_group(self, after_turn: bool = False) -> None:
+        """Run the next group once this process has its turn. Right after a turn it queues for the next one in the
+        kernel (from a thread), so that a process already waiting there goes first."""
         if self._turns is None or self._turn is None:
             self._run_group()
             return
+        if not after_turn:
+            try:
+                fcntl.flock(self._turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            else:
+                self._run_group()
+                return
         turn = asyncio.get_running_loop().run_in_executor(self._turns, fcntl.flock, self._turn, fcntl.LOCK_EX)
         turn.add_done_callback(self._turn_taken)
 
@@ -264,7 +274,7 @@ class KnowledgeStore:
             self._finish(group, outcomes, self._commit())
             return
         syncing = asyncio.get_running_loop().run_in_executor(self._syncer, self._commit)
-        syncing.add_done_callback(lambda done: self._finish(group, outcomes, done.result()))
+        syncing.add_done_callback(lambda done: self._finish(group, outcomes, done.exception() or done.result()))
 
     def _commit(self) -> BaseException | None:
         connection = self._connection
@@ -272,17 +282,22 @@ class KnowledgeStore:
         try:
             connection.execute("COMMIT")
         except Exception as error:  # noqa: BLE001 - commit failed (disk full, I/O error)
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
             return error
         return None
 
     def _finish(self, group: list[tuple[Job, asyncio.Future[Any]]], outcomes: list[tuple[bool, Any]],
                 failure: BaseException | None) -> None:  # fmt: skip
-        if failure is not None and self._connection is not None and self._connection.in_transaction:
-            self._connection.execute("ROLLBACK")
-        if self._turn is not None:
-            fcntl.flock(self._turn, fcntl.LOCK_UN)  # the others' turn: a process waiting in the kernel is woken now
+        try:
+            if failure is not None and self._connection is not None and self._connection.in_transaction:
+                self._connection.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the caller hears of the failure; the connection rolls back when it is next used or closed
+        finally:
+            if self._turn is not None:
+                fcntl.flock(self._turn, fcntl.LOCK_UN)  # the others' turn: one waiting in the kernel is woken now
         for index, (_, future) in enumerate(group):
             if future.done():  # the caller was cancelled; its job ran (or not) all the same
                 continue
@@ -293,7 +308,7 @@ class KnowledgeStore:
             else:
                 future.set_exception(outcomes[index][1])
         if self._pending:
-            self._start_group()
+            self._start_group(after_turn=True)
         else:
             self._busy = False
             if self._idle is not None:
