@@ -11,10 +11,11 @@ image: 100). Corpus: ``--docs`` documents of ``--lines`` consecutive lines of ti
 8,8,8,8 with metadata at levels 2 and 3 (the notebooks'). Every run learns the same documents into nodes of its own.
 
 For each server size: a run with ingestd's defaults, and one per ``--workers`` value; samples/s, the 503s the
-server answered (retries), and each server process's share of the server's CPU; each setting runs ``--rounds`` times,
-alternating, and its median is reported. Then, with several server processes, one long document (one sample, its
-level 0 in many batches) with ``--parallel-batches`` 1 and 4 (the default). Figures are ratios within this one run: absolute speed differs 2-3x between machines, and on a 2-core machine the server's processes and the
-client share the cores.
+server answered (retries), and each server process's share of the server's CPU. Each setting runs ``--rounds``
+times, alternating in a new order each round, and its median is reported. Then, with several server processes,
+one long document (one sample, its level 0 in many batches) with ``--parallel-batches`` 1 and 4 (the default).
+Figures are ratios within this one run: absolute speed differs 2-3x between machines, and on a 2-core machine
+the server's processes and the client share the cores.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -105,8 +107,13 @@ def main() -> None:
                 configs: dict[str, dict[str, Any]] = {"default": {}}
                 configs |= {f"workers={count}": {"workers": count} for count in worker_counts}
                 runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
-                for round_ in range(arguments.rounds):  # alternating, so that drift hits every setting alike
-                    for name, options in configs.items():
+                order = random.Random(size)
+                for round_ in range(arguments.rounds):  # alternating, in a new order each round: drift and the
+                    names = list(configs)  # server's work left over from the run before hit every setting alike
+                    order.shuffle(names)
+                    for name in names:
+                        options = configs[name]
+                        time.sleep(0.5)
                         runs[name].append(learn(corpus, server.url, f"s{size}-{name.replace('=', '')}-r{round_}",
                                                 scratch, server.process.pid, **options))  # fmt: skip
                         print(f"server x{size}  {name:<11} round {round_}: {runs[name][-1]}", flush=True)

@@ -155,7 +155,7 @@ _SKIP = Annotated[int, typer.Option(min=0, max=MAX_COUNT, help="Skip this many s
 _MAX_SAMPLE_CHARS = Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Longer samples fail alone (to failed.jsonl) instead of being learned.", rich_help_panel="Source")]
 _RUN_ID = Annotated[str, typer.Option(help="Run name, available to --node-ids as {run_id}.", rich_help_panel="Hierarchy")]
 _ALLOW_MIXED_KB = Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed (refused otherwise).", rich_help_panel="Hierarchy")]
-_WORKERS = Annotated[int, typer.Option(min=1, max=1024, help="Concurrent workers, each with one session per node.", rich_help_panel="Backend")]
+_WORKERS = Annotated[int, typer.Option(min=1, max=1024, help="Samples learned at once over HTTP, each worker with its own sessions (in-process runs load in bulk and ignore it).", rich_help_panel="Backend")]
 _BATCH_CHUNKS = Annotated[int, typer.Option(min=1, max=4096, help="Chunks per observe-sequence on batched levels.", rich_help_panel="Backend")]
 _PARALLEL_BATCHES = Annotated[int, typer.Option(min=1, max=64, help="Calls of one long sample at one level in flight at once, each on its own session, so one document keeps several KATO workers busy (levels without metadata; 1: one after another).", rich_help_panel="Backend")]
 _BATCHING = Annotated[bool, typer.Option("--batching/--no-batching", help="Batch levels without metadata through KATO's auto-learn.", rich_help_panel="Backend")]
@@ -187,7 +187,7 @@ def run_command(
     allow_mixed_kb: _ALLOW_MIXED_KB = False,
     patience: _PATIENCE = 600.0,
     request_timeout: _REQUEST_TIMEOUT = 120.0,
-    workers: _WORKERS = 8,
+    workers: _WORKERS = 16,
     planners: Annotated[Optional[int], typer.Option(min=0, max=64, help="Processes that tokenize and plan beside learning (default: one per core beyond the first; 0: in this process).", show_default=False, rich_help_panel="Backend")] = None,
     batch_chunks: _BATCH_CHUNKS = 64,
     parallel_batches: _PARALLEL_BATCHES = 4,
@@ -566,7 +566,7 @@ def jobs_submit(
     run_id: _RUN_ID = "",
     allow_mixed_kb: _ALLOW_MIXED_KB = False,
     kato: Annotated[Optional[str], typer.Option("--kato-url", "--kato", help="KATO server for this job (default: the daemon's embedded engine).", rich_help_panel="Backend")] = None,
-    workers: _WORKERS = 8,
+    workers: _WORKERS = 16,
     planners: Annotated[Optional[int], typer.Option(min=0, max=64, help="Processes that tokenize and plan (default: one per core beyond the first).", show_default=False, rich_help_panel="Backend")] = None,
     batch_chunks: _BATCH_CHUNKS = 64,
     parallel_batches: _PARALLEL_BATCHES = 4,

@@ -78,7 +78,7 @@ class JobSpec(BaseModel):
     node_ids: str | None = None
     run_id: str = ""
     kato_url: str | None = Field(default=None, description="A KATO server; None = the daemon's embedded engine.")
-    workers: int = Field(default=8, ge=1, le=MAX_WORKERS)
+    workers: int = Field(default=16, ge=1, le=MAX_WORKERS)
     planners: int | None = Field(default=None, ge=0, le=64, description="Processes that tokenize and plan "
                                  "(default: one per core beyond the first).")  # fmt: skip
     tokenizer: str = "gpt2"

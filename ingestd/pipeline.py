@@ -63,7 +63,7 @@ class RunConfig(BaseModel):
     source: SourceSpec
     hierarchy: Hierarchy
     tokenizer: str = "gpt2"
-    workers: int = Field(default=8, ge=1, le=MAX_WORKERS)
+    workers: int = Field(default=16, ge=1, le=MAX_WORKERS)
     batch_chunks: int = Field(default=64, ge=1, le=MAX_BATCH_CHUNKS,
                               description="Chunks per observe-sequence call on batched levels.")  # fmt: skip
     batching: bool = True
