@@ -39,8 +39,13 @@ def serve(settings: ServerSettings) -> None:
     # One process: one socket. Several: each its own on the one port (SO_REUSEPORT), and the kernel gives each new
     # connection to one of them evenly; on one shared socket, whichever process is running when a connection comes
     # takes it, so on a busy machine the busiest process takes most. This one holds the port and accepts nothing.
-    listening = config.bind_socket() if settings.workers == 1 else _port_socket(socket.AF_INET6 if ":" in settings.host
-                                                                                 else socket.AF_INET, settings.host, settings.port)  # fmt: skip
+    try:
+        listening = config.bind_socket() if settings.workers == 1 else _port_socket(
+            socket.AF_INET6 if ":" in settings.host else socket.AF_INET, settings.host, settings.port)  # fmt: skip
+    except OSError as error:  # taken since it was checked
+        print(f"ingestd kato: error: cannot listen on {settings.host}:{settings.port} ({error.strerror or error}): "
+              "give another --port or --host", file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(2)
     host, port = listening.getsockname()[:2]  # --port 0: the port the system chose
     shown = f"[{host}]" if ":" in host else host
     print(
