@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ingestd import __version__, catalogue, metrics
 from ingestd.backend import EmbeddedKato, HttpKato, KatoBackend, ReplicatedKato, check_kato_urls
 from ingestd.engine import EngineSettings
-from ingestd.errors import IngestError, KatoRejected, ServerDown, Transient, find_ingest_error
+from ingestd.errors import IngestError, KatoRejected, KatoUnavailable, ServerDown, Transient, find_ingest_error
 from ingestd.hierarchy import Hierarchy
 from ingestd.loader import LOAD_SAMPLES, LOAD_TOKENS, Loader
 from ingestd.nodes import NodeRegistry
@@ -373,6 +373,7 @@ class Pipeline:
         self._watch: ServerWatch | None = None
         self._run_dir: Path | None = None
         self._catalogued = False
+        self._server_unusable = False  # the run is stopping because the server did not serve for --patience
 
     def describe(self) -> dict[str, Any]:
         config = self.config
@@ -668,8 +669,14 @@ class Pipeline:
                         with metrics.IN_FLIGHT.track_inprogress(), metrics.WORKERS_BUSY.track_inprogress():
                             outcome = await worker.learn(plan)
                         await self._settle([plan], [outcome], progress, backend, time.perf_counter() - started)
+        except BaseException as error:
+            if isinstance(find_ingest_error(error), KatoUnavailable):
+                self._server_unusable = True  # (the other workers are cancelled after this one's cleanup)
+            raise
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            # Sessions are deleted as a courtesy (they would expire with their TTL): briefly if the server was just
+            # found unusable for --patience, so that the run's exit does not wait on it once more per session.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2 if self._server_unusable else 10):
                 await worker.close()
 
     async def _load(self, loader: Loader, progress: Progress, backend: KatoBackend,
