@@ -18,7 +18,6 @@ stored, so the sample can be retried from exactly there.
 
 from __future__ import annotations
 
-import bisect
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -181,10 +180,12 @@ class Worker:
         calls = [(start, min(start + size, total)) for start in range(first, total, size)]
         lanes = 1 if level.capture_metadata else min(len(calls), self.parallel_batches)
         done = [False] * len(calls)
+        leading = 0  # calls done from the first on: the level's stored chunks end where the last of them ends
         taken = iter(range(len(calls)))  # shared by the lanes: each call is taken once, in order
         refused: list[KatoRejected] = []
 
         async def lane(slot: int) -> None:
+            nonlocal leading
             for number in taken:
                 if refused:  # a refusal stops the level: calls in flight finish, no new one starts
                     return
@@ -194,11 +195,9 @@ class Worker:
                     refused.append(rejection)
                     return
                 done[number] = True
-                reached = outcome.stored[level.index]
-                while (position := bisect.bisect_left(calls, (reached,))) < len(calls) and done[position] \
-                        and calls[position][0] == reached:  # fmt: skip
-                    reached = calls[position][1]
-                outcome.stored[level.index] = reached  # the chunks stored from the first on
+                while leading < len(calls) and done[leading]:
+                    leading += 1
+                    outcome.stored[level.index] = calls[leading - 1][1]
 
         if lanes <= 1:
             await lane(0)

@@ -158,6 +158,19 @@ def record(connection: sqlite3.Connection, place: Place, kb_id: str) -> bool:
     return True
 
 
+def missing(stored: int, ahead: Sequence[tuple[int, int]], first: int, end: int) -> list[tuple[int, int]]:
+    """The ranges of chunks ``first`` to ``end`` a record does not hold, in order: it holds ``stored`` chunks from
+    the first on and the ``ahead`` ranges (first, end) beyond them."""
+    lacking, position = [], max(first, stored)
+    for low, high in sorted(ahead):
+        if low > position and position < end:
+            lacking.append((position, min(low, end)))
+        position = max(position, high)
+    if position < end:
+        lacking.append((position, end))
+    return lacking
+
+
 def positions(connection: sqlite3.Connection, run_key: str,
               samples: Sequence[int]) -> dict[tuple[int, str], tuple[int, list[tuple[int, int]]]]:  # fmt: skip
     """Per (sample, knowledge base) with a record, what is stored: the prefix and the ranges beyond it. For a
@@ -203,9 +216,9 @@ def status(connection: sqlite3.Connection, run_key: str, kb_ids: Sequence[str],
     samples = list(samples)
     found = positions(connection, run_key, samples)
     for sample in samples:
-        per_sample[sample] = {kb: found.get((sample, kb), (0, []))[0] for kb in kb_ids}
-        ranges = {kb: [list(span) for span in found[(sample, kb)][1]] for kb in kb_ids if found.get((sample, kb), (0, []))[1]}
-        if ranges:
+        held = {kb: found.get((sample, kb), (0, [])) for kb in kb_ids}
+        per_sample[sample] = {kb: prefix for kb, (prefix, _) in held.items()}
+        if ranges := {kb: [list(span) for span in spans] for kb, (_, spans) in held.items() if spans}:
             ahead[sample] = ranges
     return {"totals": totals, "samples": per_sample, "ahead": ahead}
 
@@ -220,10 +233,10 @@ def forget(connection: sqlite3.Connection, run_key: str, *, samples: Sequence[in
         connection.execute("DELETE FROM ledger_ahead WHERE run_key = ?", (run_key,))
         return connection.execute("DELETE FROM ledger WHERE run_key = ?", (run_key,)).rowcount
     if samples is not None:
-        for sample in samples:
-            connection.execute("DELETE FROM ledger_ahead WHERE run_key = ? AND sample_index = ?", (run_key, sample))
-        return sum(connection.execute("DELETE FROM ledger WHERE run_key = ? AND sample_index = ?", (run_key, sample)).rowcount
-                   for sample in samples)  # fmt: skip
+        listed = (run_key, "[" + ",".join(str(int(sample)) for sample in samples) + "]")
+        connection.execute("DELETE FROM ledger_ahead WHERE run_key = ? AND sample_index IN (SELECT value FROM json_each(?))", listed)
+        return connection.execute("DELETE FROM ledger WHERE run_key = ? AND sample_index IN (SELECT value FROM json_each(?))",
+                                  listed).rowcount  # fmt: skip
     kept = (run_key, "[" + ",".join(str(int(sample)) for sample in keep) + "]")
     connection.execute("DELETE FROM ledger_ahead WHERE run_key = ? AND sample_index NOT IN (SELECT value FROM json_each(?))", kept)
     return connection.execute("DELETE FROM ledger WHERE run_key = ? AND sample_index NOT IN (SELECT value FROM json_each(?))",

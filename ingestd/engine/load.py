@@ -21,6 +21,7 @@ again after a crash, or a sample redone from a stale resume point, stores nothin
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -72,19 +73,11 @@ def _key(item: tuple[tuple[str, str], _Pattern]) -> tuple[str, str]:
     return item[0]
 
 
-def _missing(start: int, total: int, ahead: Sequence[tuple[int, int]]) -> range | list[int]:
-    """The chunks from ``start`` to ``total`` the ledger does not hold (it may hold ranges beyond its prefix: a
-    long sample's batches sent at once by a run over HTTP)."""
-    if not ahead:
-        return range(start, total)
-    held = {position for low, high in ahead for position in range(low, min(high, total))}
-    return [position for position in range(start, total) if position not in held]
-
-
 def load(connection: sqlite3.Connection, run_key: str, samples: Sequence[SampleLoad],
          kb_of: Callable[[str], str]) -> list[list[int]]:  # fmt: skip
     """Inside a transaction: store every chunk of ``samples`` the run ledger does not hold yet, and move the
-    ledger on. Returns, per sample and level, how many of its chunks the ledger held before: the caller's measure of what this call stored and what was there already."""
+    ledger on. Returns, per sample and level, how many of its chunks the ledger held before: the caller's measure
+    of what this call stored and what was there already."""
     kbs = [[kb_of(level.node_id) for level in sample.levels] for sample in samples]
     held = ledger.positions(connection, run_key, [sample.index for sample in samples])
     patterns: dict[tuple[str, str], _Pattern] = {}
@@ -96,12 +89,13 @@ def load(connection: sqlite3.Connection, run_key: str, samples: Sequence[SampleL
         for level, kb in zip(sample.levels, sample_kbs, strict=True):
             total = len(level.names)
             prefix, ahead = held.get((sample.index, kb), (0, []))
-            missing = _missing(min(prefix, total), total, ahead)
-            positions.append(total - len(missing))
-            if not missing:
+            lacking = ledger.missing(prefix, ahead, 0, total)
+            count = sum(high - low for low, high in lacking)
+            positions.append(total - count)
+            if not count:
                 continue
             folded = rules.fold_metadata([level.metadata]) if level.metadata else None
-            for position in missing:
+            for position in itertools.chain.from_iterable(range(low, high) for low, high in lacking):
                 key = (kb, level.names[position][_PREFIX:])
                 pattern = patterns.get(key)
                 if pattern is None:
@@ -113,7 +107,7 @@ def load(connection: sqlite3.Connection, run_key: str, samples: Sequence[SampleL
                         union.setdefault(field, set()).update(values)
                     pattern.metadata = union
             advanced.append((sample.index, kb, total))
-            added[kb] = added.get(kb, 0) + len(missing)
+            added[kb] = added.get(kb, 0) + count
         before.append(positions)
     # In key order: each B-tree page is then visited once per load, not once per pattern on it.
     ordered = sorted(patterns.items(), key=_key)
