@@ -53,6 +53,7 @@ class AlreadyApplied(Exception):
 
 
 _STALE_RETRIES = 20
+_KB_IDS_KEPT = 4096  # node ids whose knowledge-base id is kept at hand
 
 
 def fresh(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -537,6 +538,8 @@ class Engine:
         """The knowledge-base id of a node (cached: a load asks for it per sample and level)."""
         kb = self._kb_ids.get(node_id)
         if kb is None:
+            if len(self._kb_ids) >= _KB_IDS_KEPT:  # node ids come from clients too: keep a bounded few
+                self._kb_ids.clear()
             kb = self._kb_ids[node_id] = rules.kb_id(node_id, self.settings.service_name)
         return kb
 

@@ -29,14 +29,17 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ingestd.engine import ledger
+from ingestd.engine import load as load_rules
 from ingestd.engine.engine import KATO_VERSION, Engine, KatoError, SessionNotFound
 from ingestd.engine.feeders import Feeder
 from ingestd.engine.ledger import Place
+from ingestd.engine.load import LevelLoad, SampleLoad
 from ingestd.engine.schemas import (
     ClaimNodesRequest,
     CreateSessionRequest,
     LedgerForgetRequest,
     LedgerStatusRequest,
+    LoadRequest,
     NodeCountsRequest,
     ObservationData,
     ObservationSequenceRequest,
@@ -177,6 +180,7 @@ async def _body_model(request: Request, model: type[BaseModel]) -> Any:
 
 
 _DICT_BODY = TypeAdapter(dict[str, Any])
+_LOAD = TypeAdapter(LoadRequest)
 _INT = TypeAdapter(int)
 
 
@@ -328,7 +332,8 @@ def _observation(item: ObservationData) -> Observation:
     return Observation(item.strings, item.emotives, item.metadata, getattr(item, "unique_id", None))
 
 
-def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, manage_engine: bool = True) -> Starlette:
+def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, manage_engine: bool = True,
+              bulk_loads: bool = True) -> Starlette:  # fmt: skip
     """The KATO HTTP API over ``engine``. With ``manage_engine`` the app starts and closes it."""
 
     async def health(request: Request) -> Response:
@@ -428,7 +433,7 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
     # -- ingestd's extensions (KATO answers 404 to all of these) --------------------------------------------
     async def extensions(request: Request) -> Response:
         return JSONResponse({"service": "ingestd engine", "kato_version": KATO_VERSION, "store_id": engine.store_id,
-                             "extensions": {"ledger": 2, "feeders": 1}})  # fmt: skip
+                             "extensions": {"ledger": 2, "feeders": 1, **({"load": 1} if bulk_loads else {})}})  # fmt: skip
 
     async def ledger_status(request: Request) -> Response:
         body: LedgerStatusRequest = await _body_model(request, LedgerStatusRequest)
@@ -442,6 +447,24 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
         forgotten = await engine.ledger_forget(_run_key(request), samples=body.samples, keep=body.keep,
                                                everything=body.everything)  # fmt: skip
         return JSONResponse({"forgotten": forgotten})
+
+    async def load(request: Request) -> Response:
+        """Many samples of a run stored in one transaction (the bulk loader, served): what a run's KATO calls for
+        them would store, with the run ledger deciding what is new (see :mod:`ingestd.engine.load`)."""
+        run_key = _run_key(request)
+        raw = _quick_json(await request.body(), request.headers.get("content-type"))
+        try:
+            body = _LOAD.validate_python(raw) if raw is not None else None
+        except ValidationError:
+            body = None
+        if body is None or not all(_plain(level.metadata) for sample in body.samples for level in sample.levels):
+            body = await _body_model(request, LoadRequest)  # the full way: Python's parser, as observe's metadata
+        samples = [SampleLoad(sample.index, [LevelLoad(level.node_id, level.chunks, level.names, level.metadata)
+                                             for level in sample.levels]) for sample in body.samples]  # fmt: skip
+        problem = load_rules.check(samples, engine.kb_of)
+        if problem is not None:
+            raise KatoError(422, f"cannot load: {problem}")
+        return JSONResponse({"held": await engine.load(run_key, samples)})
 
     async def claim_nodes(request: Request) -> Response:
         body: ClaimNodesRequest = await _body_model(request, ClaimNodesRequest)
@@ -487,6 +510,7 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
         Route("/ingestd", extensions, methods=["GET"]),
         Route("/ingestd/ledger/{run_key}", ledger_status, methods=["POST"]),
         Route("/ingestd/ledger/{run_key}/forget", ledger_forget, methods=["POST"]),
+        *([Route("/ingestd/load/{run_key}", load, methods=["POST"])] if bulk_loads else []),
         Route("/ingestd/nodes/claim", claim_nodes, methods=["POST"]),
         Route("/ingestd/nodes/counts", node_counts, methods=["POST"]),
         *(Route(path, not_implemented(method, path), methods=[method]) for method, path in NOT_IMPLEMENTED),
@@ -757,7 +781,8 @@ def _replay(body: bytes, receive: Receive, *, more: bool = False) -> Receive:
     return replayed
 
 
-def create_app(settings: EngineSettings, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> ASGIApp:
-    """A KATO-compatible server app over a new engine on ``settings.data_dir``."""
+def create_app(settings: EngineSettings, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, bulk_loads: bool = True) -> ASGIApp:
+    """A KATO-compatible server app over a new engine on ``settings.data_dir`` (``bulk_loads``: with
+    ``POST /ingestd/load``)."""
     engine = Engine(settings)
-    return HotPaths(build_app(engine, max_body_bytes=max_body_bytes), engine, max_body_bytes)
+    return HotPaths(build_app(engine, max_body_bytes=max_body_bytes, bulk_loads=bulk_loads), engine, max_body_bytes)

@@ -14,6 +14,9 @@ process, naming chunks with the very rule the engine learns by (:func:`ingestd.e
 a check would hash every chunk a second time, a fifth of a load's cost, to compare a function with itself.
 KATO's side of that rule is held by the golden tests (names answered by a real KATO 3.10.1).
 
+Served (``POST /ingestd/load/{run_key}``), the caller is another process, so :func:`check` holds each
+name to the rule first (about a fifth of a load's cost, on the server's side).
+
 **The run ledger decides what is stored** (:mod:`ingestd.engine.ledger`), in the same transaction: a level
 of a sample is stored from the chunk the ledger records on, whatever the caller believed, so a batch sent
 again after a crash, or a sample redone from a stale resume point, stores nothing twice and nothing less.
@@ -67,6 +70,32 @@ def _data(chunk: Sequence[str]) -> bytes:
     """A chunk's pattern data as stored: one event per symbol. Made as rows are written, not kept: orjson
     (from 3.12) gives every result a buffer of at least 4 KB, which a load of 9k patterns would hold at once."""
     return orjson.dumps([[symbol] for symbol in chunk])
+
+
+def check(samples: Sequence[SampleLoad], kb_of: Callable[[str], str]) -> str | None:
+    """What makes ``samples`` unfit to load from another process (None if nothing): a sample given twice, two
+    levels of a sample in one knowledge base (the ledger keeps one record per sample and knowledge base), a level
+    whose names are not its chunks' names by KATO's rule, or a chunk too short to be learned."""
+    seen: set[int] = set()
+    for number, sample in enumerate(samples):
+        if sample.index in seen:
+            return f"samples[{number}]: sample {sample.index} is given twice"
+        seen.add(sample.index)
+        kbs: dict[str, str] = {}
+        for level_number, level in enumerate(sample.levels):
+            where = f"samples[{number}].levels[{level_number}]"
+            kb = kb_of(level.node_id)
+            if kb in kbs:
+                return f"{where}: node {level.node_id!r} is the knowledge base of node {kbs[kb]!r}, given before"
+            kbs[kb] = level.node_id
+            if len(level.names) != len(level.chunks):
+                return f"{where}: {len(level.chunks)} chunks but {len(level.names)} names"
+            for position, (chunk, name) in enumerate(zip(level.chunks, level.names, strict=True)):
+                if len(chunk) < 2:
+                    return f"{where}.chunks[{position}]: a pattern needs at least 2 symbols"
+                if rules.chunk_name(chunk) != name:
+                    return f"{where}.names[{position}] is not the name KATO gives chunks[{position}] ({rules.chunk_name(chunk)})"
+    return None
 
 
 def _key(item: tuple[tuple[str, str], _Pattern]) -> tuple[str, str]:

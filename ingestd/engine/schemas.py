@@ -66,3 +66,21 @@ class NodeClaim(BaseModel):
 class ClaimNodesRequest(BaseModel):
     claims: list[NodeClaim] = Field(min_length=1, max_length=64)
     allow_mixed: bool = False
+
+
+class LoadLevel(BaseModel):
+    """One level of a sample: its chunks, one symbol per event, their names, and the metadata its learns carry."""
+
+    node_id: str
+    chunks: list[list[str]] = Field(max_length=1_000_000)
+    names: list[str] = Field(max_length=1_000_000)
+    metadata: dict[str, Any] | None = None
+
+
+class LoadSample(BaseModel):
+    index: SampleIndex
+    levels: list[LoadLevel] = Field(min_length=1, max_length=64)
+
+
+class LoadRequest(BaseModel):
+    samples: list[LoadSample] = Field(min_length=1, max_length=100_000)

@@ -92,8 +92,9 @@ def _serve_one(settings: ServerSettings, listening: socket.socket | None, parent
         threading.Thread(target=_orphaned, args=(parent,), name="kato-parent-watch", daemon=True).start()
     if listening is None:
         listening = _port_socket(family, settings.host, settings.port)
-    app = create_app(settings, max_body_bytes=settings.max_body_bytes)
-    if settings.cpu_per_request_ms or settings.cpu_per_symbol_ms:
+    standing_in = bool(settings.cpu_per_request_ms or settings.cpu_per_symbol_ms)  # for a KATO, which has no bulk loads
+    app = create_app(settings, max_body_bytes=settings.max_body_bytes, bulk_loads=not standing_in)
+    if standing_in:
         app = _with_kato_costs(app, settings.cpu_per_request_ms / 1000, settings.cpu_per_symbol_ms / 1000,
                                settings.max_body_bytes)
     config = _config(settings, app)
