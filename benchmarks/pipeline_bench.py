@@ -8,6 +8,9 @@ Corpus: documents of ``--lines`` consecutive lines of tinyshakespeare (about
 Hierarchy: chunk sizes 8,8,8,8 with metadata at levels 2 and 3 (the v2
 notebook's). The notebook-style client is the seeds' way: sequential, and per
 chunk a ``clear-stm`` then an ``observe-sequence`` with ``learn_at_end``.
+ingestd runs over HTTP twice: as it does by default against ``ingestd kato serve``
+(bulk loads, ``POST /ingestd/load``), and with ``--no-bulk-load`` (KATO's calls, as
+to a real KATO: sessions and ``observe-sequence``).
 All runs must end with the same knowledge base (checked), on separate node
 ids. Figures are ratios within this one run; the machine is noisy, and an
 ingestd run lasts a second or two where the notebook-style client's lasts half a
@@ -84,7 +87,8 @@ def notebook_client(url: str, texts: list[str], prefix: str) -> dict[str, Any]:
 
 def ingestd_run(corpus: Path, prefix: str, workers: int, **options: Any) -> dict[str, Any]:
     # A run directory of its own in the scratch directory: a new run, not a resume of an earlier benchmark.
-    options.setdefault("run_dir", corpus.parent / f"run-{prefix}-{'http' if 'kato_url' in options else 'inproc'}")
+    options.setdefault("run_dir", corpus.parent / f"run-{prefix}-{'http' if 'kato_url' in options else 'inproc'}"
+                                                 f"{'' if options.get('bulk_load', True) else '-calls'}")
     hierarchy = Hierarchy.from_chunk_sizes(CHUNKS, METADATA_LEVELS, node_id_template=f"{prefix}-node{{level}}")
     # The same entry point as ``ingestd run`` (uvloop where installed).
     summary = run(str(corpus), hierarchy, workers=workers, source_label="bench", **options).as_dict()
@@ -114,18 +118,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         corpus = Path(scratch) / "docs.jsonl"
         texts = write_corpus(corpus, args.docs, args.lines)
-        rounds: dict[str, list[dict[str, Any]]] = {"ingestd (HTTP)": [], "ingestd (in-process)": []}
+        rounds: dict[str, list[dict[str, Any]]] = {"ingestd (HTTP)": [], "ingestd (HTTP, KATO calls)": [],
+                                                    "ingestd (in-process)": []}  # fmt: skip
         with ServerProcess(f"{scratch}/server", "--workers", str(args.server_workers)) as server:
             url = server.url
             notebook = notebook_client(url, texts, "nb")
             for number in range(args.rounds):
                 rounds["ingestd (HTTP)"].append(ingestd_run(corpus, f"ing{number}", args.workers, kato_url=url))
+                rounds["ingestd (HTTP, KATO calls)"].append(
+                    ingestd_run(corpus, f"calls{number}", args.workers, kato_url=url, bulk_load=False))
                 rounds["ingestd (in-process)"].append(
                     ingestd_run(corpus, f"ing{number}", args.workers, data_dir=Path(scratch) / "inproc"))
         server_db = Path(scratch) / "server" / "kato.sqlite3"
         expected = kb_state(server_db, "nb")
-        same = all(kb_state(server_db, f"ing{number}") == expected == kb_state(Path(scratch) / "inproc" / "kato.sqlite3",
-                                                                              f"ing{number}")
+        same = all(kb_state(server_db, f"ing{number}") == kb_state(server_db, f"calls{number}") == expected
+                   == kb_state(Path(scratch) / "inproc" / "kato.sqlite3", f"ing{number}")
                    for number in range(args.rounds))  # fmt: skip
 
     base_rate = notebook["samples"] / notebook["seconds"]
@@ -133,7 +140,7 @@ def main() -> None:
           f"levels {sorted(METADATA_LEVELS)}; {args.workers} ingestd workers, {args.server_workers} server processes; "
           f"{args.rounds} rounds of each ingestd "
           f"client; identical knowledge bases: {same}")  # fmt: skip
-    print(f"{'client':<24} {'samples/s':>10} {'tokens/s':>10} {'requests/sample':>16} {'speed-up':>9} {'range':>14}")
+    print(f"{'client':<28} {'samples/s':>10} {'tokens/s':>10} {'requests/sample':>16} {'speed-up':>9} {'range':>14}")
     rows = []
     for name, runs in {"notebook-style (HTTP)": [notebook], **rounds}.items():
         rates = sorted(figures["samples"] / figures["seconds"] for figures in runs)
@@ -146,7 +153,7 @@ def main() -> None:
                "speedup_range": [round(rates[0] / base_rate, 1), round(rates[-1] / base_rate, 1)]}  # fmt: skip
         rows.append(row)
         spread = f"{row['speedup_range'][0]:.1f}-{row['speedup_range'][1]:.1f}x" if len(runs) > 1 else ""
-        print(f"{name:<24} {row['samples_per_second']:>10.2f} {row['tokens_per_second']:>10.0f} "
+        print(f"{name:<28} {row['samples_per_second']:>10.2f} {row['tokens_per_second']:>10.0f} "
               f"{row['requests_per_sample']:>16.2f} {row['speedup']:>8.1f}x {spread:>14}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"identical_knowledge_bases": same, "results": rows}, indent=2))

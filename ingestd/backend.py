@@ -55,6 +55,7 @@ class KatoBackend(Protocol):
     requests: int
     description: str
     ledger: bool  # keeps the run ledger: a chunk of a run is stored once, whatever is resent (known after start)
+    loads: bool  # stores many samples of a run at once (``load``; known after start): ingestd's engine
     store: str  # which knowledge store this is (after start): an engine's store id, or a KATO server's address
 
     async def start(self) -> None: ...
@@ -63,6 +64,8 @@ class KatoBackend(Protocol):
     async def delete_session(self, session_id: str) -> None: ...
     async def learn(self, session_id: str, chunks: Sequence[Sequence[str]], *, metadata: dict[str, Any] | None,
                     auto_learn: bool, place: Place | None = None) -> Learned: ...  # fmt: skip
+    async def load(self, run_key: str, samples: Sequence[SampleLoad]) -> list[list[int]]:
+        """Per sample and level, the chunks the run ledger held before; stores the rest (``loads`` backends only)."""
     async def healthy(self) -> bool: ...
     async def clear_stm(self, session_id: str) -> None: ...
     async def clear_all(self, node_id: str) -> None: ...
@@ -188,6 +191,7 @@ class HttpKato:
         self.requests = 0
         self.extensions = False  # the server is ingestd's engine (GET /ingestd): run ledger, feeders
         self.ledger = False  # ... and honours the ledger header (its answers echo it)
+        self.loads = False  # ... and loads samples in bulk (POST /ingestd/load)
         self.store = self.url
         self.registry = registry  # what fed the nodes of a server without extensions
         self._connections = max(1, connections)
@@ -233,13 +237,14 @@ class HttpKato:
                 f"{self.url} is not a KATO server (GET /health answered {status} "
                 f"{content_type or 'without a content type'}): check the --kato-url address"
             )
-        store_id = await self._engine_store_id()
-        self.extensions = self.ledger = store_id is not None
-        if store_id is not None:
-            self.store = store_id
+        engine = await self._engine()
+        self.extensions = self.ledger = engine is not None
+        if engine is not None:
+            self.store = str(engine.get("store_id") or self.url)
+            self.loads = engine["extensions"].get("load") == 1
 
-    async def _engine_store_id(self) -> str | None:
-        """The store id if the server is ingestd's engine (KATO answers 404 to ``GET /ingestd``), else None."""
+    async def _engine(self) -> dict[str, Any] | None:
+        """What ``GET /ingestd`` says if the server is ingestd's engine (KATO answers 404), else None."""
         try:
             status, _, raw = await self._get("/ingestd")
         except (aiohttp.ClientError, TimeoutError):
@@ -249,7 +254,7 @@ class HttpKato:
         except orjson.JSONDecodeError:
             return None
         if isinstance(body, dict) and isinstance(body.get("extensions"), dict) and body["extensions"].get("ledger") == 2:
-            return str(body.get("store_id") or self.url)
+            return body
         return None
 
     async def aclose(self) -> None:
@@ -361,6 +366,16 @@ class HttpKato:
         return body["pattern"] if body["status"] == "okay" else None
 
     # -- ingestd's extensions, when the server has them ----------------------------------------------------
+    async def load(self, run_key: str, samples: Sequence[SampleLoad]) -> list[list[int]]:
+        """Many samples of a run stored in one transaction on the server (``loads`` servers only); a resend stores
+        nothing twice (the run ledger decides what is new)."""
+        body = {"samples": [{"index": sample.index,
+                             "levels": [{"node_id": level.node_id, "chunks": level.chunks, "names": level.names,
+                                         "metadata": level.metadata or None} for level in sample.levels]}
+                            for sample in samples]}  # fmt: skip
+        held: list[list[int]] = (await self._call("POST", f"/ingestd/load/{run_key}", body, endpoint="load"))["held"]
+        return held
+
     async def ledger_status(self, run_key: str, node_ids: Sequence[str], samples: Sequence[int] = ()) -> dict[str, Any]:
         found: dict[str, Any] = {"totals": {}, "samples": {}}
         for start in range(0, max(1, len(samples)), _LEDGER_BATCH):
@@ -425,6 +440,10 @@ class ReplicatedKato:
         return all(server.extensions for server in self.servers)
 
     @property
+    def loads(self) -> bool:
+        return all(server.loads for server in self.servers)
+
+    @property
     def registry(self) -> NodeRegistry | None:
         return self.servers[0].registry
 
@@ -460,6 +479,11 @@ class ReplicatedKato:
 
     async def clear_stm(self, session_id: str) -> None:
         await self._of(session_id).clear_stm(session_id)
+
+    async def load(self, run_key: str, samples: Sequence[SampleLoad]) -> list[list[int]]:
+        server = self.servers[self._turn % len(self.servers)]  # loads take turns, as sessions do
+        self._turn += 1
+        return await server.load(run_key, samples)
 
     async def healthy(self) -> bool:
         return all([await server.healthy() for server in self.servers])
@@ -497,6 +521,7 @@ class EmbeddedKato:
         self.description = f"embedded engine on {Path(settings.data_dir).resolve()}"
         self.requests = 0
         self.ledger = True
+        self.loads = True
         self.store = ""
 
     async def start(self) -> None:

@@ -155,10 +155,11 @@ _SKIP = Annotated[int, typer.Option(min=0, max=MAX_COUNT, help="Skip this many s
 _MAX_SAMPLE_CHARS = Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Longer samples fail alone (to failed.jsonl) instead of being learned.", rich_help_panel="Source")]
 _RUN_ID = Annotated[str, typer.Option(help="Run name, available to --node-ids as {run_id}.", rich_help_panel="Hierarchy")]
 _ALLOW_MIXED_KB = Annotated[bool, typer.Option("--allow-mixed-kb", help="Feed nodes that another level, chunk size or tokenizer fed (refused otherwise).", rich_help_panel="Hierarchy")]
-_WORKERS = Annotated[int, typer.Option(min=1, max=1024, help="Samples learned at once over HTTP, each worker with its own sessions (in-process runs load in bulk and ignore it).", rich_help_panel="Backend")]
+_WORKERS = Annotated[int, typer.Option(min=1, max=1024, help="Samples learned at once through KATO's calls, each worker with its own sessions; with bulk loads (ingestd's engine), loads in flight: at most 4 served, 1 in-process.", rich_help_panel="Backend")]
 _BATCH_CHUNKS = Annotated[int, typer.Option(min=1, max=4096, help="Chunks per observe-sequence on batched levels.", rich_help_panel="Backend")]
 _PARALLEL_BATCHES = Annotated[int, typer.Option(min=1, max=64, help="Calls of one long sample at one level in flight at once, each on its own session, so one document keeps several KATO workers busy (levels without metadata; 1: one after another).", rich_help_panel="Backend")]
 _BATCHING = Annotated[bool, typer.Option("--batching/--no-batching", help="Batch levels without metadata through KATO's auto-learn.", rich_help_panel="Backend")]
+_BULK_LOAD = Annotated[bool, typer.Option("--bulk-load/--no-bulk-load", help="Store many samples per transaction (and per request) where KATO is ingestd's engine, in-process or served by `ingestd kato serve`; --no-bulk-load sends it KATO's calls, as to a KATO server.", rich_help_panel="Backend")]
 _DURABILITY = Annotated[str, typer.Option(help="Embedded engine: full (fsync) or normal.", rich_help_panel="Backend")]
 _PATIENCE = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for a KATO that is down, per outage.", rich_help_panel="Backend")]
 _REQUEST_TIMEOUT = Annotated[float, typer.Option(min=0.1, help="Seconds to wait for one answer before resending.", rich_help_panel="Backend")]
@@ -192,6 +193,7 @@ def run_command(
     batch_chunks: _BATCH_CHUNKS = 64,
     parallel_batches: _PARALLEL_BATCHES = 4,
     batching: _BATCHING = True,
+    bulk_load: _BULK_LOAD = True,
     kato: Annotated[Optional[str], typer.Option("--kato-url", "--kato", help="A KATO server, http://host:port; several of one deployment, comma-separated, are used together (a run spreads its sessions over them; with --shards, shard I learns through the (I mod count)-th). Default: the embedded engine in-process.", rich_help_panel="Backend")] = None,
     data: Annotated[Path, typer.Option("--data-dir", "--data", help="Directory of the embedded engine's knowledge store.", rich_help_panel="Backend")] = Path("kato-data"),
     durability: _DURABILITY = "full",
@@ -256,7 +258,7 @@ def run_command(
                           min_chars=min_chars if min_chars is not None else hierarchy.run_options.get("min_chars", MIN_CHARS))
         config = RunConfig(source=spec, hierarchy=hierarchy, tokenizer=tokenizer, workers=workers, planners=planners,
                            batch_chunks=batch_chunks, batching=batching, kato_url=kato, data_dir=data,
-                           parallel_batches=parallel_batches,
+                           parallel_batches=parallel_batches, bulk_load=bulk_load,
                            durability=durability, run_id=run_id, fresh=fresh, skip=skip,  # type: ignore[arg-type]
                            max_samples=max_samples, run_dir=run_dir, retry_failed=retry_failed,
                            drain_timeout=drain_timeout, allow_mixed_kb=allow_mixed_kb, shard=shard,
@@ -571,6 +573,7 @@ def jobs_submit(
     batch_chunks: _BATCH_CHUNKS = 64,
     parallel_batches: _PARALLEL_BATCHES = 4,
     batching: _BATCHING = True,
+    bulk_load: _BULK_LOAD = True,
     durability: _DURABILITY = "full",
     patience: _PATIENCE = 600.0,
     request_timeout: _REQUEST_TIMEOUT = 120.0,
@@ -588,6 +591,7 @@ def jobs_submit(
         "max_sample_chars": max_sample_chars, "min_chars": min_chars, "tokenizer": tokenizer, "run_id": run_id,
         "allow_mixed_kb": allow_mixed_kb, "kato_url": _kato_url(kato), "workers": workers, "planners": planners,
         "batch_chunks": batch_chunks, "parallel_batches": parallel_batches, "batching": batching,
+        "bulk_load": bulk_load,
         "durability": durability, "patience": patience,
         "request_timeout": request_timeout, "fresh": fresh,
         "metadata_fields": [f.strip() for f in (metadata_fields or "").split(",") if f.strip()],

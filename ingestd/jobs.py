@@ -92,6 +92,7 @@ class JobSpec(BaseModel):
     batch_chunks: int = Field(default=64, ge=1, le=MAX_BATCH_CHUNKS)
     parallel_batches: int = Field(default=4, ge=1, le=MAX_PARALLEL_BATCHES)
     batching: bool = True
+    bulk_load: bool = True
     durability: Literal["full", "normal"] = "full"
     patience: float = Field(default=600.0, gt=0, description="Seconds a KATO may stay unusable before the job fails.")
     request_timeout: float = Field(default=120.0, gt=0, description="Seconds to wait for one answer before resending.")
@@ -132,7 +133,7 @@ class JobSpec(BaseModel):
         fresh = self.fresh and not (run_dir / "progress.sqlite3").exists()
         return RunConfig(source=source, hierarchy=hierarchy, tokenizer=self.tokenizer, workers=self.workers,
                          planners=self.planners, batch_chunks=self.batch_chunks, batching=self.batching,
-                         parallel_batches=self.parallel_batches,
+                         parallel_batches=self.parallel_batches, bulk_load=self.bulk_load,
                          durability=self.durability, fresh=fresh,
                          retry=RetryPolicy(patience=self.patience, request_timeout=self.request_timeout),
                          kato_url=self.kato_url, data_dir=state_dir / "kato-data", run_id=self.run_id,

@@ -1,26 +1,30 @@
-"""Loader: the workers' stage for the embedded engine in this process: planned samples, many at a time,
-stored in one transaction each.
+"""Loader: the workers' stage for ingestd's engine (in this process, or served by ``ingestd kato serve``):
+planned samples, many at a time, stored in one transaction each.
 
-In-process there is no server to keep busy, no connection to lose and no session worth emulating: the
-engine stores what a sample's learns would store (:mod:`ingestd.engine.load`), for a whole batch of
-samples at once, with the run ledger in the same transaction. So a batch costs one transaction, one
-statement per table and one write per distinct pattern, where a sample sent as KATO calls costs a
-call per level, each with its own session update and transaction. The knowledge base is the same, byte
-for byte (the equivalence and golden tests hold the two paths to each other and to KATO).
+The engine has no need of sessions to be sent a sample: it stores what a sample's learns would store
+(:mod:`ingestd.engine.load`), for a whole batch of samples at once, with the run ledger in the same
+transaction. So a batch costs one transaction (and, served, one request), one statement per table and one
+write per distinct pattern, where a sample sent as KATO calls costs a call per level, each with its own
+session update and transaction. The knowledge base is the same, byte for byte (the equivalence and golden
+tests hold the two paths to each other and to KATO).
 
-Nothing in a load fails transiently: the store either writes (or cannot, and the run stops), or a
-sample's data cannot be stored at all. A batch that fails so is loaded again one sample at a time, so
-the sample that cannot be stored fails alone, as a refusal would (see ``SampleOutcome.rejection``).
+In-process nothing in a load fails transiently: the store either writes (or cannot, and the run stops), or a
+sample's data cannot be stored at all. Served, a load is resent through outages as a worker's calls are
+(:mod:`ingestd.retry`), and a resend stores nothing twice: the run ledger decides what is new. A batch that
+cannot be stored (or that the server refuses) is loaded again one sample at a time, so the sample that cannot
+be stored fails alone, as a refusal would (see ``SampleOutcome.rejection``).
 """
 
 from __future__ import annotations
 
 import structlog
 
-from ingestd.backend import EmbeddedKato
+from ingestd.backend import KatoBackend
 from ingestd.engine.load import LevelLoad, SampleLoad
+from ingestd.errors import KatoRejected, KatoUnavailable, ServerDown, Transient
 from ingestd.plan import SamplePlan
-from ingestd.worker import LevelSetup, SampleOutcome
+from ingestd.retry import RetryPolicy, ServerWatch, send
+from ingestd.worker import LevelSetup, Recovery, SampleOutcome
 
 log = structlog.get_logger("ingestd.loader")
 
@@ -32,11 +36,40 @@ leaves at most a second's work in flight, and the plans held stay a few MB."""
 LOAD_SAMPLES = 4096
 
 
+LOAD_TOKENS_SERVED = 8_192
+"""Tokens per load at most when the engine is served: smaller loads keep the server busy while the next is
+planned and sent (several go out at once), and one costs the server a few milliseconds."""
+
+LOADS_IN_FLIGHT = 4
+"""Loads sent at once to a served engine (fewer with a smaller ``--workers``): while one is stored, the next
+are read and checked (by another server process, if it has several)."""
+
+
 class Loader:
-    def __init__(self, backend: EmbeddedKato, levels: list[LevelSetup], run_key: str) -> None:
+    def __init__(self, backend: KatoBackend, levels: list[LevelSetup], run_key: str, *, policy: RetryPolicy | None = None,
+                 watch: ServerWatch | None = None, recovery: Recovery | None = None) -> None:  # fmt: skip
+        """With ``policy`` (a served engine), loads are resent through outages and overload, as worker calls are."""
         self.backend = backend
         self.levels = levels
         self.run_key = run_key
+        self.policy = policy
+        self.watch = watch
+        self.recovery = recovery
+
+    async def _store(self, samples: list[SampleLoad]) -> list[list[int]]:
+        if self.policy is None:
+            return await self.backend.load(self.run_key, samples)
+
+        async def on_retry(failure: Transient) -> None:
+            if self.recovery is not None:
+                self.recovery.retried(failure.cause, str(failure))
+            if isinstance(failure, ServerDown) and self.watch is not None:
+                await self.watch.wait_until_up(str(failure))
+
+        # A resend after an ambiguous failure is exact: the ledger stores only what the first attempt did not.
+        held, _ = await send(lambda: self.backend.load(self.run_key, samples), self.policy, on_retry=on_retry,
+                             server=self.backend.description)  # fmt: skip
+        return held
 
     def _sample(self, plan: SamplePlan) -> SampleLoad:
         return SampleLoad(plan.index, [LevelLoad(level.node_id, level_plan.chunks, level_plan.names,
@@ -47,8 +80,12 @@ class Loader:
         """Store what is not yet stored of every level of these samples; one outcome per plan, in order."""
         samples = [self._sample(plan) for plan in plans]
         try:
-            held = await self.backend.load(self.run_key, samples)
-        except (TypeError, ValueError, OverflowError) as failure:
+            held = await self._store(samples)
+        except (TypeError, ValueError, OverflowError, KatoRejected) as failure:
+            if isinstance(failure, KatoRejected) and failure.status in (404, 405):
+                # The server no longer offers bulk loads (another server at that address now): no sample's fault.
+                raise KatoUnavailable(f"{self.backend.description} no longer takes bulk loads ({failure}): progress "
+                                      "is saved; run the same command again (or with --no-bulk-load)") from None  # fmt: skip
             if len(plans) == 1:
                 return [_refused(plans[0], failure)]
             log.warning("a batch could not be stored; storing its samples one at a time", samples=len(plans),
@@ -67,6 +104,12 @@ def _outcome(plan: SamplePlan, held: list[int]) -> SampleOutcome:
 def _refused(plan: SamplePlan, failure: Exception) -> SampleOutcome:
     # Nothing of it was stored (its transaction rolled back): what an earlier run stored stays as it was.
     outcome = SampleOutcome([plan.first_chunk(level) for level in range(len(plan.levels))])
-    # The error's type only: its message may quote the sample (errors and dead letters never carry text).
-    outcome.rejection = f"the embedded engine cannot store its text or metadata ({type(failure).__name__})"
+    if isinstance(failure, KatoRejected):  # the server's answer, already without what was sent
+        outcome.rejection = str(failure)
+        if failure.status == 413:
+            outcome.rejection += (" (the sample is larger than the server takes in one request: raise its limit, "
+                                  "INGESTD_SERVER__MAX_BODY_BYTES, or learn it with --no-bulk-load, in calls of "
+                                  "--batch-chunks chunks)")  # fmt: skip
+    else:  # the error's type only: its message may quote the sample (errors and dead letters never carry text)
+        outcome.rejection = f"the engine cannot store its text or metadata ({type(failure).__name__})"
     return outcome

@@ -28,7 +28,7 @@ from ingestd.backend import EmbeddedKato, HttpKato, KatoBackend, ReplicatedKato,
 from ingestd.engine import EngineSettings
 from ingestd.errors import IngestError, KatoRejected, KatoUnavailable, ServerDown, Transient, find_ingest_error
 from ingestd.hierarchy import Hierarchy
-from ingestd.loader import LOAD_SAMPLES, LOAD_TOKENS, Loader
+from ingestd.loader import LOAD_SAMPLES, LOAD_TOKENS, LOAD_TOKENS_SERVED, LOADS_IN_FLIGHT, Loader
 from ingestd.nodes import NodeRegistry
 from ingestd.plan import SamplePlan
 from ingestd.planners import Planned, Planners, default_planners
@@ -67,6 +67,9 @@ class RunConfig(BaseModel):
     batch_chunks: int = Field(default=64, ge=1, le=MAX_BATCH_CHUNKS,
                               description="Chunks per observe-sequence call on batched levels.")  # fmt: skip
     batching: bool = True
+    bulk_load: bool = Field(default=True, description="Store many samples per transaction where the backend is "
+                            "ingestd's engine (in-process, or served by `ingestd kato serve`); False: send it KATO's calls "
+                            "(sessions, observe-sequence), as to a KATO server.")  # fmt: skip
     parallel_batches: int = Field(default=4, ge=1, le=MAX_PARALLEL_BATCHES, description="Calls of one sample at one "
                                   "level in flight at once, each on its own session (over HTTP; levels without metadata).")  # fmt: skip
     kato_url: str | None = Field(default=None, description="A KATO server, or several of one deployment separated "
@@ -80,7 +83,7 @@ class RunConfig(BaseModel):
     read_batch: int = Field(default=64, ge=1, le=100_000, description="Samples read, tokenized and planned per thread hop.")
     planners: int | None = Field(default=None, ge=0, le=64, description="Processes that tokenize and plan beside "
                                  "learning (default: one per core beyond the first; 0: a thread of this process).")  # fmt: skip
-    queue_size: int | None = Field(default=None, ge=1, le=1_000_000, description="Batches waiting: default 4 samples per worker; in-process, 1 load.")
+    queue_size: int | None = Field(default=None, ge=1, le=1_000_000, description="Batches waiting: default 4 samples per worker; with bulk loads, a load per loader.")
     retry: RetryPolicy = RetryPolicy()
     run_dir: Path | None = Field(default=None, description="Progress and dead letters; default under runs/.")
     retry_failed: bool = Field(default=False, description="Only redo the samples this run recorded as failed.")
@@ -314,11 +317,11 @@ def _take(events: Iterator[SourceEvent], count: int, chars: int = PLAN_CHARS) ->
     return taken
 
 
-def _cut(plans: list[SamplePlan]) -> tuple[int, int]:
+def _cut(plans: list[SamplePlan], load_tokens: int) -> tuple[int, int]:
     """How many of ``plans`` (at least one) make one load, and their tokens."""
     count = tokens = 0
     for plan in plans:
-        if count and (tokens + plan.token_count > LOAD_TOKENS or count == LOAD_SAMPLES):
+        if count and (tokens + plan.token_count > load_tokens or count == LOAD_SAMPLES):
             break
         count += 1
         tokens += plan.token_count
@@ -380,7 +383,7 @@ class Pipeline:
         return {"source": config.source.describe(), "tokenizer": config.tokenizer,
                 "hierarchy": config.hierarchy.describe(config.run_id), "workers": config.workers,
                 "batching": config.batching, "batch_chunks": config.batch_chunks,
-                "parallel_batches": config.parallel_batches,
+                "parallel_batches": config.parallel_batches, "bulk_load": config.bulk_load,
                 "backend": config.kato_url or f"embedded:{config.data_dir}",
                 "run_dir": str(self._run_dir or config.resolved_run_dir()),
                 "shard": str(config.shard) if config.shard is not None else None}  # fmt: skip
@@ -461,9 +464,12 @@ class Pipeline:
             watch = self._watch = ServerWatch(backend.healthy, backend.description, config.retry, self.stats.server_outage)
             resume_points = await prepare(config, progress, backend, node_ids, self.stats, self._reliably)
             setups = level_setups(config.hierarchy, node_ids, batching=config.batching)
-            # Batches of planned samples: one sample each for workers; in-process, loads of many samples.
-            bulk = isinstance(backend, EmbeddedKato)
-            queue_size = config.queue_size or (1 if bulk else 4 * config.workers)  # in-process: one load waiting
+            # Batches of planned samples: one sample each for workers; for ingestd's engine, loads of many samples.
+            bulk = config.bulk_load and backend.loads
+            served = not isinstance(backend, EmbeddedKato)
+            loaders = min(config.workers, LOADS_IN_FLIGHT) if served else 1
+            load_tokens = (LOAD_TOKENS_SERVED if served else LOAD_TOKENS) if bulk else 0
+            queue_size = config.queue_size or (loaders if bulk else 4 * config.workers)  # a load waiting per loader
             send, receive = anyio.create_memory_object_stream[list[SamplePlan]](max_buffer_size=queue_size)
             async with anyio.create_task_group() as group:
                 if self.on_progress is not None:
@@ -472,10 +478,12 @@ class Pipeline:
                     group.start_soon(self._watch_signals)
                 with self._workers:
                     async with anyio.create_task_group() as pipeline:
-                        pipeline.start_soon(self._produce, source, tokenizer, progress, resume_points, send, bulk)
-                        if isinstance(backend, EmbeddedKato):  # bulk, as a type the Loader takes
-                            pipeline.start_soon(self._load, Loader(backend, setups, progress.run_key), progress, backend,
-                                                receive.clone())  # fmt: skip
+                        pipeline.start_soon(self._produce, source, tokenizer, progress, resume_points, send, load_tokens)
+                        if bulk:
+                            retrying = {"policy": config.retry, "watch": watch, "recovery": self.stats} if served else {}
+                            loader = Loader(backend, setups, progress.run_key, **retrying)
+                            for _ in range(loaders):
+                                pipeline.start_soon(self._load, loader, progress, backend, receive.clone())
                         else:
                             for number in range(config.workers):
                                 worker = Worker(number, backend, setups, config.batch_chunks, policy=config.retry,
@@ -566,7 +574,9 @@ class Pipeline:
             await anyio.sleep(self.progress_interval)
 
     async def _produce(self, source: Source, tokenizer: Tokenizer, progress: Progress, resume_points: dict[int, list[int]],
-                       send: MemoryObjectSendStream[list[SamplePlan]], bulk: bool) -> None:  # fmt: skip
+                       send: MemoryObjectSendStream[list[SamplePlan]], load_tokens: int) -> None:  # fmt: skip
+        """Reads, screens and plans samples, and queues them: one at a time, or (``load_tokens``) as loads of up to
+        that many tokens."""
         config = self.config
         source.counts_dir = config.counts_dir or (Path(config.data_dir) if config.kato_url is None else progress.run_dir) / "file-counts"
         events = source.events(skip=config.skip, max_samples=config.max_samples, shard=config.shard)
@@ -598,7 +608,7 @@ class Pipeline:
                                                                            **sample.fields},
                                             start=resume_points.get(sample.index, []), digest=sample.digest)
                                  for sample, (tokens, levels) in zip(samples, await planned, strict=True)]  # fmt: skip
-                        if not bulk:
+                        if not load_tokens:
                             for plan in plans:
                                 await self._enqueue(send, [plan])
                             continue
@@ -606,10 +616,10 @@ class Pipeline:
                             oldest = time.monotonic()
                         pending += plans
                         while pending:
-                            count, tokens = _cut(pending)
+                            count, tokens = _cut(pending, load_tokens)
                             # A load is sent when full (small loads cost far more per token), or when what is
                             # pending has waited LOAD_WAIT seconds (a slow source still shows progress).
-                            if count == len(pending) and tokens < LOAD_TOKENS and time.monotonic() - oldest < LOAD_WAIT:
+                            if count == len(pending) and tokens < load_tokens and time.monotonic() - oldest < LOAD_WAIT:
                                 break
                             await self._enqueue(send, pending[:count])
                             del pending[:count]

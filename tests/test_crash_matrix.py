@@ -4,7 +4,7 @@ in all: 13 or more in-process, 15 or more over HTTP, 4 across in-process and HTT
 
 Moments are drawn from a seeded random generator (``INGESTD_CRASH_SEED`` to replay another draw): right after
 start (while loading, before or during the first learns), or once a random number of further samples is
-recorded done. Options drawn per resume: workers, batch size, batching on or off.
+recorded done. Options drawn per resume: workers, batch size, batching on or off, bulk loads or KATO's calls.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def clean(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[
 
 def _options(draw: random.Random) -> list[str]:
     options = ["--workers", str(draw.choice([1, 3, 8, 16])), "--batch-chunks", str(draw.choice([1, 3, 64]))]
+    options += ["--no-bulk-load"] if draw.random() < 0.3 else []  # KATO's calls to ingestd's engine
     return options + (["--no-batching"] if draw.random() < 0.3 else [])
 
 
@@ -102,8 +103,8 @@ def test_kill_9_of_ingestd_at_random_moments_in_process(long_corpus: Any, tmp_pa
     assert kb_dump(data / "kato.sqlite3", NODES) == clean_kb, f"seed {SEED}: {history}"
 
 
-def test_kill_9_of_ingestd_the_engine_server_or_both_over_http(corpus: Path, clean: Any, tmp_path: Path) -> None:
-    clean_kb, total = clean
+def test_kill_9_of_ingestd_the_engine_server_or_both_over_http(long_corpus: Any, tmp_path: Path) -> None:
+    corpus, clean_kb, total = long_corpus  # bulk loads over HTTP learn as fast as in-process
     draw = random.Random(SEED + 1)
     server = EngineServer(tmp_path / "kb")
     server.start()

@@ -126,7 +126,7 @@ def test_a_job_learns_what_ingestd_run_learns_and_metrics_count_it(daemon: Daemo
                                                                     tmp_path: Path) -> None:  # fmt: skip
     source = corpus(tmp_path)
     spec = {"source": str(source), "chunk_sizes": [8, 8, 8], "metadata_levels": [2], "kato_url": engine_server.url,
-            "node_ids": "daemon-a-node{level}", "workers": 4}  # fmt: skip
+            "node_ids": "daemon-a-node{level}", "workers": 4, "bulk_load": False}  # KATO's calls (the CLI: bulk loads)
     with daemon.client() as client:
         created = client.post("/jobs", json=spec)
         assert created.status_code == 201

@@ -67,14 +67,16 @@ def test_a_hung_server_is_an_outage_bounded_by_patience(corpus: Path, clean: Any
     assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == clean_kb
 
 
+@pytest.mark.parametrize(("learns", "how"), [("/ingestd/load", []), ("observe-sequence", ["--no-bulk-load"])])
 def test_503_while_health_says_200_is_an_outage_bounded_by_patience(corpus: Path, clean: Any, tmp_path: Path,
-                                                                     fresh_server: EngineServer) -> None:  # fmt: skip
+                                                                     fresh_server: EngineServer, learns: str,
+                                                                     how: list[str]) -> None:  # fmt: skip
     clean_kb, _ = clean
     with FaultProxy(fresh_server.port) as proxy:
-        base = [str(corpus), *LEVELS, "--kato", proxy.url, "--run-dir", str(tmp_path / "run")]
+        base = [str(corpus), *LEVELS, "--kato", proxy.url, "--run-dir", str(tmp_path / "run"), *how]
         process, started = _run(*base, "--patience", "2", summary=tmp_path / "s.json")
         wait_for_samples(process, tmp_path / "run", 100)
-        proxy.unavailable_burst(10**9, only_paths="observe-sequence")  # learns refused; /health fine
+        proxy.unavailable_burst(10**9, only_paths=learns)  # learns refused; /health fine
         refused_at = time.monotonic()
         code, stderr, _ = _finish(process, started)
         assert code == 6 and "Traceback" not in stderr and time.monotonic() - refused_at < 60
@@ -531,7 +533,8 @@ def test_a_server_at_its_concurrency_limit_gets_back_pressure_not_a_storm(corpus
     clean_kb, _ = clean
     server = EngineServer(tmp_path / "kb", extra_args=("--limit-concurrency", "10")).start()
     try:
-        base = [str(corpus), *LEVELS, "--kato", server.url, "--run-dir", str(tmp_path / "run"), "--workers", "64"]
+        base = [str(corpus), *LEVELS, "--kato", server.url, "--run-dir", str(tmp_path / "run"), "--workers", "64",
+                "--no-bulk-load"]  # KATO's calls, as to a KATO
         process, started = _run(*base, summary=tmp_path / "s.json")
         code, stderr, _ = _finish(process, started)
         assert code == 0 and "Traceback" not in stderr, stderr[-3000:]

@@ -1,7 +1,8 @@
 """`ingestd run` over HTTP through injected faults ends with the knowledge base of a clean run.
 
 Each test learns the same generated corpus through a :class:`~tests.faultproxy.FaultProxy` in front
-of an engine server of its own, with one kind of fault active during the run, and checks that
+of an engine server of its own, with KATO's calls (``--no-bulk-load``: the faults are a KATO's; bulk loads
+meet theirs in ``test_served_load``), one kind of fault active during the run, and checks that
 
 * the run succeeds (exit 0, every sample learned, none failed),
 * the fault really fired and the summary's ``recovery`` counters name the matching cause,
@@ -74,7 +75,7 @@ def node_ids(run_id: str) -> list[str]:
 def run_arguments(corpus: Path, kato_url: str, run_id: str, run_dir: Path, *extra: str) -> list[str]:
     return [str(corpus), "--kato", kato_url, "--chunk-sizes", CHUNKS, "--metadata-levels", METADATA_LEVELS,
             "--metadata-fields", "url", "--source-label", "gen", "--node-ids", "{run_id}-node{level}",
-            "--run-id", run_id, "--run-dir", str(run_dir), "--workers", "4", *extra]  # fmt: skip
+            "--run-id", run_id, "--run-dir", str(run_dir), "--workers", "4", "--no-bulk-load", *extra]  # fmt: skip
 
 
 def session_count(url: str) -> int:

@@ -53,11 +53,17 @@ def test_calls_are_counted_and_timed_in_process_and_over_http(corpus: Path, tmp_
     embedded = run(str(corpus), _hierarchy("metrics-inproc"), data_dir=tmp_path / "kb", workers=3, batch_chunks=4)
     middle = _calls()
     over_http = run(str(corpus), _hierarchy("metrics-http"), kato_url=engine_server.url, workers=3, batch_chunks=4,
-                    parallel_batches=1, run_dir=tmp_path / "http-run")  # fmt: skip
+                    parallel_batches=1, run_dir=tmp_path / "http-run", bulk_load=False)  # fmt: skip
     after = _calls()
+    loaded = run(str(corpus), _hierarchy("metrics-load"), kato_url=engine_server.url, run_dir=tmp_path / "load-run")
+    last = _calls()
 
-    assert embedded.stats.samples_learned == over_http.stats.samples_learned == 60
-    in_process, http = _delta(before, middle), _delta(middle, after)
+    assert embedded.stats.samples_learned == over_http.stats.samples_learned == loaded.stats.samples_learned == 60
+    in_process, http, http_loads = _delta(before, middle), _delta(middle, after), _delta(after, last)
+    # Served, the engine is sent the same loads (POST /ingestd/load), counted and timed as calls are.
+    assert http_loads[("load", "2xx")] == http_loads[("load", "timed")] >= 1
+    assert not {endpoint for endpoint, _ in http_loads} & set(ENDPOINTS)
+    assert loaded.stats.requests == sum(count for (_, status), count in http_loads.items() if status == "2xx")
     # In-process, samples are stored in loads of many (ingestd.loader): no sessions, no per-chunk calls.
     assert in_process[("load", "2xx")] == in_process[("load", "timed")] >= 1
     assert not {endpoint for endpoint, _ in in_process} & set(ENDPOINTS)

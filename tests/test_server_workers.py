@@ -87,7 +87,8 @@ def test_64_workers_against_2_server_processes_limited_to_10_give_the_exact_kb(c
     clean_kb, _ = clean
     server = EngineServer(tmp_path / "kb", extra_args=("--workers", "2", "--limit-concurrency", "10")).start()
     try:
-        base = [str(corpus), *LEVELS, "--kato", server.url, "--run-dir", str(tmp_path / "run"), "--workers", "64"]
+        base = [str(corpus), *LEVELS, "--kato", server.url, "--run-dir", str(tmp_path / "run"), "--workers", "64",
+                "--no-bulk-load"]  # KATO's calls, as to a KATO
         summary = ok(*base)
         recovery = summary["recovery"]
         assert recovery["server_outages"] == 0 and recovery["retries"].get("server_down", 0) == 0, recovery
@@ -154,7 +155,7 @@ def test_a_run_spreads_its_connections_over_the_server_processes(corpus: Path, t
     try:
         assert server.process is not None
         before = _children_cpu(server.process.pid)
-        ok(str(corpus), *LEVELS, "--kato", server.url, "--run-dir", str(tmp_path / "run"), "--workers", "4")
+        ok(str(corpus), *LEVELS, "--kato", server.url, "--run-dir", str(tmp_path / "run"), "--workers", "4", "--no-bulk-load")
         used = [after - start for after, start in zip(_children_cpu(server.process.pid), before, strict=True)]
     finally:
         server.stop()
@@ -215,7 +216,8 @@ def test_a_long_document_keeps_several_sessions_of_one_level_busy(books: Path, t
         for parallel, plain in (("4", False), ("4", True), ("1", False)):
             with FaultProxy(server.port, plain_kato=plain) as proxy:
                 summary = ok(str(one), *levels, "--kato", proxy.url, "--run-dir", str(tmp_path / f"run{parallel}{plain}"),
-                             "--workers", "1", "--batch-chunks", "16", "--parallel-batches", parallel, "--fresh")  # fmt: skip
+                             "--workers", "1", "--batch-chunks", "16", "--parallel-batches", parallel, "--fresh",
+                             "--no-bulk-load")  # fmt: skip
                 peaks[parallel, plain] = proxy.busy_sessions_peak
             assert summary["samples"]["learned"] == 1 and summary["recovery"]["possible_duplicates"] == 0
             assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES[:1]) == reference
@@ -249,7 +251,8 @@ def test_long_documents_killed_mid_way_resume_exactly_with_other_batching(books:
     server = EngineServer(tmp_path / "kb", extra_args=("--workers", "2")).start()
     base = [str(books), *LEVELS, "--run-dir", str(tmp_path / "run")]
     try:
-        process = start(*base, "--kato", server.url, "--workers", "2", "--batch-chunks", "8", "--parallel-batches", "6")
+        process = start(*base, "--kato", server.url, "--workers", "2", "--batch-chunks", "8", "--parallel-batches", "6",
+                        "--no-bulk-load")  # fmt: skip
         store = tmp_path / "kb" / "kato.sqlite3"
         deadline = time.monotonic() + 120
         while not _chunks_ahead(store):  # some batches stored beyond a sample's first missing one
@@ -257,7 +260,8 @@ def test_long_documents_killed_mid_way_resume_exactly_with_other_batching(books:
             time.sleep(0.01)
         process.kill()
         process.wait()
-        first = ok(*base, "--kato", server.url, "--batch-chunks", "5", "--parallel-batches", "1", "--max-samples", "2")
+        first = ok(*base, "--kato", server.url, "--batch-chunks", "5", "--parallel-batches", "1", "--max-samples", "2",
+                   "--no-bulk-load")  # fmt: skip
         assert first["recovery"]["possible_duplicates"] == 0
     finally:
         server.stop()
@@ -283,6 +287,7 @@ def test_a_server_standing_in_for_a_kato_spends_its_cpu_per_request_and_symbol(t
         assert server.process is not None
         before = sum(_children_cpu(server.process.pid))
         with _fresh_connection(server.url) as client:
+            assert "load" not in client.get("/ingestd").json()["extensions"]  # a KATO has no bulk loads: calls come
             session = client.post("/sessions", json={"node_id": "cost-node0", "config": {"process_predictions": False}})
             body = {"observations": [{"strings": [symbol]} for symbol in "abcdefghij"], "learn_at_end": True}
             answers = [client.post(f"/sessions/{session.json()['session_id']}/observe-sequence", json=body) for _ in range(5)]

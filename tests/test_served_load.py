@@ -1,0 +1,232 @@
+"""Bulk loads to a served engine (``POST /ingestd/load/{run_key}``): what ``ingestd run --kato-url`` sends to
+``ingestd kato serve`` unless told ``--no-bulk-load``. The endpoint on its own (refusals, resends), then whole
+runs through it: the same knowledge base as in-process and as KATO's calls, twice, two at once, a killed
+client resumed with KATO's calls, a killed server, lost answers, and refused loads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ingestd.engine.rules import chunk_name
+
+from .conftest import CORPUS, EngineServer
+from .faultproxy import FaultProxy
+from .golden import kb_dump, wait_for_samples
+from .test_exactly_once import doubled, ingestd, ok, start
+
+LEVELS = ["--chunk-sizes", "4,4,4", "--metadata-levels", "1,2"]
+NODES = ["node0", "node1", "node2"]
+
+
+def _level(node_id: str, chunks: list[list[str]], metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"node_id": node_id, "chunks": chunks, "names": [chunk_name(chunk) for chunk in chunks], "metadata": metadata}
+
+
+def _counts(client: httpx.Client, *node_ids: str) -> dict[str, int]:
+    answer = client.post("/ingestd/nodes/counts", json={"node_ids": list(node_ids)})
+    assert answer.status_code == 200, answer.text
+    counts: dict[str, int] = answer.json()["patterns"]
+    return counts
+
+
+def _frequency(client: httpx.Client, node_id: str, chunk: list[str]) -> int:
+    answer = client.get(f"/pattern/{chunk_name(chunk).replace('|', '%7C')}", params={"node_id": node_id})
+    pattern = answer.json()["pattern"]
+    return int(pattern["pattern"]["frequency"]) if pattern["status"] == "okay" else 0
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """600 paragraphs of tinyshakespeare: long enough to stop a run in the middle."""
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+    path.write_text("\n\n".join(CORPUS.read_text(encoding="utf-8").split("\n\n")[:600]), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The knowledge base of one clean in-process run."""
+    data = tmp_path_factory.mktemp("reference")
+    assert ok(str(corpus), *LEVELS, "--data", str(data))["samples"]["learned"] > 500
+    return kb_dump(data / "kato.sqlite3", NODES)
+
+
+def test_a_load_is_stored_once_however_often_it_is_sent(fresh_server: EngineServer) -> None:
+    with httpx.Client(base_url=fresh_server.url, timeout=30) as client:
+        assert client.get("/ingestd").json()["extensions"]["load"] == 1
+        first = [["a", "b"], ["c", "d"], ["a", "b"]]
+        body = {"samples": [{"index": 0, "levels": [_level("ld0", first), _level("ld1", [[chunk_name(c) for c in first[:2]]],
+                                                                                   {"book": "b1", "n": 5})]},
+                            {"index": 1, "levels": [_level("ld0", [["a", "b"]]), _level("ld1", [])]}]}  # fmt: skip
+        answer = client.post("/ingestd/load/run-a", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"held": [[0, 0], [0, 0]]}
+        assert _frequency(client, "ld0", ["a", "b"]) == 3 and _frequency(client, "ld0", ["c", "d"]) == 1
+        upper = client.get(f"/pattern/{body['samples'][0]['levels'][1]['names'][0].replace('|', '%7C')}",
+                           params={"node_id": "ld1"}).json()["pattern"]["pattern"]  # fmt: skip
+        assert upper["metadata"] == {"book": ["b1"], "n": ["5"]} and upper["frequency"] == 1  # KATO's str() of values
+
+        # Sent again (a lost answer), and with a level grown by a chunk (a resume in another batch size):
+        # only what the run ledger lacks is stored.
+        assert client.post("/ingestd/load/run-a", json=body).json() == {"held": [[3, 1], [1, 0]]}
+        body["samples"][1]["levels"][0] = _level("ld0", [["a", "b"], ["e", "f"]])
+        assert client.post("/ingestd/load/run-a", json=body).json() == {"held": [[3, 1], [1, 0]]}
+        assert _frequency(client, "ld0", ["a", "b"]) == 3 and _frequency(client, "ld0", ["e", "f"]) == 1
+        # Another run's load of the same sample is learned again (as KATO would learn it again).
+        assert client.post("/ingestd/load/run-b", json=body).json() == {"held": [[0, 0], [0, 0]]}
+        assert _frequency(client, "ld0", ["a", "b"]) == 6
+
+
+@pytest.mark.parametrize(("body", "status", "said"), [
+    ({"samples": [{"index": 0, "levels": [{**_level("bad0", [["a", "b"]]), "names": ["PTRN|" + "0" * 40]}]}]},
+     422, "samples[1].levels[0].names[0] is not the name KATO gives"),
+    ({"samples": [{"index": 0, "levels": [_level("bad0", [["a"]])]}]}, 422, "a pattern needs at least 2 symbols"),
+    ({"samples": [{"index": 0, "levels": [{**_level("bad0", [["a", "b"]]), "names": []}]}]}, 422, "1 chunks but 0 names"),
+    ({"samples": [{"index": 3, "levels": [_level("bad0", [["a", "b"]])]}] * 2}, 422, "sample 3 is given twice"),
+    ({"samples": [{"index": 0, "levels": [_level("bad.0", [["a", "b"]]), _level("bad_0", [["c", "d"]])]}]}, 422,
+     "node 'bad_0' is the knowledge base of node 'bad.0'"),  # KATO's kb id: one ledger record, so refused
+    ({"samples": [{"index": 0, "levels": [_level("bad0", [["a", "b"]], {"deep": "DEEP"})]}]}, 400, ""),  # see below
+    ({"samples": [{"index": 0, "levels": [_level("bad0", [["a", 7]])]}]}, 422, "chunks"),
+    ({"samples": [{"index": -1, "levels": [_level("bad0", [["a", "b"]])]}]}, 422, "index"),
+    ({"samples": []}, 422, "samples"),
+    ({"nothing": 1}, 422, "samples"),
+])  # fmt: skip
+def test_a_load_that_cannot_be_stored_is_refused_whole_and_stores_nothing(engine_server: EngineServer, body: Any,
+                                                                         status: int, said: str) -> None:  # fmt: skip
+    with httpx.Client(base_url=engine_server.url, timeout=30) as client:
+        good = {"index": 9, "levels": [_level("bad0", [["x", "y"]])]}
+        content = json.dumps({**body, "samples": [good, *body["samples"]]} if body.get("samples") else body)
+        # metadata nested past what Python's parser takes (observe's metadata gets the same 400; orjson reads it)
+        content = content.replace('"DEEP"', "[" * 1200 + "1" + "]" * 1200)
+        answer = client.post("/ingestd/load/refusals", content=content, headers={"content-type": "application/json"})
+        assert answer.status_code == status, answer.text
+        assert said in answer.text
+        assert _counts(client, "bad0", "bad_0") == {"bad0": 0, "bad_0": 0}  # not even the good sample of the load
+        assert client.post("/ingestd/load/bad run", json={"samples": [good]}).status_code == 400
+
+
+def test_runs_over_http_load_in_bulk_and_store_what_in_process_and_kato_calls_store(
+        corpus: Path, reference: list[dict[str, Any]], tmp_path: Path) -> None:  # fmt: skip
+    """The default over HTTP is bulk loads (few requests); --no-bulk-load sends KATO's calls; the same KB. The same
+    command again learns nothing more; two runs of other names at once learn it twice."""
+    for bulk in ("--bulk-load", "--no-bulk-load"):
+        server = EngineServer(tmp_path / f"kb{bulk}").start()
+        try:
+            command = [str(corpus), *LEVELS, "--kato", server.url, "--run-dir", str(tmp_path / f"run{bulk}"), bulk]
+            summary = ok(*command)
+            learned = summary["samples"]["learned"]
+            if bulk == "--bulk-load":
+                assert summary["requests"] < learned / 10, summary["requests"]  # loads of many samples
+            else:
+                assert summary["requests"] > 2 * learned  # a call per level and sample at least
+            again = ok(*command)
+            assert again["samples"]["learned"] == 0 and again["samples"]["skipped"] == learned
+        finally:
+            server.stop()
+        assert kb_dump(tmp_path / f"kb{bulk}" / "kato.sqlite3", NODES) == reference
+
+    server = EngineServer(tmp_path / "kb-two").start()
+    try:
+        runs = [start(str(corpus), *LEVELS, "--kato", server.url, "--run-id", name, "--run-dir", str(tmp_path / name))
+                for name in ("one", "two")]  # fmt: skip
+        assert [process.wait(timeout=300) for process in runs] == [0, 0]
+    finally:
+        server.stop()
+    assert kb_dump(tmp_path / "kb-two" / "kato.sqlite3", NODES) == doubled(reference)
+
+
+def test_a_killed_run_resumed_with_kato_calls_then_in_process_stores_every_chunk_once(
+        corpus: Path, reference: list[dict[str, Any]], tmp_path: Path) -> None:  # fmt: skip
+    server = EngineServer(tmp_path / "kb").start()
+    base = [str(corpus), *LEVELS, "--run-dir", str(tmp_path / "run")]
+    try:
+        process = start(*base, "--kato", server.url)
+        wait_for_samples(process, tmp_path / "run", 100)
+        process.kill()
+        process.wait()
+        middle = ok(*base, "--kato", server.url, "--no-bulk-load", "--batch-chunks", "3", "--max-samples", "400")
+        assert middle["recovery"]["possible_duplicates"] == 0
+    finally:
+        server.stop()
+    rest = ok(*base, "--data", str(tmp_path / "kb"))
+    assert rest["samples"]["failed"] == 0
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == reference
+
+
+def test_a_server_killed_under_loads_and_restarted_loses_and_doubles_nothing(
+        corpus: Path, reference: list[dict[str, Any]], tmp_path: Path) -> None:  # fmt: skip
+    """kill -9 of the server while loads are in flight (some committed, their answers lost), restarted on the
+    same store: the run waits for it, resends, and the ledger stores what was not stored."""
+    server = EngineServer(tmp_path / "kb").start()
+    process = start(str(corpus), *LEVELS, "--kato", server.url, "--run-dir", str(tmp_path / "run"), "--workers", "4")
+    try:
+        wait_for_samples(process, tmp_path / "run", 50)
+        server.kill()
+        time.sleep(1.0)
+        server.start()
+        assert process.wait(timeout=300) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        server.stop()
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == reference
+
+
+def test_lost_answers_are_resent_and_applied_once(corpus: Path, reference: list[dict[str, Any]], tmp_path: Path) -> None:
+    server = EngineServer(tmp_path / "kb").start()
+    try:
+        with FaultProxy(server.port) as proxy:
+            proxy.drop_response_every(2, only_paths="/ingestd/load")  # stored, then the connection dropped
+            summary = ok(str(corpus), *LEVELS, "--kato", proxy.url, "--run-dir", str(tmp_path / "run"))
+            assert proxy.injected["drop_response_every"] > 0
+    finally:
+        server.stop()
+    assert summary["recovery"]["retries"]["ambiguous"] > 0, summary["recovery"]
+    assert sum(summary["replayed_per_level"]) > 0  # what the dropped answers had stored was found stored
+    assert summary["recovery"]["possible_duplicates"] == 0
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == reference
+
+
+def test_refused_loads_fail_only_their_samples_which_a_retry_learns(
+        corpus: Path, reference: list[dict[str, Any]], tmp_path: Path) -> None:  # fmt: skip
+    """A load refused with a 4xx is sent again one sample at a time; the samples still refused fail alone
+    (recorded, exit 7), the others are learned, and --retry-failed learns the failed ones."""
+    server = EngineServer(tmp_path / "kb").start()
+    base = [str(corpus), *LEVELS, "--run-dir", str(tmp_path / "run")]
+    try:
+        with FaultProxy(server.port) as proxy:
+            proxy.unavailable_burst(3, status=422, only_paths="/ingestd/load")  # a load, then its first 2 samples
+            failed = ok(*base, "--kato", proxy.url, "--workers", "1", expect=7)  # (one load at a time)
+        assert failed["samples"]["failed"] == 2
+        assert len((tmp_path / "run" / "failed.jsonl").read_text().splitlines()) == 2
+        retried = ok(*base, "--kato", server.url, "--retry-failed")
+        assert retried["samples"]["learned"] == 2 and retried["samples"]["failed"] == 0
+    finally:
+        server.stop()
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == reference
+
+
+def test_a_server_that_stops_taking_loads_stops_the_run_and_fails_no_sample(
+        corpus: Path, reference: list[dict[str, Any]], tmp_path: Path) -> None:  # fmt: skip
+    """Another server at the address, without bulk loads (404): the run stops (exit 6), progress kept, no sample
+    recorded as failed; the same command against a server that takes them finishes the run exactly."""
+    server = EngineServer(tmp_path / "kb").start()
+    base = [str(corpus), *LEVELS, "--run-dir", str(tmp_path / "run")]
+    try:
+        with FaultProxy(server.port) as proxy:
+            proxy.unavailable_burst(10**9, status=404, only_paths="/ingestd/load")
+            result, summary = ingestd(*base, "--kato", proxy.url)
+        assert result.returncode == 6 and "no longer takes bulk loads" in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        assert summary is not None and summary["samples"]["failed"] == 0
+        assert ok(*base, "--kato", server.url)["samples"]["failed"] == 0
+    finally:
+        server.stop()
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == reference
