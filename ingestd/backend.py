@@ -371,7 +371,8 @@ class HttpKato:
         nothing twice (the run ledger decides what is new)."""
         body = {"samples": [{"index": sample.index,
                              "levels": [{"node_id": level.node_id, "chunks": level.chunks, "names": level.names,
-                                         "metadata": level.metadata or None} for level in sample.levels]}
+                                         "metadata": level.metadata or None, "first": level.first}
+                                        for level in sample.levels]}
                             for sample in samples]}  # fmt: skip
         held: list[list[int]] = (await self._call("POST", f"/ingestd/load/{run_key}", body, endpoint="load"))["held"]
         return held

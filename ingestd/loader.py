@@ -10,13 +10,15 @@ tests hold the two paths to each other and to KATO).
 
 In-process nothing in a load fails transiently: the store either writes (or cannot, and the run stops), or a
 sample's data cannot be stored at all. Served, a load is resent through outages as a worker's calls are
-(:mod:`ingestd.retry`), and a resend stores nothing twice: the run ledger decides what is new. A batch that
+(:mod:`ingestd.retry`), and a resend stores nothing twice: the run ledger decides what is new; a sample longer
+than a load goes in pieces (``PIECE_SYMBOLS``). A batch that
 cannot be stored (or that the server refuses) is loaded again one sample at a time, so the sample that cannot
 be stored fails alone, as a refusal would (see ``SampleOutcome.rejection``).
 """
 
 from __future__ import annotations
 
+import anyio
 import structlog
 
 from ingestd.backend import KatoBackend
@@ -44,11 +46,18 @@ LOADS_IN_FLIGHT = 4
 """Loads sent at once to a served engine (fewer with a smaller ``--workers``): while one is stored, the next
 are read and checked (by another server process, if it has several)."""
 
+PIECE_SYMBOLS = (LOAD_TOKENS_SERVED, 2_048)
+"""A served sample longer than a load goes in pieces: ranges of one level's chunks, of at most this many symbols at
+level 0 and above (a name is about 6 times a token's text), one request each, several at once. A request then
+stays a few hundred KB however long the document (under a proxy's body limit, and the server's memory), and one
+document keeps several server processes busy. The run ledger joins the ranges, in whatever order they land."""
+
 
 class Loader:
     def __init__(self, backend: KatoBackend, levels: list[LevelSetup], run_key: str, *, policy: RetryPolicy | None = None,
                  watch: ServerWatch | None = None, recovery: Recovery | None = None) -> None:  # fmt: skip
-        """With ``policy`` (a served engine), loads are resent through outages and overload, as worker calls are."""
+        """With ``policy`` (a served engine), loads are resent through outages and overload, as worker calls are,
+        and a sample longer than a load goes in pieces."""
         self.backend = backend
         self.levels = levels
         self.run_key = run_key
@@ -78,20 +87,65 @@ class Loader:
 
     async def learn(self, plans: list[SamplePlan]) -> list[SampleOutcome]:
         """Store what is not yet stored of every level of these samples; one outcome per plan, in order."""
+        if self.policy is not None and len(plans) == 1 and plans[0].token_count > LOAD_TOKENS_SERVED:
+            return [await self._in_pieces(plans[0])]
         samples = [self._sample(plan) for plan in plans]
         try:
             held = await self._store(samples)
         except (TypeError, ValueError, OverflowError, KatoRejected) as failure:
-            if isinstance(failure, KatoRejected) and failure.status in (404, 405):
-                # The server no longer offers bulk loads (another server at that address now): no sample's fault.
-                raise KatoUnavailable(f"{self.backend.description} no longer takes bulk loads ({failure}): progress "
-                                      "is saved; run the same command again (or with --no-bulk-load)") from None  # fmt: skip
+            self._check_loads_taken(failure)
             if len(plans) == 1:
                 return [_refused(plans[0], failure)]
             log.warning("a batch could not be stored; storing its samples one at a time", samples=len(plans),
                         reason=f"{type(failure).__name__}: {failure}")  # fmt: skip
             return [outcome for plan in plans for outcome in await self.learn([plan])]
         return [_outcome(plan, positions) for plan, positions in zip(plans, held, strict=True)]
+
+
+    def _check_loads_taken(self, failure: Exception) -> None:
+        if isinstance(failure, KatoRejected) and failure.status in (404, 405):
+            # The server no longer offers bulk loads (another server at that address now): no sample's fault.
+            raise KatoUnavailable(f"{self.backend.description} no longer takes bulk loads ({failure}): progress "
+                                  "is saved; run the same command again (or with --no-bulk-load)") from None  # fmt: skip
+
+    async def _in_pieces(self, plan: SamplePlan) -> SampleOutcome:
+        """One long sample in pieces, several at once. Refused in part, it fails; the stored pieces stay (the ledger
+        knows them), and its record says what each level stored from the first chunk on."""
+        sample = self._sample(plan)
+        pieces = []  # (level, piece)
+        for number, level in enumerate(sample.levels):
+            step = max(1, PIECE_SYMBOLS[min(number, 1)] // max(1, len(level.chunks[0]) if level.chunks else 1))
+            for start in range(0, len(level.names), step):
+                pieces.append((number, LevelLoad(level.node_id, level.chunks[start : start + step],
+                                                 level.names[start : start + step], level.metadata, start)))  # fmt: skip
+        held, sent = [0] * len(sample.levels), [0] * len(sample.levels)  # per level: found stored, of what was stored
+        refused: dict[int, Exception] = {}  # by piece
+        limiter = anyio.CapacityLimiter(LOADS_IN_FLIGHT)
+
+        async def store(position: int, number: int, piece: LevelLoad) -> None:
+            async with limiter:
+                try:
+                    result = await self._store([SampleLoad(sample.index, [piece])])
+                except (TypeError, ValueError, OverflowError, KatoRejected) as failure:
+                    self._check_loads_taken(failure)
+                    refused[position] = failure
+                    return
+            held[number] += result[0][0]
+            sent[number] += len(piece.names)
+
+        async with anyio.create_task_group() as group:
+            for position, (number, piece) in enumerate(pieces):
+                group.start_soon(store, position, number, piece)
+        if not refused:
+            return _outcome(plan, held)
+        outcome = _refused(plan, refused[min(refused)])
+        outcome.applied = [stored - found for stored, found in zip(sent, held, strict=True)]
+        outcome.replayed = held
+        for number in range(len(sample.levels)):  # what is stored from the first chunk on: the pieces before a refused one
+            stopped = min((pieces[position][1].first for position in refused if pieces[position][0] == number), default=None)
+            total = len(sample.levels[number].names)
+            outcome.stored[number] = max(outcome.stored[number], total if stopped is None else stopped)
+        return outcome
 
 
 def _outcome(plan: SamplePlan, held: list[int]) -> SampleOutcome:

@@ -7,6 +7,7 @@ client resumed with KATO's calls, a killed server, lost answers, and refused loa
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -230,3 +231,72 @@ def test_a_server_that_stops_taking_loads_stops_the_run_and_fails_no_sample(
     finally:
         server.stop()
     assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == reference
+
+
+@pytest.fixture(scope="module")
+def books(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """Four documents of 60,000 characters (about 15k tokens each: pieces of a load), and their clean KB."""
+    folder = tmp_path_factory.mktemp("books")
+    text = CORPUS.read_text(encoding="utf-8")
+    path = folder / "books.jsonl"
+    path.write_text("".join(json.dumps({"text": text[i * 60_000 : (i + 1) * 60_000]}) + "\n" for i in range(4)))
+    ok(str(path), *LEVELS, "--data", str(folder / "reference"))
+    return path, kb_dump(folder / "reference" / "kato.sqlite3", NODES)
+
+
+def test_long_documents_go_in_pieces_and_resume_exactly_after_a_kill_with_pieces_out_of_order(
+        books: tuple[Path, list[dict[str, Any]]], tmp_path: Path) -> None:  # fmt: skip
+    """A document longer than a load is sent in pieces (ranges of a level's chunks), several at once; killed while
+    pieces stand stored out of order, resumed with KATO's calls, then in-process: every chunk stored once."""
+    path, reference = books
+    server = EngineServer(tmp_path / "clean").start()
+    try:
+        whole = ok(str(path), *LEVELS, "--kato", server.url, "--run-dir", str(tmp_path / "clean-run"))
+    finally:
+        server.stop()
+    assert whole["samples"]["learned"] == 4 and whole["requests"] > 4 * 3  # pieces: more requests than samples
+    assert kb_dump(tmp_path / "clean" / "kato.sqlite3", NODES) == reference
+
+    server = EngineServer(tmp_path / "kb", extra_args=("--workers", "2")).start()
+    base = [str(path), *LEVELS, "--run-dir", str(tmp_path / "run")]
+    try:
+        process = start(*base, "--kato", server.url)
+        deadline = time.monotonic() + 120
+        while not _ranges_ahead(tmp_path / "kb" / "kato.sqlite3"):  # a later piece stored before an earlier one
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.002)
+        process.kill()
+        process.wait()
+        first = ok(*base, "--kato", server.url, "--no-bulk-load", "--batch-chunks", "5", "--max-samples", "2")
+        assert first["recovery"]["possible_duplicates"] == 0
+    finally:
+        server.stop()
+    rest = ok(*base, "--data", str(tmp_path / "kb"))
+    assert rest["samples"]["failed"] == 0
+    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == reference
+
+
+def _ranges_ahead(store: Path) -> bool:
+    try:
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30) as connection:
+            return connection.execute("SELECT count(*) FROM ledger_ahead").fetchone()[0] > 0
+    except sqlite3.OperationalError:  # not created yet
+        return False
+
+
+def test_pieces_of_a_level_landing_out_of_order_are_joined_in_the_ledger(fresh_server: EngineServer) -> None:
+    chunks = [["p", "q"], ["r", "s"], ["t", "u"], ["v", "w"], ["x", "y"]]
+
+    def piece(first: int, end: int) -> dict[str, Any]:
+        return {"samples": [{"index": 4, "levels": [{**_level("pc0", chunks[first:end]), "first": first}]}]}
+
+    with httpx.Client(base_url=fresh_server.url, timeout=30) as client:
+        assert client.post("/ingestd/load/pieces", json=piece(3, 5)).json() == {"held": [[0]]}
+        status = client.post("/ingestd/ledger/pieces", json={"node_ids": ["pc0"], "samples": [4]}).json()
+        assert status["samples"]["4"] == {"pc0": 0} and status["ahead"]["4"] == {"pc0": [[3, 5]]}
+        assert client.post("/ingestd/load/pieces", json=piece(2, 4)).json() == {"held": [[1]]}  # chunk 3 stored
+        assert client.post("/ingestd/load/pieces", json=piece(0, 2)).json() == {"held": [[0]]}
+        status = client.post("/ingestd/ledger/pieces", json={"node_ids": ["pc0"], "samples": [4]}).json()
+        assert status["samples"]["4"] == {"pc0": 5} and status["ahead"] == {}
+        assert client.post("/ingestd/load/pieces", json=piece(0, 5)).json() == {"held": [[5]]}  # all there: a replay
+        assert [_frequency(client, "pc0", chunk) for chunk in chunks] == [1] * 5

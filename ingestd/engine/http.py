@@ -459,7 +459,7 @@ def build_app(engine: Engine, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, m
             body = None
         if body is None or not all(_plain(level.metadata) for sample in body.samples for level in sample.levels):
             body = await _body_model(request, LoadRequest)  # the full way: Python's parser, as observe's metadata
-        samples = [SampleLoad(sample.index, [LevelLoad(level.node_id, level.chunks, level.names, level.metadata)
+        samples = [SampleLoad(sample.index, [LevelLoad(level.node_id, level.chunks, level.names, level.metadata, level.first)
                                              for level in sample.levels]) for sample in body.samples]  # fmt: skip
         problem = load_rules.check(samples, engine.kb_of)
         if problem is not None:

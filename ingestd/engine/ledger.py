@@ -203,6 +203,26 @@ def advance(connection: sqlite3.Connection, run_key: str, records: Sequence[tupl
     )
 
 
+def join(connection: sqlite3.Connection, run_key: str, sample_index: int, kb_id: str, stored: int,
+         ahead: Sequence[tuple[int, int]], first: int, end: int) -> None:  # fmt: skip
+    """Inside the transaction that stored them: chunks ``first`` to ``end`` of a sample are stored, besides what
+    its record held (``stored`` from the first on, the ``ahead`` ranges); the record is written joined anew.
+    (The run's totals are the caller's to add, as with :func:`advance`.)"""
+    prefix, beyond = stored, []
+    for low, high in sorted([*ahead, (first, end)]):
+        if low <= prefix:
+            prefix = max(prefix, high)
+        elif beyond and low <= beyond[-1][1]:
+            beyond[-1] = (beyond[-1][0], max(beyond[-1][1], high))
+        else:
+            beyond.append((low, high))
+    key = (run_key, sample_index, kb_id)
+    if prefix:
+        connection.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?)", (*key, prefix))
+    connection.execute("DELETE FROM ledger_ahead WHERE run_key = ? AND sample_index = ? AND kb_id = ?", key)
+    connection.executemany("INSERT INTO ledger_ahead VALUES (?, ?, ?, ?, ?)", [(*key, low, high) for low, high in beyond])
+
+
 def status(connection: sqlite3.Connection, run_key: str, kb_ids: Sequence[str],
            samples: Iterable[int]) -> dict[str, Any]:  # fmt: skip
     """Totals per knowledge base, and per asked sample the chunks stored per knowledge base from the first on

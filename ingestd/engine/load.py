@@ -40,13 +40,14 @@ _PREFIX = len(rules.PATTERN_PREFIX)
 
 @dataclass(frozen=True, slots=True)
 class LevelLoad:
-    """One level of one sample: all its chunks, their names (``PTRN|…``), and the sample's metadata if
-    this level carries it (None or empty: learned without)."""
+    """One level of one sample: its chunks from ``first`` on (all of them, or a piece of a long sample), their
+    names (``PTRN|…``), and the sample's metadata if this level carries it (None or empty: learned without)."""
 
     node_id: str
     chunks: Sequence[Sequence[str]]
     names: Sequence[str]
     metadata: Mapping[str, Any] | None = None
+    first: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,37 +106,41 @@ def _key(item: tuple[tuple[str, str], _Pattern]) -> tuple[str, str]:
 def load(connection: sqlite3.Connection, run_key: str, samples: Sequence[SampleLoad],
          kb_of: Callable[[str], str]) -> list[list[int]]:  # fmt: skip
     """Inside a transaction: store every chunk of ``samples`` the run ledger does not hold yet, and move the
-    ledger on. Returns, per sample and level, how many of its chunks the ledger held before: the caller's measure
+    ledger on. Returns, per sample and level, how many of the chunks given the ledger held before: the caller's measure
     of what this call stored and what was there already."""
     kbs = [[kb_of(level.node_id) for level in sample.levels] for sample in samples]
     held = ledger.positions(connection, run_key, [sample.index for sample in samples])
     patterns: dict[tuple[str, str], _Pattern] = {}
     advanced: list[tuple[int, str, int]] = []
     added: dict[str, int] = {}
+    pieces: list[tuple[int, str, int, list[tuple[int, int]], int, int]] = []
     before: list[list[int]] = []
     for sample, sample_kbs in zip(samples, kbs, strict=True):
         positions = []
         for level, kb in zip(sample.levels, sample_kbs, strict=True):
-            total = len(level.names)
+            first, end = level.first, level.first + len(level.names)
             prefix, ahead = held.get((sample.index, kb), (0, []))
-            lacking = ledger.missing(prefix, ahead, 0, total)
+            lacking = ledger.missing(prefix, ahead, first, end)
             count = sum(high - low for low, high in lacking)
-            positions.append(total - count)
+            positions.append(len(level.names) - count)
             if not count:
                 continue
             folded = rules.fold_metadata([level.metadata]) if level.metadata else None
             for position in itertools.chain.from_iterable(range(low, high) for low, high in lacking):
-                key = (kb, level.names[position][_PREFIX:])
+                key = (kb, level.names[position - first][_PREFIX:])
                 pattern = patterns.get(key)
                 if pattern is None:
-                    pattern = patterns[key] = _Pattern(level.chunks[position])
+                    pattern = patterns[key] = _Pattern(level.chunks[position - first])
                 pattern.count += 1
                 if folded:
                     union = pattern.metadata if pattern.metadata is not None else {}
                     for field, values in folded.items():
                         union.setdefault(field, set()).update(values)
                     pattern.metadata = union
-            advanced.append((sample.index, kb, total))
+            if first == 0 and not ahead:
+                advanced.append((sample.index, kb, end))
+            else:  # a piece, or ranges stored out of order before: the record's ranges joined anew
+                pieces.append((sample.index, kb, prefix, ahead, first, end))
             added[kb] = added.get(kb, 0) + count
         before.append(positions)
     # In key order: each B-tree page is then visited once per load, not once per pattern on it.
@@ -147,4 +152,6 @@ def load(connection: sqlite3.Connection, run_key: str, samples: Sequence[SampleL
     KnowledgeStore.add_plain(connection, plain)
     KnowledgeStore.add_with_metadata(connection, tagged)
     ledger.advance(connection, run_key, advanced, added)
+    for sample_index, kb, prefix, ahead, first, end in pieces:
+        ledger.join(connection, run_key, sample_index, kb, prefix, ahead, first, end)
     return before

@@ -75,6 +75,7 @@ class LoadLevel(BaseModel):
     chunks: list[list[str]] = Field(max_length=1_000_000)
     names: list[str] = Field(max_length=1_000_000)
     metadata: dict[str, Any] | None = None
+    first: SampleIndex = 0  # the position of chunks[0] in the level: a piece of a long sample
 
 
 class LoadSample(BaseModel):
