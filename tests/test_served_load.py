@@ -7,8 +7,9 @@ client resumed with KATO's calls, a killed server, lost answers, and refused loa
 from __future__ import annotations
 
 import json
-import sqlite3
+import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from .conftest import CORPUS, EngineServer
 from .faultproxy import FaultProxy
 from .golden import kb_dump, wait_for_samples
 from .test_exactly_once import doubled, ingestd, ok, start
+from .test_server_workers import _chunks_ahead
 
 LEVELS = ["--chunk-sizes", "4,4,4", "--metadata-levels", "1,2"]
 NODES = ["node0", "node1", "node2"]
@@ -145,20 +147,28 @@ def test_runs_over_http_load_in_bulk_and_store_what_in_process_and_kato_calls_st
 
 def test_a_killed_run_resumed_with_kato_calls_then_in_process_stores_every_chunk_once(
         corpus: Path, reference: list[dict[str, Any]], tmp_path: Path) -> None:  # fmt: skip
-    server = EngineServer(tmp_path / "kb").start()
-    base = [str(corpus), *LEVELS, "--run-dir", str(tmp_path / "run")]
+    _killed_and_resumed([str(corpus), *LEVELS, "--run-dir", str(tmp_path / "run")], EngineServer(tmp_path / "kb"),
+                        lambda process: wait_for_samples(process, tmp_path / "run", 100), reference,
+                        "--batch-chunks", "3", "--max-samples", "400")  # fmt: skip
+
+
+def _killed_and_resumed(base: list[str], server: EngineServer, until: Callable[[subprocess.Popen[str]], None],
+                        reference: list[dict[str, Any]], *options: str) -> None:  # fmt: skip
+    """A run with bulk loads, killed once ``until`` returns; resumed over HTTP with KATO's calls and ``options``,
+    then in-process on the server's store: the knowledge base is ``reference``."""
+    server.start()
     try:
         process = start(*base, "--kato", server.url)
-        wait_for_samples(process, tmp_path / "run", 100)
+        until(process)
         process.kill()
         process.wait()
-        middle = ok(*base, "--kato", server.url, "--no-bulk-load", "--batch-chunks", "3", "--max-samples", "400")
+        middle = ok(*base, "--kato", server.url, "--no-bulk-load", *options)
         assert middle["recovery"]["possible_duplicates"] == 0
     finally:
         server.stop()
-    rest = ok(*base, "--data", str(tmp_path / "kb"))
+    rest = ok(*base, "--data", str(server.data_dir))
     assert rest["samples"]["failed"] == 0
-    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == reference
+    assert kb_dump(server.data_dir / "kato.sqlite3", NODES) == reference
 
 
 def test_a_server_killed_under_loads_and_restarted_loses_and_doubles_nothing(
@@ -257,31 +267,15 @@ def test_long_documents_go_in_pieces_and_resume_exactly_after_a_kill_with_pieces
     assert whole["samples"]["learned"] == 4 and whole["requests"] > 4 * 3  # pieces: more requests than samples
     assert kb_dump(tmp_path / "clean" / "kato.sqlite3", NODES) == reference
 
-    server = EngineServer(tmp_path / "kb", extra_args=("--workers", "2")).start()
-    base = [str(path), *LEVELS, "--run-dir", str(tmp_path / "run")]
-    try:
-        process = start(*base, "--kato", server.url)
+    def pieces_out_of_order(process: subprocess.Popen[str]) -> None:
         deadline = time.monotonic() + 120
-        while not _ranges_ahead(tmp_path / "kb" / "kato.sqlite3"):  # a later piece stored before an earlier one
+        while not _chunks_ahead(tmp_path / "kb" / "kato.sqlite3"):  # a later piece stored before an earlier one
             assert time.monotonic() < deadline and process.poll() is None
             time.sleep(0.002)
-        process.kill()
-        process.wait()
-        first = ok(*base, "--kato", server.url, "--no-bulk-load", "--batch-chunks", "5", "--max-samples", "2")
-        assert first["recovery"]["possible_duplicates"] == 0
-    finally:
-        server.stop()
-    rest = ok(*base, "--data", str(tmp_path / "kb"))
-    assert rest["samples"]["failed"] == 0
-    assert kb_dump(tmp_path / "kb" / "kato.sqlite3", NODES) == reference
 
-
-def _ranges_ahead(store: Path) -> bool:
-    try:
-        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=30) as connection:
-            return connection.execute("SELECT count(*) FROM ledger_ahead").fetchone()[0] > 0
-    except sqlite3.OperationalError:  # not created yet
-        return False
+    _killed_and_resumed([str(path), *LEVELS, "--run-dir", str(tmp_path / "run")],
+                        EngineServer(tmp_path / "kb", extra_args=("--workers", "2")), pieces_out_of_order, reference,
+                        "--batch-chunks", "5", "--max-samples", "2")  # fmt: skip
 
 
 def test_pieces_of_a_level_landing_out_of_order_are_joined_in_the_ledger(fresh_server: EngineServer) -> None:
