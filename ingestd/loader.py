@@ -55,7 +55,8 @@ document keeps several server processes busy. The run ledger joins the ranges, i
 
 class Loader:
     def __init__(self, backend: KatoBackend, levels: list[LevelSetup], run_key: str, *, policy: RetryPolicy | None = None,
-                 watch: ServerWatch | None = None, recovery: Recovery | None = None) -> None:  # fmt: skip
+                 watch: ServerWatch | None = None, recovery: Recovery | None = None,
+                 pieces_in_flight: int = LOADS_IN_FLIGHT) -> None:  # fmt: skip
         """With ``policy`` (a served engine), loads are resent through outages and overload, as worker calls are,
         and a sample longer than a load goes in pieces."""
         self.backend = backend
@@ -64,6 +65,7 @@ class Loader:
         self.policy = policy
         self.watch = watch
         self.recovery = recovery
+        self.pieces_in_flight = anyio.CapacityLimiter(pieces_in_flight)  # shared by the run's loaders
 
     async def _store(self, samples: list[SampleLoad]) -> list[list[int]]:
         if self.policy is None:
@@ -112,18 +114,21 @@ class Loader:
         """One long sample in pieces, several at once. Refused in part, it fails; the stored pieces stay (the ledger
         knows them), and its record says what each level stored from the first chunk on."""
         sample = self._sample(plan)
+        held, sent = [0] * len(sample.levels), [0] * len(sample.levels)  # per level: found stored, of what was stored
         pieces = []  # (level, piece)
         for number, level in enumerate(sample.levels):
             step = max(1, PIECE_SYMBOLS[min(number, 1)] // max(1, len(level.chunks[0]) if level.chunks else 1))
             for start in range(0, len(level.names), step):
-                pieces.append((number, LevelLoad(level.node_id, level.chunks[start : start + step],
-                                                 level.names[start : start + step], level.metadata, start)))  # fmt: skip
-        held, sent = [0] * len(sample.levels), [0] * len(sample.levels)  # per level: found stored, of what was stored
+                end = min(start + step, len(level.names))
+                if end <= plan.first_chunk(number):  # stored, as the run's progress confirms (a resumed sample)
+                    held[number] += end - start
+                    continue
+                pieces.append((number, LevelLoad(level.node_id, level.chunks[start:end], level.names[start:end],
+                                                 level.metadata, start)))  # fmt: skip
         refused: dict[int, Exception] = {}  # by piece
-        limiter = anyio.CapacityLimiter(LOADS_IN_FLIGHT)
 
         async def store(position: int, number: int, piece: LevelLoad) -> None:
-            async with limiter:
+            async with self.pieces_in_flight:
                 try:
                     result = await self._store([SampleLoad(sample.index, [piece])])
                 except (TypeError, ValueError, OverflowError, KatoRejected) as failure:
@@ -140,7 +145,7 @@ class Loader:
             return _outcome(plan, held)
         outcome = _refused(plan, refused[min(refused)])
         outcome.applied = [stored - found for stored, found in zip(sent, held, strict=True)]
-        outcome.replayed = held
+        outcome.replayed = [max(0, found - plan.first_chunk(number)) for number, found in enumerate(held)]
         for number in range(len(sample.levels)):  # what is stored from the first chunk on: the pieces before a refused one
             stopped = min((pieces[position][1].first for position in refused if pieces[position][0] == number), default=None)
             total = len(sample.levels[number].names)

@@ -480,7 +480,8 @@ class Pipeline:
                     async with anyio.create_task_group() as pipeline:
                         pipeline.start_soon(self._produce, source, tokenizer, progress, resume_points, send, load_tokens)
                         if bulk:
-                            retrying = {"policy": config.retry, "watch": watch, "recovery": self.stats} if served else {}
+                            retrying = {"policy": config.retry, "watch": watch, "recovery": self.stats,
+                                        "pieces_in_flight": loaders} if served else {}  # fmt: skip
                             loader = Loader(backend, setups, progress.run_key, **retrying)
                             for _ in range(loaders):
                                 pipeline.start_soon(self._load, loader, progress, backend, receive.clone())

@@ -98,6 +98,9 @@ def test_a_load_is_stored_once_however_often_it_is_sent(fresh_server: EngineServ
     ({"samples": [{"index": 0, "levels": [_level("bad0", [["a", "b"]], {"deep": "DEEP"})]}]}, 400, ""),  # see below
     ({"samples": [{"index": 0, "levels": [_level("bad0", [["a", 7]])]}]}, 422, "chunks"),
     ({"samples": [{"index": -1, "levels": [_level("bad0", [["a", "b"]])]}]}, 422, "index"),
+    ({"samples": [{"index": 0, "levels": [{**_level("bad0", [["a", "b"]]), "first": 2**63 - 1}]}]}, 422,
+     "its chunks end past position"),
+    ({"samples": [{"index": 0, "levels": [{**_level("bad0", [["a", "b"]]), "colour": "red"}]}]}, 422, "colour"),
     ({"samples": []}, 422, "samples"),
     ({"nothing": 1}, 422, "samples"),
 ])  # fmt: skip
@@ -153,15 +156,19 @@ def test_a_killed_run_resumed_with_kato_calls_then_in_process_stores_every_chunk
 
 
 def _killed_and_resumed(base: list[str], server: EngineServer, until: Callable[[subprocess.Popen[str]], None],
-                        reference: list[dict[str, Any]], *options: str) -> None:  # fmt: skip
-    """A run with bulk loads, killed once ``until`` returns; resumed over HTTP with KATO's calls and ``options``,
-    then in-process on the server's store: the knowledge base is ``reference``."""
+                        reference: list[dict[str, Any]], *options: str, drop_every: int = 0) -> None:  # fmt: skip
+    """A run with bulk loads (every ``drop_every``-th dropped unsent, and resent: later ones land first), killed
+    once ``until`` returns; resumed over HTTP with KATO's calls and ``options``, then in-process on the server's
+    store: the knowledge base is ``reference``."""
     server.start()
     try:
-        process = start(*base, "--kato", server.url)
-        until(process)
-        process.kill()
-        process.wait()
+        with FaultProxy(server.port) as proxy:
+            if drop_every:
+                proxy.drop_every(drop_every, only_paths="/ingestd/load")
+            process = start(*base, "--kato", proxy.url)
+            until(process)
+            process.kill()
+            process.wait()
         middle = ok(*base, "--kato", server.url, "--no-bulk-load", *options)
         assert middle["recovery"]["possible_duplicates"] == 0
     finally:
@@ -275,7 +282,7 @@ def test_long_documents_go_in_pieces_and_resume_exactly_after_a_kill_with_pieces
 
     _killed_and_resumed([str(path), *LEVELS, "--run-dir", str(tmp_path / "run")],
                         EngineServer(tmp_path / "kb", extra_args=("--workers", "2")), pieces_out_of_order, reference,
-                        "--batch-chunks", "5", "--max-samples", "2")  # fmt: skip
+                        "--batch-chunks", "5", "--max-samples", "2", drop_every=3)  # fmt: skip
 
 
 def test_pieces_of_a_level_landing_out_of_order_are_joined_in_the_ledger(fresh_server: EngineServer) -> None:

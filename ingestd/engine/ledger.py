@@ -100,6 +100,8 @@ class Place:
         check_run_key(self.run_key)
         if self.sample_index < 0 or self.first_chunk < 0 or self.chunks < 1:
             raise ValueError("sample index and first chunk must be >= 0, chunks >= 1")
+        if self.first_chunk + self.chunks > SAMPLE_INDEX_MAX:
+            raise ValueError(f"the chunks must end by position {SAMPLE_INDEX_MAX}")
 
     def header(self) -> str:
         return f"{self.run_key}:{self.sample_index}:{self.first_chunk}:{self.chunks}"

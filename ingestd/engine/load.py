@@ -91,6 +91,8 @@ def check(samples: Sequence[SampleLoad], kb_of: Callable[[str], str]) -> str | N
             kbs[kb] = level.node_id
             if len(level.names) != len(level.chunks):
                 return f"{where}: {len(level.chunks)} chunks but {len(level.names)} names"
+            if level.first + len(level.names) > ledger.SAMPLE_INDEX_MAX:
+                return f"{where}: its chunks end past position {ledger.SAMPLE_INDEX_MAX}"
             for position, (chunk, name) in enumerate(zip(level.chunks, level.names, strict=True)):
                 if len(chunk) < 2:
                     return f"{where}.chunks[{position}]: a pattern needs at least 2 symbols"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ObservationData(BaseModel):
@@ -71,6 +71,8 @@ class ClaimNodesRequest(BaseModel):
 class LoadLevel(BaseModel):
     """One level of a sample: its chunks, one symbol per event, their names, and the metadata its learns carry."""
 
+    model_config = ConfigDict(extra="forbid")  # a field this server does not know is refused, not ignored
+
     node_id: str
     chunks: list[list[str]] = Field(max_length=1_000_000)
     names: list[str] = Field(max_length=1_000_000)
@@ -79,9 +81,13 @@ class LoadLevel(BaseModel):
 
 
 class LoadSample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     index: SampleIndex
     levels: list[LoadLevel] = Field(min_length=1, max_length=64)
 
 
 class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     samples: list[LoadSample] = Field(min_length=1, max_length=100_000)
