@@ -11,9 +11,9 @@ tests hold the two paths to each other and to KATO).
 In-process nothing in a load fails transiently: the store either writes (or cannot, and the run stops), or a
 sample's data cannot be stored at all. Served, a load is resent through outages as a worker's calls are
 (:mod:`ingestd.retry`), and a resend stores nothing twice: the run ledger decides what is new; a sample longer
-than a load goes in pieces (``PIECE_SYMBOLS``). A batch that
-cannot be stored (or that the server refuses) is loaded again one sample at a time, so the sample that cannot
-be stored fails alone, as a refusal would (see ``SampleOutcome.rejection``).
+than a load goes in pieces (``PIECE_SYMBOLS``). A batch that cannot be stored (or that the server refuses) is
+loaded again one sample at a time, so the sample that cannot be stored fails alone, as a refusal would (see
+``SampleOutcome.rejection``).
 """
 
 from __future__ import annotations
@@ -102,7 +102,6 @@ class Loader:
                         reason=f"{type(failure).__name__}: {failure}")  # fmt: skip
             return [outcome for plan in plans for outcome in await self.learn([plan])]
         return [_outcome(plan, positions) for plan, positions in zip(plans, held, strict=True)]
-
 
     def _check_loads_taken(self, failure: Exception) -> None:
         if isinstance(failure, KatoRejected) and failure.status in (404, 405):
