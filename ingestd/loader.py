@@ -18,15 +18,17 @@ loaded again one sample at a time, so the sample that cannot be stored fails alo
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import anyio
 import structlog
 
 from ingestd.backend import KatoBackend
 from ingestd.engine.load import LevelLoad, SampleLoad
-from ingestd.errors import KatoRejected, KatoUnavailable, ServerDown, Transient
+from ingestd.errors import KatoRejected, KatoUnavailable, Transient
 from ingestd.plan import SamplePlan
-from ingestd.retry import RetryPolicy, ServerWatch, send
-from ingestd.worker import LevelSetup, Recovery, SampleOutcome
+from ingestd.retry import RetryPolicy, send
+from ingestd.worker import LevelSetup, SampleOutcome
 
 log = structlog.get_logger("ingestd.loader")
 
@@ -53,33 +55,29 @@ stays a few hundred KB however long the document (under a proxy's body limit, an
 document keeps several server processes busy. The run ledger joins the ranges, in whatever order they land."""
 
 
+async def _nothing(failure: Transient) -> None:
+    pass
+
+
 class Loader:
     def __init__(self, backend: KatoBackend, levels: list[LevelSetup], run_key: str, *, policy: RetryPolicy | None = None,
-                 watch: ServerWatch | None = None, recovery: Recovery | None = None,
+                 on_retry: Callable[[Transient], Awaitable[None]] = _nothing,
                  pieces_in_flight: int = LOADS_IN_FLIGHT) -> None:  # fmt: skip
-        """With ``policy`` (a served engine), loads are resent through outages and overload, as worker calls are,
-        and a sample longer than a load goes in pieces."""
+        """With ``policy`` (a served engine), loads are resent through outages and overload, as worker calls are
+        (``on_retry`` before each resend), and a sample longer than a load goes in pieces."""
         self.backend = backend
         self.levels = levels
         self.run_key = run_key
         self.policy = policy
-        self.watch = watch
-        self.recovery = recovery
+        self.on_retry = on_retry
         self.pieces_in_flight = anyio.CapacityLimiter(pieces_in_flight)  # shared by the run's loaders
 
     async def _store(self, samples: list[SampleLoad]) -> list[list[int]]:
         if self.policy is None:
             return await self.backend.load(self.run_key, samples)
-
-        async def on_retry(failure: Transient) -> None:
-            if self.recovery is not None:
-                self.recovery.retried(failure.cause, str(failure))
-            if isinstance(failure, ServerDown) and self.watch is not None:
-                await self.watch.wait_until_up(str(failure))
-
         # A resend after an ambiguous failure is exact: the ledger stores only what the first attempt did not.
-        held, _ = await send(lambda: self.backend.load(self.run_key, samples), self.policy, on_retry=on_retry,
-                             server=self.backend.description)  # fmt: skip
+        held, _ = await send(lambda: self.backend.load(self.run_key, samples), self.policy,
+                             on_retry=self.on_retry, server=self.backend.description)  # fmt: skip
         return held
 
     def _sample(self, plan: SamplePlan) -> SampleLoad:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ingestd import __version__, catalogue, metrics
 from ingestd.backend import EmbeddedKato, HttpKato, KatoBackend, ReplicatedKato, check_kato_urls
 from ingestd.engine import EngineSettings
-from ingestd.errors import IngestError, KatoRejected, KatoUnavailable, ServerDown, Transient, find_ingest_error
+from ingestd.errors import IngestError, KatoRejected, KatoUnavailable, Transient, find_ingest_error
 from ingestd.hierarchy import Hierarchy
 from ingestd.loader import LOAD_SAMPLES, LOAD_TOKENS, LOAD_TOKENS_SERVED, LOADS_IN_FLIGHT, Loader
 from ingestd.nodes import NodeRegistry
@@ -34,7 +34,7 @@ from ingestd.plan import SamplePlan
 from ingestd.planners import Planned, Planners, default_planners
 from ingestd.progress import Progress, SourceChanged, fingerprint
 from ingestd.resume import check_store_file, prepare
-from ingestd.retry import RetryPolicy, ServerWatch
+from ingestd.retry import RetryPolicy, ServerWatch, recovering
 from ingestd.retry import send as send_call
 from ingestd.source import MAX_COUNT, BadRecord, Filtered, Sample, Shard, Source, SourceEvent, SourceSpec
 from ingestd.tokenize import Tokenizer, load_tokenizer
@@ -480,7 +480,7 @@ class Pipeline:
                     async with anyio.create_task_group() as pipeline:
                         pipeline.start_soon(self._produce, source, tokenizer, progress, resume_points, send, load_tokens)
                         if bulk:
-                            retrying = {"policy": config.retry, "watch": watch, "recovery": self.stats,
+                            retrying = {"policy": config.retry, "on_retry": recovering(watch, self.stats.retried),
                                         "pieces_in_flight": loaders} if served else {}  # fmt: skip
                             loader = Loader(backend, setups, progress.run_key, **retrying)
                             for _ in range(loaders):
@@ -507,13 +507,9 @@ class Pipeline:
     async def _reliably(self, call: Callable[[], Awaitable[T]]) -> T:
         """A call outside the workers (before learning), through outages and resends as theirs are."""
 
-        async def recover(failure: Transient) -> None:
-            self.stats.retried(failure.cause, str(failure))
-            if isinstance(failure, ServerDown) and self._watch is not None:
-                await self._watch.wait_until_up(str(failure))
-
         server = self._watch.description if self._watch is not None else "the KATO server"
-        result, _ = await send_call(call, self.config.retry, on_retry=recover, server=server)
+        result, _ = await send_call(call, self.config.retry, on_retry=recovering(self._watch, self.stats.retried),
+                                    server=server)  # fmt: skip
         return result
 
     async def _forget_settled(self, backend: KatoBackend, progress: Progress) -> None:

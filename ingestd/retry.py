@@ -28,7 +28,7 @@ import structlog
 from pydantic import BaseModel, Field
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
 
-from ingestd.errors import Ambiguous, KatoUnavailable, Transient
+from ingestd.errors import Ambiguous, KatoUnavailable, ServerDown, Transient
 
 T = TypeVar("T")
 log = structlog.get_logger("ingestd.retry")
@@ -87,6 +87,18 @@ class ServerWatch:
                 )
             await anyio.sleep(delay)
             delay = min(delay * 2, self._policy.backoff_max)
+
+
+def recovering(watch: ServerWatch | None, retried: Callable[[str, str], None]) -> Callable[[Transient], Awaitable[None]]:
+    """The ``on_retry`` of a call that needs no session put back: the retry is counted (``retried(cause, detail)``)
+    and, through an outage, waited out with the run's other callers (``watch``)."""
+
+    async def on_retry(failure: Transient) -> None:
+        retried(failure.cause, str(failure))
+        if isinstance(failure, ServerDown) and watch is not None:
+            await watch.wait_until_up(str(failure))
+
+    return on_retry
 
 
 async def send(call: Callable[[], Awaitable[T]], policy: RetryPolicy, *, on_retry: Callable[[Transient], Awaitable[None]],

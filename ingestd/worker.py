@@ -33,13 +33,12 @@ from ingestd.errors import (
     KatoUnavailable,
     LedgerOutOfStep,
     PlanMismatch,
-    ServerDown,
     SessionLost,
     Transient,
 )
 from ingestd.hierarchy import Hierarchy
 from ingestd.plan import LevelPlan, SamplePlan
-from ingestd.retry import RetryPolicy, ServerWatch, send
+from ingestd.retry import RetryPolicy, ServerWatch, recovering, send
 
 T = TypeVar("T")
 log = structlog.get_logger("ingestd.worker")
@@ -108,13 +107,13 @@ class Worker:
         self.batch_chunks = batch_chunks
         self.parallel_batches = max(1, parallel_batches)
         self.policy = policy
-        self.watch = watch
         self.recovery = recovery
         self.run_key = run_key
         self.sessions: list[list[str]] = []  # per level: its sessions (more than one once a long sample needed them)
         self._nonce = secrets.token_hex(8)  # session keys are this process's own
         self._created = 0
         self._unclean: set[int] = set()  # metadata levels whose session may still hold a sample's metadata
+        self._recover_server = recovering(watch, recovery.retried)  # session calls belong to no sample
 
     async def open(self) -> None:
         for level in self.levels:
@@ -262,23 +261,16 @@ class Worker:
         sessions = self.sessions[level.index]
 
         async def on_retry(failure: Transient) -> None:
-            self.recovery.retried(failure.cause, str(failure))
+            await self._recover_server(failure)
             if isinstance(failure, SessionLost):
                 sessions[slot] = await self._create(level)
                 self.recovery.session_recreated(level.node_id)
-            elif isinstance(failure, ServerDown):
-                await self.watch.wait_until_up(str(failure))
 
         result, ambiguous = await send(lambda: call(sessions[slot]), self.policy, on_retry=on_retry,
                                        server=self.backend.description)  # fmt: skip
         if ambiguous and resend_may_duplicate and not self.backend.ledger:
             self.recovery.possible_duplicate(sample_index, level.node_id)
         return result
-
-    async def _recover_server(self, failure: Transient) -> None:
-        self.recovery.retried(failure.cause, str(failure))  # session calls belong to no sample
-        if isinstance(failure, ServerDown):
-            await self.watch.wait_until_up(str(failure))
 
 
 def _mismatch(server: str, node_id: str, sample_index: int, learned: list[str], planned: list[str]) -> str:
