@@ -144,15 +144,7 @@ def record(connection: sqlite3.Connection, place: Place, kb_id: str) -> bool:
             "using this run's key?",
             stored, ahead,
         )  # fmt: skip
-    # Ranges are kept joined: one that ends where this call starts, or starts where it ends, becomes one with it.
-    joined = [(low, high) for low, high in ahead if high == first or low == end]
-    low, high = min([first, *(span[0] for span in joined)]), max([end, *(span[1] for span in joined)])
-    connection.executemany("DELETE FROM ledger_ahead WHERE run_key = ? AND sample_index = ? AND kb_id = ? AND first_chunk = ?",
-                           [(*key, span[0]) for span in joined])  # fmt: skip
-    if low == stored:
-        connection.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?)", (*key, high))
-    else:
-        connection.execute("INSERT INTO ledger_ahead VALUES (?, ?, ?, ?, ?)", (*key, low, high))
+    join(connection, place.run_key, place.sample_index, kb_id, stored, ahead, first, end)
     connection.execute(
         "INSERT INTO ledger_totals VALUES (?, ?, ?) ON CONFLICT (run_key, kb_id) DO UPDATE SET chunks = chunks + ?",
         (place.run_key, kb_id, place.chunks, place.chunks),
@@ -192,12 +184,10 @@ def positions(connection: sqlite3.Connection, run_key: str,
 
 def advance(connection: sqlite3.Connection, run_key: str, records: Sequence[tuple[int, str, int]],
             added: dict[str, int]) -> None:  # fmt: skip
-    """Inside the transaction that stored them: each (sample, knowledge base, chunks) is now stored up to
-    ``chunks``, every range ahead included; ``added`` counts, per knowledge base, the chunks newly stored (for
-    the run's totals)."""
+    """Inside the transaction that stored them: each (sample, knowledge base, chunks), whose record has no range
+    ahead, is now stored up to ``chunks`` (other records are :func:`join`'s); ``added`` counts, per knowledge base,
+    the chunks newly stored (for the run's totals). In bulk: a statement per table for a whole load."""
     connection.executemany("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?)",
-                           [(run_key, sample, kb, chunks) for sample, kb, chunks in records])  # fmt: skip
-    connection.executemany("DELETE FROM ledger_ahead WHERE run_key = ? AND sample_index = ? AND kb_id = ? AND end_chunk <= ?",
                            [(run_key, sample, kb, chunks) for sample, kb, chunks in records])  # fmt: skip
     connection.executemany(
         "INSERT INTO ledger_totals VALUES (?, ?, ?) ON CONFLICT (run_key, kb_id) DO UPDATE SET chunks = chunks + excluded.chunks",
@@ -208,8 +198,9 @@ def advance(connection: sqlite3.Connection, run_key: str, records: Sequence[tupl
 def join(connection: sqlite3.Connection, run_key: str, sample_index: int, kb_id: str, stored: int,
          ahead: Sequence[tuple[int, int]], first: int, end: int) -> None:  # fmt: skip
     """Inside the transaction that stored them: chunks ``first`` to ``end`` of a sample are stored, besides what
-    its record held (``stored`` from the first on, the ``ahead`` ranges); the record is written joined anew.
-    (The run's totals are the caller's to add, as with :func:`advance`.)"""
+    its record held (``stored`` from the first on, the ``ahead`` ranges); the record is written anew, its ranges
+    joined where they meet and taken into the prefix when it reaches them. (The run's totals are the caller's to
+    add, as with :func:`advance`.)"""
     prefix, beyond = stored, []
     for low, high in sorted([*ahead, (first, end)]):
         if low <= prefix:
@@ -219,9 +210,10 @@ def join(connection: sqlite3.Connection, run_key: str, sample_index: int, kb_id:
         else:
             beyond.append((low, high))
     key = (run_key, sample_index, kb_id)
-    if prefix:
+    if prefix != stored:
         connection.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?, ?)", (*key, prefix))
-    connection.execute("DELETE FROM ledger_ahead WHERE run_key = ? AND sample_index = ? AND kb_id = ?", key)
+    if ahead:
+        connection.execute("DELETE FROM ledger_ahead WHERE run_key = ? AND sample_index = ? AND kb_id = ?", key)
     connection.executemany("INSERT INTO ledger_ahead VALUES (?, ?, ?, ?, ?)", [(*key, low, high) for low, high in beyond])
 
 
