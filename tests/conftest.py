@@ -22,6 +22,14 @@ SHARED = REPO.parent / "shared"
 GOLDEN = SHARED / "kato-golden"
 CORPUS = SHARED / "corpus" / "tinyshakespeare.txt"
 
+
+
+def paragraphs(path: Path, count: int) -> Path:
+    """``path``, written with the first ``count`` paragraphs of tinyshakespeare (one sample each)."""
+    path.write_text("\n\n".join(CORPUS.read_text(encoding="utf-8").split("\n\n")[:count]), encoding="utf-8")
+    return path
+
+
 # Hypothesis on a loaded machine: no per-example deadline and no "input generation is slow" check (both are
 # wall-clock limits, which a busy CI runner breaks without any bug).
 settings.register_profile("ingestd", deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import CORPUS, EngineServer
+from .conftest import CORPUS, EngineServer, paragraphs
 from .golden import kb_dump, samples_done, wait_for_samples
 from .test_exactly_once import LEVELS, NODES, ok
 
@@ -28,9 +28,7 @@ SEED = int(os.environ.get("INGESTD_CRASH_SEED", "20261129"))
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("crash-corpus") / "shakespeare.txt"
-    path.write_text("\n\n".join(CORPUS.read_text(encoding="utf-8").split("\n\n")[:2000]), encoding="utf-8")
-    return path
+    return paragraphs(tmp_path_factory.mktemp("crash-corpus") / "shakespeare.txt", 2000)
 
 
 @pytest.fixture(scope="module")

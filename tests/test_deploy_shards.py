@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .conftest import CORPUS, REPO
+from .conftest import REPO, paragraphs
 
 SLURM = REPO / "deploy" / "slurm"
 RAYJOB = REPO / "deploy" / "ray" / "rayjob.yaml"
@@ -30,8 +30,7 @@ def test_the_slurm_array_and_its_merge_learn_what_one_process_learns(tmp_path: P
         assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
         headers = [line for line in script.read_text(encoding="utf-8").splitlines() if line.startswith("#SBATCH")]
         assert headers and all(len(line.split()) == 2 for line in headers)
-    source = tmp_path / "corpus.txt"
-    source.write_text("\n\n".join(CORPUS.read_text(encoding="utf-8").split("\n\n")[:600]), encoding="utf-8")
+    source = paragraphs(tmp_path / "corpus.txt", 600)
     options = ["--chunk-sizes", "4,4,4", "--metadata-levels", "1,2"]
     for index in range(3):  # as Slurm runs the array's tasks: the script, with its environment
         environment = {**os.environ, "SLURM_ARRAY_TASK_ID": str(index), "SLURM_ARRAY_TASK_COUNT": "3"}

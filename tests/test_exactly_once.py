@@ -23,7 +23,7 @@ import pytest
 
 from ingestd.tokenize import load_tokenizer
 
-from .conftest import CORPUS, EngineServer
+from .conftest import CORPUS, EngineServer, paragraphs
 from .faultproxy import FaultProxy
 from .golden import SequentialClient, kb_dump, samples_done, wait_for_samples
 from .test_daemon import TOKEN, Daemon, wait_for
@@ -71,10 +71,7 @@ def doubled(kb: list[dict[str, dict[str, Any]]]) -> list[dict[str, dict[str, Any
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """900 paragraphs of tinyshakespeare: long enough to stop a run in the middle."""
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    paragraphs = CORPUS.read_text(encoding="utf-8").split("\n\n")[:900]
-    path.write_text("\n\n".join(paragraphs), encoding="utf-8")
-    return path
+    return paragraphs(tmp_path_factory.mktemp("corpus") / "shakespeare.txt", 900)
 
 
 @pytest.fixture(scope="module")

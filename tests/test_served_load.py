@@ -18,7 +18,7 @@ import pytest
 
 from ingestd.engine.rules import chunk_name
 
-from .conftest import CORPUS, EngineServer
+from .conftest import CORPUS, EngineServer, paragraphs
 from .faultproxy import FaultProxy
 from .golden import kb_dump, wait_for_samples
 from .test_exactly_once import doubled, ingestd, ok, start
@@ -48,9 +48,7 @@ def _frequency(client: httpx.Client, node_id: str, chunk: list[str]) -> int:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """600 paragraphs of tinyshakespeare: long enough to stop a run in the middle."""
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    path.write_text("\n\n".join(CORPUS.read_text(encoding="utf-8").split("\n\n")[:600]), encoding="utf-8")
-    return path
+    return paragraphs(tmp_path_factory.mktemp("corpus") / "shakespeare.txt", 600)
 
 
 @pytest.fixture(scope="module")
